@@ -1,0 +1,157 @@
+// fastnn._C: the torch-free native module. Tensors cross as raw addresses (int), sizes, dtype and
+// activation codes; fastnn/_native.py checks shapes, dtypes and contiguity before every call, and
+// the checks here only stop what would crash.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "cpu/epilogue.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using fastnn::Act;
+using fastnn::DType;
+
+namespace {
+
+DType to_dtype(int code) {
+  if (code < 0 || code > 3) throw std::invalid_argument("fastnn._C: unknown dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+Act to_act(int code) {
+  if (code < 0 || code >= fastnn::kNumActs)
+    throw std::invalid_argument("fastnn._C: unknown activation code " + std::to_string(code));
+  return static_cast<Act>(code);
+}
+
+const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+void check_sizes(int64_t rows, int64_t cols, int num_threads) {
+  if (rows < 0 || cols < 0) throw std::invalid_argument("fastnn._C: negative size");
+  if (num_threads < 1) throw std::invalid_argument("fastnn._C: num_threads must be >= 1");
+}
+
+void require(uintptr_t p, const char* what) {
+  if (!p) throw std::invalid_argument(std::string("fastnn._C: ") + what + " must not be null");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastnn native CPU kernels (torch-free)";
+
+  m.def("cpu_bias_act_forward",
+        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc, uintptr_t bias,
+           uintptr_t y, uintptr_t saved, int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          if (rows * cols == 0) return;
+          require(acc, "acc");
+          require(y, "y");
+          const DType d = to_dtype(dtype);
+          const Act a = to_act(act);
+          py::gil_scoped_release nogil;
+          fastnn::cpu::bias_act_forward(d, a, rows, cols, cptr(acc), cptr(bias), mptr(y), mptr(saved), num_threads);
+        });
+
+  m.def("cpu_act_backward",
+        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t saved,
+           uintptr_t dz, uintptr_t dbias, int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          const DType d = to_dtype(dtype);
+          const Act a = to_act(act);
+          if (rows * cols == 0) {
+            // no rows: the bias gradient is zero
+            if (dbias && cols > 0) {
+              const size_t bytes = size_t(cols) * (d == DType::kFloat64 ? 8 : 4);
+              std::memset(mptr(dbias), 0, bytes);
+            }
+            return;
+          }
+          require(dy, "dy");
+          if (fastnn::saved_for(a) != fastnn::Saved::kNothing) {
+            require(saved, "saved");
+            require(dz, "dz");
+          }
+          py::gil_scoped_release nogil;
+          fastnn::cpu::act_backward(d, a, rows, cols, cptr(dy), cptr(saved), mptr(dz), mptr(dbias), num_threads);
+        });
+
+  m.def("cpu_glu_forward",
+        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t acc_gate,
+           uintptr_t acc_up, uintptr_t bias_gate, uintptr_t bias_up, uintptr_t y,
+           uintptr_t z_gate, uintptr_t z_up, int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          if (rows * cols == 0) return;
+          require(acc_gate, "acc_gate");
+          require(acc_up, "acc_up");
+          require(y, "y");
+          if (bool(z_gate) != bool(z_up)) throw std::invalid_argument("fastnn._C: z_gate and z_up go together");
+          const DType d = to_dtype(dtype);
+          const Act a = to_act(gate_act);
+          py::gil_scoped_release nogil;
+          fastnn::cpu::glu_forward(d, a, rows, cols, cptr(acc_gate), cptr(acc_up), cptr(bias_gate),
+                                   cptr(bias_up), mptr(y), mptr(z_gate), mptr(z_up), num_threads);
+        });
+
+  m.def("cpu_glu_backward",
+        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t z_gate,
+           uintptr_t z_up, uintptr_t dz_gate, uintptr_t dz_up, uintptr_t dbias_gate,
+           uintptr_t dbias_up, int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          const DType d = to_dtype(dtype);
+          const Act a = to_act(gate_act);
+          if (rows * cols == 0) {
+            const size_t bytes = size_t(cols) * (d == DType::kFloat64 ? 8 : 4);
+            if (dbias_gate && cols > 0) std::memset(mptr(dbias_gate), 0, bytes);
+            if (dbias_up && cols > 0) std::memset(mptr(dbias_up), 0, bytes);
+            return;
+          }
+          for (auto [p, what] : {std::pair<uintptr_t, const char*>{dy, "dy"}, {z_gate, "z_gate"},
+                                 {z_up, "z_up"}, {dz_gate, "dz_gate"}, {dz_up, "dz_up"}})
+            require(p, what);
+          py::gil_scoped_release nogil;
+          fastnn::cpu::glu_backward(d, a, rows, cols, cptr(dy), cptr(z_gate), cptr(z_up), mptr(dz_gate),
+                                    mptr(dz_up), mptr(dbias_gate), mptr(dbias_up), num_threads);
+        });
+
+  m.def("cpu_eval_activation", [](int dtype, int act, int64_t n, uintptr_t z, uintptr_t out, uintptr_t dout) {
+    if (n < 0) throw std::invalid_argument("fastnn._C: negative size");
+    if (n == 0) return;
+    require(z, "z");
+    require(out, "out");
+    require(dout, "dout");
+    fastnn::cpu::eval_activation(to_dtype(dtype), to_act(act), n, cptr(z), mptr(out), mptr(dout));
+  });
+
+  m.def("cpu_mask_row_bytes", &fastnn::cpu::mask_row_bytes);
+
+  m.def("build_info", []() {
+    py::dict info;
+    info["version"] = FASTNN_VERSION;
+    info["cpu_isas_compiled"] = fastnn::cpu::compiled_isas();
+    info["cpu_isa_active"] = fastnn::cpu::active_isa();
+#ifdef _OPENMP
+    info["openmp"] = std::to_string(_OPENMP);
+    info["omp_max_threads"] = omp_get_max_threads();
+#else
+    info["openmp"] = py::none();
+#endif
+#if defined(__clang__)
+    info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    info["compiler"] = "unknown";
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,93 @@
+// Chunk conversions between a storage type and the compute type (float, or double for double),
+// for the CPU kernels. Kernels convert a chunk of a row into an L1-resident float buffer, do all
+// arithmetic in pure-float loops (which vectorise cleanly), and convert back. Where the build's
+// instruction set has conversion instructions they are used: F16C / AVX-512 for float16,
+// AVX512-BF16 for bfloat16 (one instruction instead of a dozen integer operations per vector);
+// elsewhere the branch-free conversions of fastnn/dtype.h, which the compiler vectorises.
+// Included only by epilogue_kernels.cpp (its per-ISA namespace keeps each build's copy apart).
+#pragma once
+
+#include <cstring>
+
+#include "fastnn/dtype.h"
+
+#if defined(__x86_64__) && (defined(__F16C__) || defined(__AVX512F__))
+#include <immintrin.h>
+#endif
+
+#if defined(_OPENMP)
+#define FASTNN_SIMD _Pragma("omp simd")
+#else
+#define FASTNN_SIMD
+#endif
+
+namespace fastnn {
+namespace cpu {
+namespace FASTNN_ISA_NS {
+
+// Plain copies as vector loops, not memcpy: glibc's memcpy for a few KB uses `rep movsb`, which
+// some CPUs (AMD Zen among them) run several times slower than vector moves. CMake builds this
+// code with -fno-tree-loop-distribute-patterns so the compiler does not turn the loops back into
+// memcpy calls.
+template <typename T>
+inline void copy_chunk(const T* s, T* d, int64_t n) {
+  FASTNN_SIMD
+  for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+}
+inline void to_compute(const float* s, float* d, int64_t n) { copy_chunk(s, d, n); }
+inline void to_compute(const double* s, double* d, int64_t n) { copy_chunk(s, d, n); }
+inline void from_compute(const float* s, float* d, int64_t n) { copy_chunk(s, d, n); }
+inline void from_compute(const double* s, double* d, int64_t n) { copy_chunk(s, d, n); }
+
+inline void to_compute(const bf16_t* s, float* d, int64_t n) {
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(s);
+  FASTNN_SIMD
+  for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_float(u[i]);
+}
+
+inline void from_compute(const float* s, bf16_t* d, int64_t n) {
+  uint16_t* u = reinterpret_cast<uint16_t*>(d);
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + i), reinterpret_cast<const __m256i&>(h));
+  }
+#endif
+  FASTNN_SIMD
+  for (int64_t j = i; j < n; ++j) u[j] = float_to_bf16(s[j]);
+}
+
+inline void to_compute(const f16_t* s, float* d, int64_t n) {
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(s);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i))));
+#endif
+  FASTNN_SIMD
+  for (int64_t j = i; j < n; ++j) d[j] = f16_to_float(u[j]);
+}
+
+inline void from_compute(const float* s, f16_t* d, int64_t n) {
+  uint16_t* u = reinterpret_cast<uint16_t*>(d);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  FASTNN_SIMD
+  for (int64_t j = i; j < n; ++j) u[j] = float_to_f16(s[j]);
+}
+
+}  // namespace FASTNN_ISA_NS
+}  // namespace cpu
+}  // namespace fastnn

@@ -1,0 +1,52 @@
+// The CPU backend's fused passes around a GEMM (the GEMM itself comes from torch in Python).
+// All buffers are dense row-major [rows, cols] in the element type `dtype`, except:
+//   bias          [cols] in dtype, or null
+//   sign mask     [rows, mask_row_bytes(cols)] uint8, bit (c % 8) of byte c / 8 is (z[c] > 0)
+//   bias gradient [cols] float32 for the 16/32-bit types, float64 for float64, or null
+// Each function runs on `num_threads` threads (OpenMP) and is deterministic for a given input.
+#pragma once
+
+#include <cstdint>
+
+#include "fastnn/activations.h"
+#include "fastnn/dtype.h"
+
+namespace fastnn {
+namespace cpu {
+
+inline int64_t mask_row_bytes(int64_t cols) { return (cols + 7) / 8; }
+
+// y = act(acc + bias), rounded once from float. `saved`, when not null, receives what backward
+// needs (saved_for(act)): the rounded pre-activation z = acc + bias, or the sign mask of z.
+// acc may be the same buffer as y or as a pre-activation `saved` (computed in place).
+void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
+                      const void* bias, void* y, void* saved, int num_threads);
+
+// dz = dy * act'(z), from what bias_act_forward saved. For identity nothing is saved and dz is
+// not written (dz is dy): only dbias is computed. dbias, when not null, receives the column sums
+// of the unrounded dz.
+void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
+                  const void* saved, void* dz, void* dbias, int num_threads);
+
+// Gated unit: y = act(acc_gate + bias_gate) * (acc_up + bias_up). z_gate / z_up, when not null,
+// receive the rounded pre-activations and may be the same buffers as acc_gate / acc_up.
+void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* acc_gate,
+                 const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
+                 void* z_gate, void* z_up, int num_threads);
+
+// dz_up = dy * act(z_gate); dz_gate = dy * z_up * act'(z_gate); bias gradients as above.
+void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
+                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up,
+                  void* dbias_gate, void* dbias_up, int num_threads);
+
+// The instruction-set level the kernels run at on this CPU ("avx512", "avx2" or "baseline"),
+// and the levels this build contains.
+const char* active_isa();
+const char* compiled_isas();
+
+// Test hook: out[i] = act(z[i]), dout[i] = act'(z[i]) through the same functor instantiations
+// as the kernels, for float32 or float64 arrays.
+void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout);
+
+}  // namespace cpu
+}  // namespace fastnn

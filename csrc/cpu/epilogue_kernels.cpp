@@ -1,0 +1,382 @@
+// The CPU epilogue and backward passes. This file is compiled once per instruction-set level
+// (CMakeLists.txt: baseline, avx2, avx512), each time with FASTNN_ISA_NS naming the level, and
+// dispatch.cpp picks one at run time. The loops are plain C++ that the compiler vectorises at
+// the level's width: every function they call is inline and branch-free.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <stdexcept>
+#include <vector>
+
+#include "convert.h"
+#include "epilogue.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef FASTNN_ISA_NS
+#error "FASTNN_ISA_NS must name the instruction-set level this file is compiled for"
+#endif
+
+namespace fastnn {
+namespace cpu {
+namespace FASTNN_ISA_NS {
+
+namespace {
+
+// Work is cut into row blocks of kRowBlock rows: one task each, or, when there are too few row
+// blocks to keep every thread busy, row block x column range. A task walks its rows in order and
+// each row in chunks of kChunk columns through L1-resident float buffers, so memory streams front
+// to back (walking a tile column-chunk by column-chunk across rows runs ~3x slower: the hardware
+// prefetchers lose track). The row blocks do not depend on the thread count, so the bias-gradient
+// sums (one partial per row block, added in block order) are the same bits for any thread count.
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kChunk = 512;  // a multiple of 8, so mask bytes never straddle chunks
+// Below this many elements a pass runs on one thread: waking the others costs more.
+constexpr int64_t kMinParallelElems = int64_t(1) << 15;
+
+struct Tiling {
+  int64_t rows, cols, row_blocks, col_block, col_blocks;
+  Tiling(int64_t r, int64_t c, int num_threads)
+      : rows(r), cols(c), row_blocks((r + kRowBlock - 1) / kRowBlock), col_block(c), col_blocks(1) {
+    const int64_t want = 4 * int64_t(num_threads);
+    if (row_blocks < want && cols > kChunk) {
+      const int64_t split = std::min((want + row_blocks - 1) / row_blocks, (cols + kChunk - 1) / kChunk);
+      col_block = ((cols + split - 1) / split + kChunk - 1) / kChunk * kChunk;
+      col_blocks = (cols + col_block - 1) / col_block;
+    }
+  }
+  int64_t tiles() const { return row_blocks * col_blocks; }
+};
+
+template <typename Fn>
+void parallel_tiles(const Tiling& t, int num_threads, Fn&& fn) {
+  const int64_t n = t.tiles();
+  const bool parallel = num_threads > 1 && t.rows * t.cols >= kMinParallelElems && n > 1;
+  (void)parallel;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t rb = i / t.col_blocks, cb = i % t.col_blocks;
+    const int64_t r0 = rb * kRowBlock, c0 = cb * t.col_block;
+    fn(rb, r0, std::min(r0 + kRowBlock, t.rows), c0, std::min(c0 + t.col_block, t.cols));
+  }
+}
+
+// Calls fn(start, n) for the kChunk-column chunks of [c0, c1).
+template <typename Fn>
+inline void for_chunks(int64_t c0, int64_t c1, Fn&& fn) {
+  for (int64_t s = c0; s < c1; s += kChunk) fn(s, std::min(kChunk, c1 - s));
+}
+
+template <typename Fn>
+void parallel_range(int64_t n, int num_threads, bool parallel, Fn&& fn) {
+  (void)parallel;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+template <typename T>
+using CT = typename Compute<T>::type;
+
+// Bias-gradient partial sums: double for float32 and float64 inputs (the sum must beat PyTorch's
+// own float32 reduction), float for the 16-bit types (already far finer than their rounding).
+template <typename T>
+using AccT = typename std::conditional<sizeof(T) >= 4, double, float>::type;
+
+// Bias converted once to the compute type (zeros when absent), shared by all threads.
+template <typename T>
+std::vector<CT<T>> bias_in_compute_type(const T* bias, int64_t cols) {
+  std::vector<CT<T>> b(size_t(cols), CT<T>(0));
+  if (bias)
+    for (int64_t c = 0; c < cols; ++c) b[size_t(c)] = load(bias[c]);
+  return b;
+}
+
+// Packs 0/1 flags into bits: bit k of byte j is flags[8j + k]. n_flags is a multiple of 8.
+inline void pack_flags(const uint8_t* flags, int64_t n_flags, uint8_t* out) {
+  for (int64_t j = 0; j < n_flags / 8; ++j) {
+    uint64_t w;
+    std::memcpy(&w, flags + 8 * j, 8);
+    // multiplication gathers byte k's low bit into bit 56 + k (little-endian byte order)
+    out[j] = uint8_t((w * 0x0102040810204080ull) >> 56);
+  }
+}
+
+// The inverse: flags[8j + k] = bit k of bits[j], for n_flags (a multiple of 8) flags. Bytes are
+// spread to words and tested eight at a time, so the loops that read flags vectorise.
+inline void unpack_flags(const uint8_t* bits, int64_t n_flags, uint8_t* flags) {
+  for (int64_t j = 0; j < n_flags / 8; ++j) {
+    // byte k of w keeps bit k of the mask byte; adding 0x7f per byte sets bit 7 when non-zero
+    const uint64_t w = (uint64_t(bits[j]) * 0x0101010101010101ull) & 0x8040201008040201ull;
+    const uint64_t f = ((w + 0x7f7f7f7f7f7f7f7full) >> 7) & 0x0101010101010101ull;
+    std::memcpy(flags + 8 * j, &f, 8);
+  }
+}
+
+// Column sums of the per-row-block partials, in block order, then rounded to the output type.
+template <typename P, typename O>
+void reduce_partials(std::vector<P>& partial, int64_t row_blocks, int64_t cols, O* out,
+                     int num_threads) {
+  const bool parallel = num_threads > 1 && row_blocks * cols >= kMinParallelElems;
+  const int64_t chunks = (cols + kChunk - 1) / kChunk;
+  parallel_range(chunks, num_threads, parallel, [&](int64_t ch) {
+    const int64_t c0 = ch * kChunk, c1 = std::min(c0 + kChunk, cols);
+    P* sum = partial.data();  // row block 0 accumulates the others
+    for (int64_t rb = 1; rb < row_blocks; ++rb) {
+      const P* p = partial.data() + rb * cols;
+      FASTNN_SIMD
+      for (int64_t c = c0; c < c1; ++c) sum[c] += p[c];
+    }
+    for (int64_t c = c0; c < c1; ++c) out[c] = O(sum[c]);
+  });
+}
+
+template <typename T, Act A>
+void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias, T* y,
+                        void* saved, int num_threads) {
+  using F = Activation<A>;
+  using C = CT<T>;
+  const std::vector<C> b = bias_in_compute_type(bias, cols);
+  const Saved kind = saved ? saved_for(A) : Saved::kNothing;
+  T* z_out = kind == Saved::kPreact ? static_cast<T*>(saved) : nullptr;
+  uint8_t* mask = kind == Saved::kSignMask ? static_cast<uint8_t*>(saved) : nullptr;
+  const int64_t mbytes = mask_row_bytes(cols);
+  parallel_tiles(Tiling(rows, cols, num_threads), num_threads,
+                 [&](int64_t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    alignas(64) C v[kChunk];
+    alignas(64) C out[kChunk];
+    alignas(64) uint8_t flags[kChunk];
+    for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
+      const int64_t o = r * cols + s;
+      const C* bc = b.data() + s;
+      to_compute(acc + o, v, n);  // the whole chunk is read before y or z (maybe acc) is written
+      if (bias) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) v[i] += bc[i];
+      }
+      if (z_out) from_compute(v, z_out + o, n);
+      if (mask) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) flags[i] = v[i] > C(0);
+        const int64_t padded = (n + 7) & ~int64_t(7);
+        for (int64_t i = n; i < padded; ++i) flags[i] = 0;
+        pack_flags(flags, padded, mask + r * mbytes + s / 8);
+      }
+      FASTNN_SIMD
+      for (int64_t i = 0; i < n; ++i) out[i] = F::f(v[i]);
+      from_compute(out, y + o, n);
+    });
+  });
+}
+
+template <typename T, Act A>
+void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, T* dz,
+                    CT<T>* dbias, int num_threads) {
+  using F = Activation<A>;
+  using C = CT<T>;
+  using P = AccT<T>;
+  constexpr Saved kind = saved_for(A);
+  const Tiling t(rows, cols, num_threads);
+  std::vector<P> partial(dbias ? size_t(t.row_blocks * cols) : 0, P(0));
+  const int64_t mbytes = mask_row_bytes(cols);
+  parallel_tiles(t, num_threads, [&](int64_t rb, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    alignas(64) C g[kChunk];
+    alignas(64) C zc[kChunk];
+    alignas(64) uint8_t flags[kChunk];
+    for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
+      const int64_t o = r * cols + s;
+      P* part = dbias ? partial.data() + rb * cols + s : nullptr;
+      to_compute(dy + o, g, n);
+      if (kind == Saved::kSignMask) {
+        unpack_flags(static_cast<const uint8_t*>(saved) + r * mbytes + s / 8, (n + 7) & ~int64_t(7), flags);
+        const C neg = A == Act::kLeakyRelu ? C(kLeakySlope) : C(0);
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] *= flags[i] ? C(1) : neg;
+      } else if (kind == Saved::kPreact) {
+        to_compute(static_cast<const T*>(saved) + o, zc, n);
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] *= F::df(zc[i]);
+      }
+      if (part) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) part[i] += g[i];
+      }
+      if (kind != Saved::kNothing) from_compute(g, dz + o, n);
+    });
+  });
+  if (dbias) reduce_partials(partial, t.row_blocks, cols, dbias, num_threads);
+}
+
+template <typename T, Act A>
+void glu_forward_t(int64_t rows, int64_t cols, const T* acc_g, const T* acc_u, const T* bias_g,
+                   const T* bias_u, T* y, T* z_g, T* z_u, int num_threads) {
+  using F = Activation<A>;
+  using C = CT<T>;
+  const std::vector<C> bg = bias_in_compute_type(bias_g, cols), bu = bias_in_compute_type(bias_u, cols);
+  parallel_tiles(Tiling(rows, cols, num_threads), num_threads,
+                 [&](int64_t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    alignas(64) C g[kChunk];
+    alignas(64) C u[kChunk];
+    for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
+      const int64_t o = r * cols + s;
+      const C* bgc = bg.data() + s;
+      const C* buc = bu.data() + s;
+      to_compute(acc_g + o, g, n);
+      to_compute(acc_u + o, u, n);
+      if (bias_g) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] += bgc[i];
+      }
+      if (bias_u) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) u[i] += buc[i];
+      }
+      if (z_g) {
+        from_compute(g, z_g + o, n);
+        from_compute(u, z_u + o, n);
+      }
+      FASTNN_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = F::f(g[i]) * u[i];
+      from_compute(g, y + o, n);
+    });
+  });
+}
+
+template <typename T, Act A>
+void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* z_g, const T* z_u, T* dz_g,
+                    T* dz_u, CT<T>* dbias_g, CT<T>* dbias_u, int num_threads) {
+  using F = Activation<A>;
+  using C = CT<T>;
+  using P = AccT<T>;
+  const Tiling t(rows, cols, num_threads);
+  std::vector<P> part_g(dbias_g ? size_t(t.row_blocks * cols) : 0, P(0));
+  std::vector<P> part_u(dbias_u ? size_t(t.row_blocks * cols) : 0, P(0));
+  parallel_tiles(t, num_threads, [&](int64_t rb, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    alignas(64) C g[kChunk];
+    alignas(64) C zg[kChunk];
+    alignas(64) C zu[kChunk];
+    for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
+      const int64_t o = r * cols + s;
+      P* pg = dbias_g ? part_g.data() + rb * cols + s : nullptr;
+      P* pu = dbias_u ? part_u.data() + rb * cols + s : nullptr;
+      to_compute(dy + o, g, n);
+      to_compute(z_g + o, zg, n);
+      to_compute(z_u + o, zu, n);
+      // in place: zg becomes dz_gate, zu becomes dz_up
+      FASTNN_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const C a = zg[i];
+        zg[i] = g[i] * zu[i] * F::df(a);
+        zu[i] = g[i] * F::f(a);
+      }
+      if (pg) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) pg[i] += zg[i];
+      }
+      if (pu) {
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) pu[i] += zu[i];
+      }
+      from_compute(zg, dz_g + o, n);
+      from_compute(zu, dz_u + o, n);
+    });
+  });
+  if (dbias_g) reduce_partials(part_g, t.row_blocks, cols, dbias_g, num_threads);
+  if (dbias_u) reduce_partials(part_u, t.row_blocks, cols, dbias_u, num_threads);
+}
+
+// Calls fn(T{}) with the storage type of dtype.
+template <typename Fn>
+void dispatch_dtype(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kFloat64: fn(double{}); return;
+    case DType::kBFloat16: fn(bf16_t{}); return;
+    case DType::kFloat16: fn(f16_t{}); return;
+  }
+  throw std::invalid_argument("fastnn cpu: unknown dtype code");
+}
+
+template <typename Fn>
+void dispatch_act_or_throw(Act a, Fn&& fn) {
+  if (!dispatch_act(a, fn)) throw std::invalid_argument("fastnn cpu: unknown activation code");
+}
+
+}  // namespace
+
+void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
+                      const void* bias, void* y, void* saved, int num_threads) {
+  dispatch_dtype(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_act_or_throw(act, [&](auto at) {
+      bias_act_forward_t<T, decltype(at)::value>(rows, cols, static_cast<const T*>(acc),
+                                                 static_cast<const T*>(bias), static_cast<T*>(y),
+                                                 saved, num_threads);
+    });
+  });
+}
+
+void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
+                  const void* saved, void* dz, void* dbias, int num_threads) {
+  dispatch_dtype(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_act_or_throw(act, [&](auto at) {
+      act_backward_t<T, decltype(at)::value>(rows, cols, static_cast<const T*>(dy), saved,
+                                             static_cast<T*>(dz), static_cast<CT<T>*>(dbias),
+                                             num_threads);
+    });
+  });
+}
+
+void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* acc_gate,
+                 const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
+                 void* z_gate, void* z_up, int num_threads) {
+  dispatch_dtype(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_act_or_throw(gate_act, [&](auto at) {
+      glu_forward_t<T, decltype(at)::value>(
+          rows, cols, static_cast<const T*>(acc_gate), static_cast<const T*>(acc_up),
+          static_cast<const T*>(bias_gate), static_cast<const T*>(bias_up), static_cast<T*>(y),
+          static_cast<T*>(z_gate), static_cast<T*>(z_up), num_threads);
+    });
+  });
+}
+
+void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
+                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up,
+                  void* dbias_gate, void* dbias_up, int num_threads) {
+  dispatch_dtype(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_act_or_throw(gate_act, [&](auto at) {
+      glu_backward_t<T, decltype(at)::value>(
+          rows, cols, static_cast<const T*>(dy), static_cast<const T*>(z_gate),
+          static_cast<const T*>(z_up), static_cast<T*>(dz_gate), static_cast<T*>(dz_up),
+          static_cast<CT<T>*>(dbias_gate), static_cast<CT<T>*>(dbias_up), num_threads);
+    });
+  });
+}
+
+void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout) {
+  auto run = [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_act_or_throw(act, [&](auto at) {
+      using F = Activation<decltype(at)::value>;
+      const T* zi = static_cast<const T*>(z);
+      T* o = static_cast<T*>(out);
+      T* d = static_cast<T*>(dout);
+      FASTNN_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = F::f(zi[i]);
+        d[i] = F::df(zi[i]);
+      }
+    });
+  };
+  if (dtype == DType::kFloat32) run(float{});
+  else if (dtype == DType::kFloat64) run(double{});
+  else throw std::invalid_argument("fastnn cpu: eval_activation takes float32 or float64");
+}
+
+}  // namespace FASTNN_ISA_NS
+}  // namespace cpu
+}  // namespace fastnn

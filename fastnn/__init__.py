@@ -1,0 +1,18 @@
+"""fastnn: fused y = act(x @ W^T + b) and its backward for PyTorch, on CPU, CUDA and Triton.
+
+    import fastnn
+    y = fastnn.linear_act(x, weight, bias, activation="gelu")
+    y = fastnn.linear_glu(x, gate_weight, up_weight, activation="swiglu")
+
+See `python -m fastnn.info` for what this build can do here.
+"""
+from ._version import __version__
+from . import activations, backends, functional, ops  # noqa: F401
+from .activations import ACTIVATIONS, GATED
+from .backends import BackendUnavailableError
+from .functional import linear_act, linear_glu
+
+__all__ = [
+    "__version__", "linear_act", "linear_glu", "ACTIVATIONS", "GATED", "BackendUnavailableError",
+    "functional", "activations", "backends",
+]

@@ -1,0 +1,98 @@
+"""The activations of fastnn: names, the Python reference of each and of its derivative.
+
+This is the reference that the C++ functors (csrc/include/fastnn/activations.h) and the Triton
+functions (triton_kernels/activations.py) are tested against. `code` is the C++ enum value.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LEAKY_SLOPE = 0.01
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    code: int  # fastnn::Act in activations.h
+    fn: Callable[[torch.Tensor], torch.Tensor]  # act(z), in PyTorch ops
+    grad: Callable[[torch.Tensor], torch.Tensor]  # d act / dz, in PyTorch ops
+    # What backward needs besides dY: "nothing" (identity), "mask" (the sign of z, 1 bit per
+    # element: relu and leaky_relu) or "preact" (z itself, in the input dtype).
+    saves: str
+
+
+def _gelu_grad(z):
+    return 0.5 * torch.erfc(-z * (1 / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+_K0, _K1 = math.sqrt(2 / math.pi), 0.044715
+
+
+def _gelu_tanh_grad(z):
+    t = torch.tanh(_K0 * (z + _K1 * z**3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _K0 * (1 + 3 * _K1 * z * z)
+
+
+def _silu_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _sigmoid_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in [
+        Activation("identity", 0, lambda z: z, torch.ones_like, "nothing"),
+        Activation("relu", 1, F.relu, lambda z: (z > 0).to(z.dtype), "mask"),
+        Activation("gelu", 2, F.gelu, _gelu_grad, "preact"),
+        Activation("gelu_tanh", 3, lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad, "preact"),
+        Activation("silu", 4, F.silu, _silu_grad, "preact"),
+        Activation("sigmoid", 5, torch.sigmoid, _sigmoid_grad, "preact"),
+        Activation("tanh", 6, torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, "preact"),
+        Activation(
+            "leaky_relu", 7, lambda z: F.leaky_relu(z, LEAKY_SLOPE),
+            lambda z: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, LEAKY_SLOPE)), "mask",
+        ),
+        Activation("squared_relu", 8, lambda z: torch.square(F.relu(z)), lambda z: 2 * F.relu(z), "preact"),
+    ]
+}
+
+# Gated units for linear_glu: name -> the activation applied to the gate.
+GATED: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+
+
+def get(name: str) -> Activation:
+    """The activation called `name`; a ValueError listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        valid = ", ".join(ACTIVATIONS)
+        hint = f" ({name!r} is gated: use linear_glu)" if name in GATED else ""
+        raise ValueError(f"unknown activation {name!r}{hint}; valid activations: {valid}")
+    return ACTIVATIONS[name]
+
+
+def get_gated(name: str) -> Activation:
+    """The gate activation of the gated unit `name`; a ValueError listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in GATED:
+        valid = ", ".join(GATED)
+        hint = f" ({name!r} is not gated: use linear_act)" if name in ACTIVATIONS else ""
+        raise ValueError(f"unknown gated activation {name!r}{hint}; valid gated activations: {valid}")
+    return ACTIVATIONS[GATED[name]]
+
+
+def saved_bytes_per_element(name: str, dtype: torch.dtype) -> float:
+    """Bytes that backward keeps per output element, beyond the inputs x and weight."""
+    saves = get(name).saves
+    if saves == "nothing":
+        return 0.0
+    if saves == "mask":
+        return 1 / 8
+    return torch.empty((), dtype=dtype).element_size()

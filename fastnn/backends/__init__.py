@@ -1,0 +1,56 @@
+"""Backend registry and the choice `auto` makes.
+
+Names: `cuda` (native CUDA C++ / cuBLASLt), `triton`, `cpu` (native CPU), `torch` (composite of
+PyTorch ops). Asking for a backend that cannot serve a call raises BackendUnavailableError naming
+the reason; only `auto` falls back, and `python -m fastnn.info` shows what it picks.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..activations import Activation
+from .base import Backend, BackendUnavailableError
+from .cpu import CpuBackend
+from .torch_backend import TorchBackend
+
+BACKENDS: dict[str, Backend] = {"cpu": CpuBackend(), "torch": TorchBackend()}
+
+NAMES = ("auto", "cuda", "triton", "cpu", "torch")
+
+
+def register(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def auto_order(device_type: str, act: Activation) -> list[str]:
+    """The backends `auto` tries, fastest first, for a device type and activation."""
+    if device_type == "cpu":
+        return ["cpu", "torch"]
+    if device_type == "cuda":
+        return ["cuda", "triton", "torch"]
+    return ["torch"]
+
+
+def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Tensor],
+            act: Activation) -> str:
+    """The backend that serves this call: `requested` itself, or for `auto` the first that can."""
+    if requested not in NAMES:
+        raise ValueError(f"fastnn.{op}: unknown backend {requested!r}; valid backends: {', '.join(NAMES)}")
+    if requested == "auto":
+        for name in auto_order(x.device.type, act):
+            backend = BACKENDS.get(name)
+            if backend is not None and backend.unsupported_reason(op, x, weights, act) is None:
+                return name
+        return "torch"
+    backend = BACKENDS.get(requested)
+    if backend is None:
+        raise BackendUnavailableError(f"fastnn.{op}: backend {requested!r} is not available in this build")
+    reason = backend.unsupported_reason(op, x, weights, act)
+    if reason is not None:
+        raise BackendUnavailableError(f"fastnn.{op}: backend {requested!r} cannot serve this call: {reason}")
+    return requested
+
+
+__all__ = ["BACKENDS", "NAMES", "Backend", "BackendUnavailableError", "register", "resolve", "auto_order"]

@@ -1,0 +1,58 @@
+"""What every fastnn backend provides to the op layer (fastnn/ops.py).
+
+Backends see 2-D x (rows, in_features), weights in nn.Linear layout (out_features, in_features)
+and Activation objects; shapes, dtypes and devices were checked before they are called.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..activations import Activation
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for cannot serve this call (it names the backend and the reason)."""
+
+
+class Backend:
+    name = "?"
+
+    def unsupported_reason(self, op: str, x: torch.Tensor, weights: Sequence[torch.Tensor],
+                           act: Activation) -> Optional[str]:
+        """None when this backend can serve the call, else why not (for the error message)."""
+        raise NotImplementedError
+
+    # -- linear_act ----------------------------------------------------------------------------
+    def saved_spec(self, act: Activation, rows, cols, dtype: torch.dtype):
+        """(shape, dtype) of what forward saves for backward (also what the fake kernel returns)."""
+        if act.saves == "preact":
+            return (rows, cols), dtype
+        if act.saves == "mask":
+            return (rows, (cols + 7) // 8), torch.uint8
+        return (0,), dtype
+
+    def linear_act_fwd(self, x, weight, bias, act: Activation, save: bool):
+        """-> (y, saved); saved is empty when save is False or the activation needs nothing."""
+        raise NotImplementedError
+
+    def linear_act_bwd(self, dy, x, weight, saved, act: Activation, need_dx, need_dw, need_db):
+        """-> (dx, dw, db), None for those not needed."""
+        raise NotImplementedError
+
+    # -- linear_glu ----------------------------------------------------------------------------
+    def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act: Activation,
+                       save: bool):
+        """-> (y, z_gate, z_up); the pre-activations are empty when save is False."""
+        raise NotImplementedError
+
+    def linear_glu_bwd(self, dy, x, gate_weight, up_weight, z_gate, z_up, gate_act: Activation,
+                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
+        """-> (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias), None for those not needed."""
+        raise NotImplementedError
+
+
+def empty_like_nothing(x: torch.Tensor) -> torch.Tensor:
+    """The placeholder for a saved tensor that is not needed."""
+    return x.new_empty((0,))

@@ -1,0 +1,140 @@
+"""fastnn's public functions: linear_act and linear_glu.
+
+Both give the same result and gradients as their PyTorch composite (act(F.linear(x, W, b)) and
+act(F.linear(x, Wg, bg)) * F.linear(x, Wu, bu)), within the numerics rule of ../shared/design.md,
+for x of any number of leading dims (1-D too), any strides, and zero rows.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import activations, backends, ops  # noqa: F401  (ops registers the torch.library ops)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_tensor(op: str, name: str, t, dims=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastnn.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"fastnn.{op}: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16, float64"
+        )
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"fastnn.{op}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same(op: str, x: Tensor, named: list[tuple[str, Optional[Tensor]]]) -> None:
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"fastnn.{op}: x is {x.dtype} but {name} is {t.dtype}; they must match")
+        if t.device != x.device:
+            raise ValueError(f"fastnn.{op}: x is on {x.device} but {name} is on {t.device}; they must match")
+
+
+def _check_linear(op: str, x, weight, bias, wname="weight", bname="bias") -> None:
+    _check_tensor(op, "x", x)
+    _check_tensor(op, wname, weight, dims=2)
+    if x.dim() < 1:
+        raise ValueError(f"fastnn.{op}: x must have at least 1 dim (..., in_features), got a scalar")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"fastnn.{op}: x has {x.shape[-1]} in_features (shape {tuple(x.shape)}) but {wname} "
+            f"expects {weight.shape[1]} (shape {tuple(weight.shape)}, i.e. (out_features, in_features))"
+        )
+    if bias is not None:
+        _check_tensor(op, bname, bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"fastnn.{op}: {bname} must have shape ({weight.shape[0]},) to match {wname}'s "
+                f"out_features, got {tuple(bias.shape)}"
+            )
+
+
+def _autocast(*tensors):
+    """Under autocast, compute in its dtype, like F.linear does."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x as (rows, in_features); explicit about sizes so that in_features == 0 works too."""
+    return x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "gelu", *,
+               backend: str = "auto") -> Tensor:
+    """act(x @ weight^T + bias) in one fused op, with its own backward.
+
+    x: (..., in_features); weight: (out_features, in_features), as nn.Linear; bias: (out_features,)
+    or None. activation: one of fastnn.activations.ACTIVATIONS. backend: "auto", "cuda", "triton",
+    "cpu" or "torch"; a named backend that cannot serve the call raises BackendUnavailableError.
+    Backward keeps x and weight (as F.linear does) plus, per output element, nothing (identity),
+    1 bit (relu, leaky_relu) or one element of the input dtype (the others: the pre-activation).
+    """
+    act = activations.get(activation)
+    _check_linear("linear_act", x, weight, bias)
+    _check_same("linear_act", x, [("weight", weight), ("bias", bias)])
+    x, weight, bias = _autocast(x, weight, bias)
+    name = backends.resolve(backend, "linear_act", x, [weight], act)
+    if name == "torch":
+        return backends.BACKENDS["torch"].linear_act(x, weight, bias, act)
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    save = _needs_grad(x, weight, bias)
+    if name == "triton":
+        y, _ = torch.ops.fastnn.triton_linear_act_fwd(x2, weight, bias, activation, save)
+    elif ops.use_ops(x2, weight, bias):
+        y, _ = torch.ops.fastnn.linear_act_fwd(x2, weight, bias, activation, name, save)
+    else:
+        y, _ = ops.LinearActFunction.apply(x2, weight, bias, activation, name, save)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Optional[Tensor] = None,
+               up_bias: Optional[Tensor] = None, activation: str = "swiglu", *,
+               backend: str = "auto") -> Tensor:
+    """The gated unit act(x @ gate_weight^T + gate_bias) * (x @ up_weight^T + up_bias), fused.
+
+    activation: "swiglu" (silu gate), "geglu" (exact gelu), "geglu_tanh" or "reglu" (relu).
+    The gate and up weights stay two tensors, so fastnn.fuse can share a model's existing
+    parameters. Backward keeps x, both weights and both pre-activations (2 elements per output).
+    """
+    gate_act = activations.get_gated(activation)
+    _check_linear("linear_glu", x, gate_weight, gate_bias, "gate_weight", "gate_bias")
+    _check_linear("linear_glu", x, up_weight, up_bias, "up_weight", "up_bias")
+    if gate_weight.shape != up_weight.shape:
+        raise ValueError(
+            f"fastnn.linear_glu: gate_weight {tuple(gate_weight.shape)} and up_weight "
+            f"{tuple(up_weight.shape)} must have the same shape"
+        )
+    _check_same("linear_glu", x, [("gate_weight", gate_weight), ("up_weight", up_weight),
+                                  ("gate_bias", gate_bias), ("up_bias", up_bias)])
+    x, gate_weight, up_weight, gate_bias, up_bias = _autocast(x, gate_weight, up_weight, gate_bias, up_bias)
+    name = backends.resolve(backend, "linear_glu", x, [gate_weight, up_weight], gate_act)
+    if name == "torch":
+        return backends.BACKENDS["torch"].linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act)
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    save = _needs_grad(x, gate_weight, up_weight, gate_bias, up_bias)
+    if name == "triton":
+        y, _, _ = torch.ops.fastnn.triton_linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
+                                                         activation, save)
+    elif ops.use_ops(x2, gate_weight, up_weight, gate_bias, up_bias):
+        y, _, _ = torch.ops.fastnn.linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
+                                                  activation, name, save)
+    else:
+        y, _, _ = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, name, save)
+    return y.reshape(*lead, gate_weight.shape[0])

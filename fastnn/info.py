@@ -1,0 +1,138 @@
+"""`python -m fastnn.info`: what this fastnn build contains, what is usable here, and which
+backend `auto` picks for each device and dtype."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+import torch
+
+from . import __version__, _native, activations, backends
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception as exc:  # noqa: BLE001 -- report any import failure as text
+        return f"not importable ({type(exc).__name__}: {exc})"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """A readable name for a torch device, for benchmark records."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def _devices():
+    out = [{"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads()}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out.append({"type": "cuda", "index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                        "memory_gib": round(p.total_memory / 2**30, 1)})
+    return out
+
+
+def _auto_choices(devices):
+    """What `auto` picks for a representative call per device and dtype."""
+    picks = {}
+    act = activations.get("gelu")
+    for dev in sorted({d["type"] for d in devices}):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            x = torch.empty(8, 64, dtype=dtype, device=dev)
+            w = torch.empty(64, 64, dtype=dtype, device=dev)
+            picks[f"{dev}/{str(dtype).replace('torch.', '')}"] = backends.resolve("auto", "linear_act", x, [w], act)
+    return picks
+
+
+def _backend_status(devices):
+    status = {}
+    act = activations.get("gelu")
+    for name, backend in backends.BACKENDS.items():
+        reasons = {}
+        for dev in sorted({d["type"] for d in devices}):
+            x = torch.empty(8, 64, device=dev)
+            w = torch.empty(64, 64, device=dev)
+            reasons[dev] = backend.unsupported_reason("linear_act", x, [w], act) or "usable"
+        status[name] = reasons
+    return status
+
+
+def collect() -> dict:
+    native = {"cpu": None, "cuda": None}
+    if _native._C is not None:
+        native["cpu"] = dict(_native._C.build_info())
+    else:
+        native["cpu"] = f"not built or failed to load: {_native.C_IMPORT_ERROR}"
+    cuda = _native.cuda_module()
+    native["cuda"] = dict(cuda.build_info()) if cuda is not None else f"not available: {_native.cuda_module_error()}"
+    devices = _devices()
+    return {
+        "fastnn": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "native": native,
+        "devices": devices,
+        "backends": _backend_status(devices),
+        "auto_picks_for_gelu": _auto_choices(devices),
+        "activations": list(activations.ACTIVATIONS),
+        "gated_activations": list(activations.GATED),
+    }
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    info = collect()
+    if "--json" in argv:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"fastnn {info['fastnn']}  (python {info['python']}, torch {info['torch']}, "
+          f"torch CUDA {info['torch_cuda']}, triton {info['triton']})")
+    cpu = info["native"]["cpu"]
+    if isinstance(cpu, dict):
+        print(f"native CPU kernels: ISA levels compiled {cpu['cpu_isas_compiled']}, running {cpu['cpu_isa_active']}; "
+              f"OpenMP {cpu['openmp']}; {cpu['compiler']}")
+    else:
+        print(f"native CPU kernels: {cpu}")
+    cuda = info["native"]["cuda"]
+    if isinstance(cuda, dict):
+        print("native CUDA kernels: " + ", ".join(f"{k} {v}" for k, v in cuda.items()))
+    else:
+        print(f"native CUDA kernels: {cuda}")
+    print("devices:")
+    for d in info["devices"]:
+        print("  " + ", ".join(f"{k}={v}" for k, v in d.items()))
+    print("backends:")
+    for name, per_dev in info["backends"].items():
+        print(f"  {name:7s} " + "; ".join(f"{dev}: {why}" for dev, why in per_dev.items()))
+    print("auto picks (linear_act, gelu):")
+    for key, name in info["auto_picks_for_gelu"].items():
+        print(f"  {key:18s} -> {name}")
+    print("activations: " + ", ".join(info["activations"]))
+    print("gated (linear_glu): " + ", ".join(info["gated_activations"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

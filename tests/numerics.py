@@ -1,0 +1,90 @@
+"""The numerics rule of ../shared/design.md, for tests: against a float64 reference, fastnn's
+error must be at most 2x the error of PyTorch's own ops in the same dtype, plus two units of the
+dtype's epsilon times the reference's largest magnitude (so that a PyTorch result that happens to
+be exact does not demand an exact fastnn result)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastnn import activations
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if ref.numel() == 0:
+        return 0.0
+    return (a.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def assert_within_2x(what: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.dtype == theirs.dtype, f"{what}: dtype {ours.dtype} != {theirs.dtype}"
+    if ref.numel() == 0:
+        return
+    eps = torch.finfo(theirs.dtype).eps
+    ref = ref.double()
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(ours.double()), finite), f"{what}: non-finite values differ"
+    ours, theirs, ref = ours.double()[finite], theirs.double()[finite], ref[finite]
+    e_ours, e_theirs = max_err(ours, ref), max_err(theirs, ref)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    atol = 2 * eps * max(scale, 1e-30)
+    assert e_ours <= 2 * e_theirs + atol, (
+        f"{what}: fastnn error {e_ours:.3g} > 2 x PyTorch's {e_theirs:.3g} + {atol:.3g} (scale {scale:.3g})"
+    )
+
+
+def make_inputs(shape_x, n_out, dtype, device, bias=True, requires_grad=True, glu=False):
+    """x ~ N(0,1); weights ~ N(0, 1/in_features) so that pre-activations are O(1) in every dtype."""
+    k = shape_x[-1]
+    scale = 1.0 / max(k, 1) ** 0.5
+
+    def w():
+        return (torch.randn(n_out, k, device=device) * scale).to(dtype).requires_grad_(requires_grad)
+
+    def b():
+        return (torch.randn(n_out, device=device) * 0.5).to(dtype).requires_grad_(requires_grad) if bias else None
+
+    x = torch.randn(*shape_x, device=device).to(dtype).requires_grad_(requires_grad)
+    if glu:
+        return x, w(), w(), b(), b()
+    return x, w(), b()
+
+
+def torch_linear_act(x, w, b, name):
+    return activations.get(name).fn(F.linear(x, w, b))
+
+
+def torch_linear_glu(x, wg, wu, bg, bu, name):
+    return activations.get_gated(name).fn(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+
+
+def grads(y, inputs, g):
+    """Gradients of y against the inputs that require grad (None elsewhere) for upstream g."""
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(y, live, g, allow_unused=True))
+    return [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def check_against_reference(fn, torch_fn, inputs, what="", g_seed=1):
+    """Runs fn and torch_fn on `inputs` and torch_fn on their float64 copies; checks the output
+    and every gradient with the 2x rule."""
+    y = fn(*inputs)
+    y_t = torch_fn(*inputs)
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    y_r = torch_fn(*ref_inputs)
+    assert_within_2x(f"{what} forward", y, y_t, y_r)
+    if not any(t is not None and t.requires_grad for t in inputs):
+        return
+    gen = torch.Generator(device="cpu").manual_seed(g_seed)
+    g = torch.randn(y_r.shape, generator=gen, dtype=torch.float64).to(y.device)
+    g_lo = g.to(y.dtype)
+    ours = grads(y, inputs, g_lo)
+    theirs = grads(y_t, inputs, g_lo)
+    ref = grads(y_r, ref_inputs, g_lo.double())
+    for i, (a, b_, r) in enumerate(zip(ours, theirs, ref)):
+        if r is None:
+            assert a is None or inputs[i] is None
+            continue
+        assert a is not None, f"{what}: gradient {i} missing"
+        assert_within_2x(f"{what} grad[{i}]", a, b_, r)

@@ -1,0 +1,123 @@
+"""Each activation's definitions agree: the C++ functors (through the same instantiations the
+CPU kernels use) against the Python reference in fastnn/activations.py, and the Python reference
+derivative against autograd of the Python reference function."""
+import math
+
+import pytest
+import torch
+
+import fastnn
+from fastnn import _native, activations
+
+ACTS = list(fastnn.ACTIVATIONS.values())
+
+
+def grid(dtype):
+    z = torch.linspace(-12, 12, 48001, dtype=torch.float64)
+    extra = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 0.5, -0.5, 30.0, -30.0, 80.0, -80.0], dtype=torch.float64)
+    return torch.cat([z, extra]).to(dtype)
+
+
+# PyTorch's float64 gelu forms round 1 + erf(x) and 1 + tanh(u) to 0 in the far negative tail
+# (gelu(-12) comes out as -0.0 instead of -2.1e-32); these equal forms keep full relative accuracy
+# there, and are what the functors are checked against.
+_K0, _K1 = math.sqrt(2 / math.pi), 0.044715
+STABLE = {
+    "gelu": lambda z: 0.5 * z * torch.erfc(-z / math.sqrt(2)),
+    "gelu_tanh": lambda z: z * torch.sigmoid(2 * _K0 * (z + _K1 * z**3)),
+}
+
+
+def reference_fn(act):
+    return STABLE.get(act.name, act.fn)
+
+
+def test_stable_forms_equal_reference():
+    z = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    for name, fn in STABLE.items():
+        torch.testing.assert_close(fn(z), activations.get(name).fn(z), rtol=1e-13, atol=1e-15)
+
+
+def native_eval(act, z):
+    C = _native.cpu_module()
+    out, dout = torch.empty_like(z), torch.empty_like(z)
+    C.cpu_eval_activation(_native.DTYPE_CODES[z.dtype], act.code, z.numel(), z.data_ptr(), out.data_ptr(), dout.data_ptr())
+    return out, dout
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_reference_derivative_is_autograd_of_reference(act):
+    z = grid(torch.float64).requires_grad_()
+    (g,) = torch.autograd.grad(act.fn(z).sum(), z)
+    ref = act.grad(z.detach())
+    away_from_kink = z.detach().abs() > 1e-12
+    torch.testing.assert_close(ref[away_from_kink], g[away_from_kink], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_cpp_functor_float64(act):
+    z = grid(torch.float64)
+    out, dout = native_eval(act, z)
+    torch.testing.assert_close(out, reference_fn(act)(z), rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(dout, act.grad(z), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_cpp_functor_float32(act):
+    """float32 functors against the float64 reference, point by point: within 2x the error of
+    PyTorch's own float32 evaluation of the same formula plus 8 ulp (of the value, or of 1 for
+    derivatives, whose O(1) terms cancel near their zeros, as PyTorch's do), plus 1e-37 (below
+    -87 the host exp flushes to 0, as PyTorch's vectorised float32 math does)."""
+    z = grid(torch.float32)
+    out, dout = native_eval(act, z)
+    eps = torch.finfo(torch.float32).eps
+    for name, got, fn, floor in (("value", out, act.fn, 0.0), ("derivative", dout, act.grad, 1.0)):
+        ref = (reference_fn(act) if name == "value" else fn)(z.double())
+        theirs = fn(z).double()
+        finite = torch.isfinite(ref)
+        err = (got.double() - ref).abs()
+        err_theirs = torch.where(finite, (theirs - ref).abs(), 0.0)
+        tol = 2 * err_theirs + 8 * eps * torch.clamp(ref.abs(), min=floor) + 1e-37
+        bad = finite & ~(err <= tol)
+        if bad.any():
+            i = torch.nonzero(bad)[0].item()
+            pytest.fail(f"{act.name} {name}: {int(bad.sum())} points off, first at z={z[i].item()}: "
+                        f"{got[i].item()} vs {ref[i].item()} (PyTorch float32 {theirs[i].item()})")
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_cpp_functor_special_values(act):
+    z = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0], dtype=torch.float32)
+    out, _ = native_eval(act, z)
+    expect = act.fn(z.double()).float()
+    assert torch.isnan(out[0]), act.name
+    assert torch.equal(torch.isnan(out), torch.isnan(expect)), (out, expect)
+    finite = ~torch.isnan(expect)
+    torch.testing.assert_close(out[finite], expect[finite])
+
+
+def test_pack_mask_bits_through_kernel():
+    """The relu sign mask: bit c % 8 of byte c / 8 is (z > 0), across tile edges and ragged tails."""
+    C = _native.cpu_module()
+    for rows, cols in [(1, 1), (3, 7), (5, 9), (70, 513), (2, 1030)]:
+        z = torch.randn(rows, cols)
+        y = torch.empty_like(z)
+        mask = torch.zeros(rows, (cols + 7) // 8, dtype=torch.uint8)
+        C.cpu_bias_act_forward(0, activations.get("relu").code, rows, cols, z.data_ptr(), 0, y.data_ptr(),
+                               mask.data_ptr(), 1)
+        bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        assert torch.equal(bits.reshape(rows, -1)[:, :cols].bool(), z > 0)
+        assert torch.equal(bits.reshape(rows, -1)[:, cols:], torch.zeros_like(bits.reshape(rows, -1)[:, cols:]))
+
+
+def test_saved_bytes_documented():
+    assert activations.saved_bytes_per_element("identity", torch.bfloat16) == 0
+    assert activations.saved_bytes_per_element("relu", torch.bfloat16) == 1 / 8
+    assert activations.saved_bytes_per_element("gelu", torch.bfloat16) == 2
+    assert activations.saved_bytes_per_element("gelu", torch.float32) == 4
+
+
+def test_gated_names_map_to_gate_activations():
+    assert {k: v for k, v in fastnn.GATED.items()} == {
+        "swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+    assert math.isclose(activations.LEAKY_SLOPE, 0.01)

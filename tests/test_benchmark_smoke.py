@@ -1,0 +1,43 @@
+"""The benchmark's --quick run works end to end and writes its records."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run(tmp_path):
+    out = tmp_path / "quick.json"
+    csv_out = tmp_path / "quick.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_linear.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    assert env["device"] and env["torch"] and env["fastnn"]
+    rows = data["rows"]
+    configs = {r["config"]: r for r in rows if r["case"]["mode"] == "fwd"}
+    for name in ("fastnn[cpu]", "eager", "compile", "onednn post-op", "bare GEMM"):
+        assert configs[name]["status"] == "ok", configs[name]
+        assert configs[name]["ms"] > 0
+    bwd = {r["config"]: r for r in rows if r["case"]["mode"] == "fwd+bwd"}
+    assert bwd["fastnn[cpu]"]["saved_mb"] > 0 and bwd["fastnn[cpu]"]["speedup_vs_eager"] > 0
+    assert "fastnn[cpu]" in proc.stdout and "vs eager" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_linear.py"), "--quick", "--no-compile",
+                           "--mode", "mlp", "--activation", "swiglu", "--out", str(csv_out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fastnn[cpu]" in csv_out.read_text()
+
+
+def test_wrong_result_is_reported_not_timed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import fused_linear as bench
+
+    y = torch.ones(4, 4)
+    ref = (torch.ones(4, 4, dtype=torch.float64),)
+    assert bench.check((y,), ref, [0.0], "float32") is None
+    assert "error" in bench.check((y * 1.01,), ref, [0.0], "float32")

@@ -1,0 +1,34 @@
+"""Every instruction-set build of the CPU kernels that this CPU can run gives correct results:
+each is forced in a subprocess with FASTNN_CPU_ISA and runs the activation checks and a slice of
+the linear_act / linear_glu matrix (the default run covers only the widest level)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastnn import _native
+
+HERE = Path(__file__).resolve().parent
+COMPILED = _native._C.build_info()["cpu_isas_compiled"].split(",") if _native._C is not None else []
+ACTIVE = _native._C.build_info()["cpu_isa_active"] if _native._C is not None else None
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_isa_level(isa):
+    if isa not in COMPILED:
+        pytest.skip(f"{isa} build not compiled here")
+    order = ["baseline", "avx2", "avx512", "avx512bf16"]
+    if order.index(isa) > order.index(ACTIVE):
+        pytest.skip(f"this CPU runs up to {ACTIVE}")
+    env = dict(os.environ, FASTNN_CPU_ISA=isa)
+    probe = subprocess.run([sys.executable, "-c", "import fastnn; print(fastnn._native._C.build_info()['cpu_isa_active'])"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == isa, probe.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_activations.py"),
+         str(HERE / "test_linear_act.py"), str(HERE / "test_linear_glu.py"), "-k",
+         "functor or mask or (matrix and (gelu or relu or swiglu)) or non_contiguous or gradcheck"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

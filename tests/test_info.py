@@ -1,0 +1,17 @@
+import subprocess
+import sys
+
+import fastnn
+from fastnn import info
+
+
+def test_info_runs_and_reports():
+    proc = subprocess.run([sys.executable, "-m", "fastnn.info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"fastnn {fastnn.__version__}" in out
+    assert "native CPU kernels: ISA levels compiled baseline" in out
+    assert "auto picks" in out and "cpu/float32" in out
+    data = info.collect()
+    assert data["auto_picks_for_gelu"]["cpu/float32"] == "cpu"
+    assert data["native"]["cpu"]["cpu_isa_active"] in ("baseline", "avx2", "avx512", "avx512bf16")
