@@ -10,6 +10,14 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+import fastnn  # noqa: E402
+
+if fastnn._native._C is None:
+    raise pytest.UsageError(
+        f"fastnn was imported from {os.path.dirname(fastnn.__file__)} without its native module "
+        f"({fastnn._native.C_IMPORT_ERROR}). Install it (pip install . or pip install -e .) and run "
+        "`pytest tests`: `python -m pytest` from the repository root imports the unbuilt source tree.")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (tier 4)")
