@@ -24,7 +24,7 @@ def test_isa_level(isa):
         pytest.skip(f"this CPU runs up to {ACTIVE}")
     env = dict(os.environ, FASTNN_CPU_ISA=isa)
     probe = subprocess.run([sys.executable, "-c", "import fastnn; print(fastnn._native._C.build_info()['cpu_isa_active'])"],
-                           env=env, capture_output=True, text=True, timeout=120)
+                           env=env, capture_output=True, text=True, timeout=120, cwd=HERE)
     assert probe.stdout.strip() == isa, probe.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_activations.py"),

@@ -5,8 +5,10 @@ import fastnn
 from fastnn import info
 
 
-def test_info_runs_and_reports():
-    proc = subprocess.run([sys.executable, "-m", "fastnn.info"], capture_output=True, text=True, timeout=120)
+def test_info_runs_and_reports(tmp_path):
+    # run away from the repository root, whose unbuilt fastnn/ would shadow the installed one
+    proc = subprocess.run([sys.executable, "-m", "fastnn.info"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"fastnn {fastnn.__version__}" in out
