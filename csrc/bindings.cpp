@@ -40,6 +40,11 @@ void check_sizes(int64_t rows, int64_t cols, int num_threads) {
   if (num_threads < 1) throw std::invalid_argument("fastnn._C: num_threads must be >= 1");
 }
 
+// With no rows the bias gradient is zero (float32 sums, float64 for float64).
+void zero_bias_grad(uintptr_t dbias, int64_t cols, DType d) {
+  if (dbias && cols > 0) std::memset(mptr(dbias), 0, size_t(cols) * (d == DType::kFloat64 ? 8 : 4));
+}
+
 void require(uintptr_t p, const char* what) {
   if (!p) throw std::invalid_argument(std::string("fastnn._C: ") + what + " must not be null");
 }
@@ -51,7 +56,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_bias_act_forward",
         [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc, uintptr_t bias,
-           uintptr_t y, uintptr_t saved, int num_threads) {
+           uintptr_t y, uintptr_t mask, int num_threads) {
           check_sizes(rows, cols, num_threads);
           if (rows * cols == 0) return;
           require(acc, "acc");
@@ -59,21 +64,17 @@ PYBIND11_MODULE(_C, m) {
           const DType d = to_dtype(dtype);
           const Act a = to_act(act);
           py::gil_scoped_release nogil;
-          fastnn::cpu::bias_act_forward(d, a, rows, cols, cptr(acc), cptr(bias), mptr(y), mptr(saved), num_threads);
+          fastnn::cpu::bias_act_forward(d, a, rows, cols, cptr(acc), cptr(bias), mptr(y), mptr(mask), num_threads);
         });
 
   m.def("cpu_act_backward",
         [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t saved,
-           uintptr_t dz, uintptr_t dbias, int num_threads) {
+           uintptr_t bias, uintptr_t dz, uintptr_t dbias, int num_threads) {
           check_sizes(rows, cols, num_threads);
           const DType d = to_dtype(dtype);
           const Act a = to_act(act);
           if (rows * cols == 0) {
-            // no rows: the bias gradient is zero
-            if (dbias && cols > 0) {
-              const size_t bytes = size_t(cols) * (d == DType::kFloat64 ? 8 : 4);
-              std::memset(mptr(dbias), 0, bytes);
-            }
+            zero_bias_grad(dbias, cols, d);
             return;
           }
           require(dy, "dy");
@@ -82,45 +83,44 @@ PYBIND11_MODULE(_C, m) {
             require(dz, "dz");
           }
           py::gil_scoped_release nogil;
-          fastnn::cpu::act_backward(d, a, rows, cols, cptr(dy), cptr(saved), mptr(dz), mptr(dbias), num_threads);
+          fastnn::cpu::act_backward(d, a, rows, cols, cptr(dy), cptr(saved), cptr(bias), mptr(dz), mptr(dbias),
+                                    num_threads);
         });
 
   m.def("cpu_glu_forward",
         [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t acc_gate,
-           uintptr_t acc_up, uintptr_t bias_gate, uintptr_t bias_up, uintptr_t y,
-           uintptr_t z_gate, uintptr_t z_up, int num_threads) {
+           uintptr_t acc_up, uintptr_t bias_gate, uintptr_t bias_up, uintptr_t y, int num_threads) {
           check_sizes(rows, cols, num_threads);
           if (rows * cols == 0) return;
           require(acc_gate, "acc_gate");
           require(acc_up, "acc_up");
           require(y, "y");
-          if (bool(z_gate) != bool(z_up)) throw std::invalid_argument("fastnn._C: z_gate and z_up go together");
           const DType d = to_dtype(dtype);
           const Act a = to_act(gate_act);
           py::gil_scoped_release nogil;
           fastnn::cpu::glu_forward(d, a, rows, cols, cptr(acc_gate), cptr(acc_up), cptr(bias_gate),
-                                   cptr(bias_up), mptr(y), mptr(z_gate), mptr(z_up), num_threads);
+                                   cptr(bias_up), mptr(y), num_threads);
         });
 
   m.def("cpu_glu_backward",
-        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t z_gate,
-           uintptr_t z_up, uintptr_t dz_gate, uintptr_t dz_up, uintptr_t dbias_gate,
-           uintptr_t dbias_up, int num_threads) {
+        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t acc_gate,
+           uintptr_t acc_up, uintptr_t bias_gate, uintptr_t bias_up, uintptr_t dz_gate, uintptr_t dz_up,
+           uintptr_t dbias_gate, uintptr_t dbias_up, int num_threads) {
           check_sizes(rows, cols, num_threads);
           const DType d = to_dtype(dtype);
           const Act a = to_act(gate_act);
           if (rows * cols == 0) {
-            const size_t bytes = size_t(cols) * (d == DType::kFloat64 ? 8 : 4);
-            if (dbias_gate && cols > 0) std::memset(mptr(dbias_gate), 0, bytes);
-            if (dbias_up && cols > 0) std::memset(mptr(dbias_up), 0, bytes);
+            zero_bias_grad(dbias_gate, cols, d);
+            zero_bias_grad(dbias_up, cols, d);
             return;
           }
-          for (auto [p, what] : {std::pair<uintptr_t, const char*>{dy, "dy"}, {z_gate, "z_gate"},
-                                 {z_up, "z_up"}, {dz_gate, "dz_gate"}, {dz_up, "dz_up"}})
+          for (auto [p, what] : {std::pair<uintptr_t, const char*>{dy, "dy"}, {acc_gate, "acc_gate"},
+                                 {acc_up, "acc_up"}, {dz_gate, "dz_gate"}, {dz_up, "dz_up"}})
             require(p, what);
           py::gil_scoped_release nogil;
-          fastnn::cpu::glu_backward(d, a, rows, cols, cptr(dy), cptr(z_gate), cptr(z_up), mptr(dz_gate),
-                                    mptr(dz_up), mptr(dbias_gate), mptr(dbias_up), num_threads);
+          fastnn::cpu::glu_backward(d, a, rows, cols, cptr(dy), cptr(acc_gate), cptr(acc_up), cptr(bias_gate),
+                                    cptr(bias_up), mptr(dz_gate), mptr(dz_up), mptr(dbias_gate),
+                                    mptr(dbias_up), num_threads);
         });
 
   m.def("cpu_eval_activation", [](int dtype, int act, int64_t n, uintptr_t z, uintptr_t out, uintptr_t dout) {

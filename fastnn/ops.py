@@ -2,12 +2,12 @@
 torch.compile and meta tensors) and the autograd registration side by side.
 
     fastnn::linear_act_fwd(x, weight, bias, activation, backend, save) -> (y, saved)
-    fastnn::linear_act_bwd(dy, x, weight, saved, activation, backend, need_dx, need_dw, need_db)
+    fastnn::linear_act_bwd(dy, x, weight, bias, saved, activation, backend, need_dx, need_dw, need_db)
         -> (dx, dw, db)
     fastnn::linear_glu_fwd(x, gate_weight, up_weight, gate_bias, up_bias, activation, backend, save)
         -> (y, z_gate, z_up)
-    fastnn::linear_glu_bwd(dy, x, gate_weight, up_weight, z_gate, z_up, activation, backend,
-                           need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
+    fastnn::linear_glu_bwd(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
+                           activation, backend, need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
         -> (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias)
 
 x is 2-D here (fastnn.functional flattens the leading dims). `saved` is what backward needs:
@@ -54,15 +54,15 @@ def _(x, weight, bias, activation, backend, save):
 
 
 @torch.library.custom_op("fastnn::linear_act_bwd", mutates_args=())
-def linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, activation: str, backend: str,
-                   need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+def linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor, activation: str,
+                   backend: str, need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     act = activations.get(activation)
-    dx, dw, db = BACKENDS[backend].linear_act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db)
+    dx, dw, db = BACKENDS[backend].linear_act_bwd(dy, x, weight, bias, saved, act, need_dx, need_dw, need_db)
     return _or_nothing(dx, dy), _or_nothing(dw, dy), _or_nothing(db, dy)
 
 
 @linear_act_bwd.register_fake
-def _(dy, x, weight, saved, activation, backend, need_dx, need_dw, need_db):
+def _(dy, x, weight, bias, saved, activation, backend, need_dx, need_dw, need_db):
     # x is an empty stand-in unless dW is needed, weight unless dX is
     dx = dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else _nothing(dy)
     dw = dy.new_empty((dy.shape[1], x.shape[1])) if need_dw else _nothing(dy)
@@ -75,8 +75,9 @@ def linear_act_autograd(fwd_call, bwd_call):
     (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved).
 
     fwd_call(x, weight, bias, activation, extra, save) -> (y, saved) runs the forward op;
-    bwd_call(dy, x, weight, saved, activation, extra, need_dx, need_dw, need_db) -> (dx, dw, db).
-    Backward keeps only what it will use: x for dW, weight for dX, and the backend's `saved`.
+    bwd_call(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db) -> (dx, dw, db).
+    Backward keeps only what it will use: x for dW, weight for dX, the bias (a parameter, already
+    alive) and the backend's `saved`.
     A forward run with save=False (fastnn's recompute mode, or a raw call of the op) keeps the
     inputs instead and recomputes `saved` in backward.
     """
@@ -91,8 +92,7 @@ def linear_act_autograd(fwd_call, bwd_call):
         keep_x, keep_w = need_dw or ctx.recompute, need_dx or ctx.recompute
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
-        ctx.save_for_backward(x if keep_x else None, weight if keep_w else None,
-                              bias if ctx.recompute else None, output[1])
+        ctx.save_for_backward(x if keep_x else None, weight if keep_w else None, bias, output[1])
 
     def backward(ctx, dy, _dsaved):
         x, weight, bias, saved = ctx.saved_tensors
@@ -108,7 +108,7 @@ def linear_act_autograd(fwd_call, bwd_call):
         # weight only for dX
         x = x if x is not None else _nothing(dy)
         weight = weight if weight is not None else _nothing(dy)
-        dx, dw, db = bwd_call(dy, x, weight, saved, ctx.activation, ctx.extra, need_dx, need_dw, need_db)
+        dx, dw, db = bwd_call(dy, x, weight, bias, saved, ctx.activation, ctx.extra, need_dx, need_dw, need_db)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + tail
 
     return setup_context, backward
@@ -122,8 +122,8 @@ def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
 register_linear_act_autograd(
     "fastnn::linear_act_fwd",
     lambda x, w, b, act, extra, save: torch.ops.fastnn.linear_act_fwd(x, w, b, act, extra[0], save),
-    lambda dy, x, w, saved, act, extra, ndx, ndw, ndb: torch.ops.fastnn.linear_act_bwd(
-        dy, x, w, saved, act, extra[0], ndx, ndw, ndb),
+    lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb: torch.ops.fastnn.linear_act_bwd(
+        dy, x, w, b, saved, act, extra[0], ndx, ndw, ndb),
 )
 
 
@@ -131,8 +131,8 @@ def _eager_act_fwd(x, weight, bias, activation, extra, save):
     return BACKENDS[extra[0]].linear_act_fwd(x, weight, bias, activations.get(activation), save)
 
 
-def _eager_act_bwd(dy, x, weight, saved, activation, extra, need_dx, need_dw, need_db):
-    return BACKENDS[extra[0]].linear_act_bwd(dy, x, weight, saved, activations.get(activation),
+def _eager_act_bwd(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db):
+    return BACKENDS[extra[0]].linear_act_bwd(dy, x, weight, bias, saved, activations.get(activation),
                                              need_dx, need_dw, need_db)
 
 
@@ -175,18 +175,19 @@ def _(x, gate_weight, up_weight, gate_bias, up_bias, activation, backend, save):
 
 
 @torch.library.custom_op("fastnn::linear_glu_bwd", mutates_args=())
-def linear_glu_bwd(dy: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor, z_gate: Tensor,
-                   z_up: Tensor, activation: str, backend: str, need_dx: bool, need_dwg: bool,
-                   need_dwu: bool, need_dbg: bool, need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = BACKENDS[backend].linear_glu_bwd(dy, x, gate_weight, up_weight, z_gate, z_up,
+def linear_glu_bwd(dy: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Optional[Tensor],
+                   up_bias: Optional[Tensor], z_gate: Tensor, z_up: Tensor, activation: str, backend: str,
+                   need_dx: bool, need_dwg: bool, need_dwu: bool, need_dbg: bool,
+                   need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = BACKENDS[backend].linear_glu_bwd(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
                                              activations.get_gated(activation), need_dx, need_dwg,
                                              need_dwu, need_dbg, need_dbu)
     return tuple(_or_nothing(g, dy) for g in grads)
 
 
 @linear_glu_bwd.register_fake
-def _(dy, x, gate_weight, up_weight, z_gate, z_up, activation, backend, need_dx, need_dwg, need_dwu,
-      need_dbg, need_dbu):
+def _(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, activation, backend, need_dx, need_dwg,
+      need_dwu, need_dbg, need_dbu):
     n_out = gate_weight.shape[0]
     return (
         dy.new_empty((dy.shape[0], gate_weight.shape[1])) if need_dx else _nothing(dy),
@@ -202,7 +203,8 @@ def linear_glu_autograd(fwd_call, bwd_call):
     (x, gate_weight, up_weight, gate_bias, up_bias, activation, *extra, save).
 
     fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, activation, extra, save) runs the op;
-    bwd_call(dy, x, gate_weight, up_weight, z_gate, z_up, activation, extra, needs) -> 5 grads,
+    bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, activation, extra,
+             needs) -> 5 grads,
     needs = (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias). With save=False the
     pre-activations are recomputed in backward from the kept inputs.
     """
@@ -214,8 +216,7 @@ def linear_glu_autograd(fwd_call, bwd_call):
         ctx.recompute = not inputs[-1]
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)
-        biases = (gate_bias, up_bias) if ctx.recompute else (None, None)
-        ctx.save_for_backward(x, gate_weight, up_weight, *biases, output[1], output[2])
+        ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, output[1], output[2])
 
     def backward(ctx, dy, _dzg, _dzu):
         x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up = ctx.saved_tensors
@@ -228,7 +229,8 @@ def linear_glu_autograd(fwd_call, bwd_call):
             with torch.no_grad():
                 _, z_gate, z_up = fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            ctx.extra, True)
-        grads = bwd_call(dy, x, gate_weight, up_weight, z_gate, z_up, ctx.activation, ctx.extra, needs)
+        grads = bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, ctx.activation,
+                         ctx.extra, needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + none_tail
 
     return setup_context, backward
@@ -242,8 +244,8 @@ def register_linear_glu_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
 register_linear_glu_autograd(
     "fastnn::linear_glu_fwd",
     lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.linear_glu_fwd(x, wg, wu, bg, bu, act, extra[0], save),
-    lambda dy, x, wg, wu, zg, zu, act, extra, needs: torch.ops.fastnn.linear_glu_bwd(
-        dy, x, wg, wu, zg, zu, act, extra[0], *needs),
+    lambda dy, x, wg, wu, bg, bu, zg, zu, act, extra, needs: torch.ops.fastnn.linear_glu_bwd(
+        dy, x, wg, wu, bg, bu, zg, zu, act, extra[0], *needs),
 )
 
 
@@ -251,8 +253,9 @@ def _eager_glu_fwd(x, wg, wu, bg, bu, activation, extra, save):
     return BACKENDS[extra[0]].linear_glu_fwd(x, wg, wu, bg, bu, activations.get_gated(activation), save)
 
 
-def _eager_glu_bwd(dy, x, wg, wu, zg, zu, activation, extra, needs):
-    return BACKENDS[extra[0]].linear_glu_bwd(dy, x, wg, wu, zg, zu, activations.get_gated(activation), *needs)
+def _eager_glu_bwd(dy, x, wg, wu, bg, bu, zg, zu, activation, extra, needs):
+    return BACKENDS[extra[0]].linear_glu_bwd(dy, x, wg, wu, bg, bu, zg, zu, activations.get_gated(activation),
+                                             *needs)
 
 
 _glu_setup, _glu_backward = linear_glu_autograd(_eager_glu_fwd, _eager_glu_bwd)

@@ -17,7 +17,8 @@ def test_opcheck_linear_act(activation, bias):
     dy = torch.randn_like(y)
     for needs in [(True, True, True), (True, False, False), (False, True, bias)]:
         torch.library.opcheck(torch.ops.fastnn.linear_act_bwd.default,
-                              (dy, x.detach(), w.detach(), saved, activation, "cpu", *needs))
+                              (dy, x.detach(), w.detach(), None if b is None else b.detach(), saved, activation,
+                               "cpu", *needs))
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "reglu"])
@@ -27,8 +28,8 @@ def test_opcheck_linear_glu(activation):
     y, zg, zu = torch.ops.fastnn.linear_glu_fwd(x.detach(), wg.detach(), wu.detach(), bg.detach(), bu.detach(),
                                                 activation, "cpu", True)
     torch.library.opcheck(torch.ops.fastnn.linear_glu_bwd.default,
-                          (torch.randn_like(y), x.detach(), wg.detach(), wu.detach(), zg, zu, activation, "cpu",
-                           True, True, True, True, False))
+                          (torch.randn_like(y), x.detach(), wg.detach(), wu.detach(), bg.detach(), bu.detach(), zg,
+                           zu, activation, "cpu", True, True, True, True, False))
 
 
 def test_compile_fullgraph_linear_act():

@@ -9,11 +9,12 @@
 #define FASTNN_DECLARE_ISA(NS)                                                                    \
   namespace fastnn { namespace cpu { namespace NS {                                               \
   void bias_act_forward(DType, Act, int64_t, int64_t, const void*, const void*, void*, void*, int); \
-  void act_backward(DType, Act, int64_t, int64_t, const void*, const void*, void*, void*, int);    \
+  void act_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*, void*,    \
+                    void*, int);                                                                  \
   void glu_forward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,            \
-                   const void*, void*, void*, void*, int);                                        \
-  void glu_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*, void*,    \
-                    void*, void*, void*, int);                                                    \
+                   const void*, void*, int);                                                      \
+  void glu_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,           \
+                    const void*, const void*, void*, void*, void*, void*, int);                   \
   void eval_activation(DType, Act, int64_t, const void*, void*, void*);                          \
   } } }
 
@@ -106,27 +107,28 @@ const char* compiled_isas() {
 }
 
 void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
-                      const void* bias, void* y, void* saved, int num_threads) {
-  FASTNN_CALL(bias_act_forward, dtype, act, rows, cols, acc, bias, y, saved, num_threads)
+                      const void* bias, void* y, void* mask, int num_threads) {
+  FASTNN_CALL(bias_act_forward, dtype, act, rows, cols, acc, bias, y, mask, num_threads)
 }
 
 void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
-                  const void* saved, void* dz, void* dbias, int num_threads) {
-  FASTNN_CALL(act_backward, dtype, act, rows, cols, dy, saved, dz, dbias, num_threads)
+                  const void* saved, const void* bias, void* dz, void* dbias, int num_threads) {
+  FASTNN_CALL(act_backward, dtype, act, rows, cols, dy, saved, bias, dz, dbias, num_threads)
 }
 
 void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* acc_gate,
                  const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
-                 void* z_gate, void* z_up, int num_threads) {
+                 int num_threads) {
   FASTNN_CALL(glu_forward, dtype, gate_act, rows, cols, acc_gate, acc_up, bias_gate, bias_up, y,
-              z_gate, z_up, num_threads)
+              num_threads)
 }
 
 void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
-                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up,
-                  void* dbias_gate, void* dbias_up, int num_threads) {
-  FASTNN_CALL(glu_backward, dtype, gate_act, rows, cols, dy, z_gate, z_up, dz_gate, dz_up,
-              dbias_gate, dbias_up, num_threads)
+                  const void* acc_gate, const void* acc_up, const void* bias_gate,
+                  const void* bias_up, void* dz_gate, void* dz_up, void* dbias_gate,
+                  void* dbias_up, int num_threads) {
+  FASTNN_CALL(glu_backward, dtype, gate_act, rows, cols, dy, acc_gate, acc_up, bias_gate, bias_up,
+              dz_gate, dz_up, dbias_gate, dbias_up, num_threads)
 }
 
 void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout) {

@@ -16,28 +16,32 @@ namespace cpu {
 
 inline int64_t mask_row_bytes(int64_t cols) { return (cols + 7) / 8; }
 
-// y = act(acc + bias), rounded once from float. `saved`, when not null, receives what backward
-// needs (saved_for(act)): the rounded pre-activation z = acc + bias, or the sign mask of z.
-// acc may be the same buffer as y or as a pre-activation `saved` (computed in place).
+// y = act(z), z = acc + bias computed in float and never rounded; y may be the same buffer as
+// acc. `mask`, when not null, receives the sign mask of z (what relu and leaky_relu backward
+// need). The other activations' backward reads acc itself (the GEMM product the caller keeps)
+// and the bias again, so nothing more is written.
 void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
-                      const void* bias, void* y, void* saved, int num_threads);
+                      const void* bias, void* y, void* mask, int num_threads);
 
-// dz = dy * act'(z), from what bias_act_forward saved. For identity nothing is saved and dz is
-// not written (dz is dy): only dbias is computed. dbias, when not null, receives the column sums
-// of the unrounded dz.
+// dz = dy * act'(z). `saved` is the sign mask (relu, leaky_relu), or the product acc of the
+// forward with z = acc + bias (bias may be null), or nothing (identity: dz is dy and is not
+// written; only dbias is computed). dbias, when not null, receives the column sums of the
+// unrounded dz.
 void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
-                  const void* saved, void* dz, void* dbias, int num_threads);
+                  const void* saved, const void* bias, void* dz, void* dbias, int num_threads);
 
-// Gated unit: y = act(acc_gate + bias_gate) * (acc_up + bias_up). z_gate / z_up, when not null,
-// receive the rounded pre-activations and may be the same buffers as acc_gate / acc_up.
+// Gated unit: y = act(acc_gate + bias_gate) * (acc_up + bias_up), in float; y may be the same
+// buffer as acc_gate. Backward reads acc_gate and acc_up again.
 void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* acc_gate,
                  const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
-                 void* z_gate, void* z_up, int num_threads);
+                 int num_threads);
 
-// dz_up = dy * act(z_gate); dz_gate = dy * z_up * act'(z_gate); bias gradients as above.
+// With z_gate = acc_gate + bias_gate and z_up = acc_up + bias_up: dz_up = dy * act(z_gate),
+// dz_gate = dy * z_up * act'(z_gate); bias gradients as above.
 void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
-                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up,
-                  void* dbias_gate, void* dbias_up, int num_threads);
+                  const void* acc_gate, const void* acc_up, const void* bias_gate,
+                  const void* bias_up, void* dz_gate, void* dz_up, void* dbias_gate,
+                  void* dbias_up, int num_threads);
 
 // The instruction-set level the kernels run at on this CPU ("avx512", "avx2" or "baseline"),
 // and the levels this build contains.

@@ -134,28 +134,23 @@ void reduce_partials(std::vector<P>& partial, int64_t row_blocks, int64_t cols, 
 
 template <typename T, Act A>
 void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias, T* y,
-                        void* saved, int num_threads) {
+                        uint8_t* mask, int num_threads) {
   using F = Activation<A>;
   using C = CT<T>;
   const std::vector<C> b = bias_in_compute_type(bias, cols);
-  const Saved kind = saved ? saved_for(A) : Saved::kNothing;
-  T* z_out = kind == Saved::kPreact ? static_cast<T*>(saved) : nullptr;
-  uint8_t* mask = kind == Saved::kSignMask ? static_cast<uint8_t*>(saved) : nullptr;
   const int64_t mbytes = mask_row_bytes(cols);
   parallel_tiles(Tiling(rows, cols, num_threads), num_threads,
                  [&](int64_t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     alignas(64) C v[kChunk];
-    alignas(64) C out[kChunk];
     alignas(64) uint8_t flags[kChunk];
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       const C* bc = b.data() + s;
-      to_compute(acc + o, v, n);  // the whole chunk is read before y or z (maybe acc) is written
+      to_compute(acc + o, v, n);  // the whole chunk is read before y (maybe acc) is written
       if (bias) {
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) v[i] += bc[i];
       }
-      if (z_out) from_compute(v, z_out + o, n);
       if (mask) {
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) flags[i] = v[i] > C(0);
@@ -164,21 +159,22 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
         pack_flags(flags, padded, mask + r * mbytes + s / 8);
       }
       FASTNN_SIMD
-      for (int64_t i = 0; i < n; ++i) out[i] = F::f(v[i]);
-      from_compute(out, y + o, n);
+      for (int64_t i = 0; i < n; ++i) v[i] = F::f(v[i]);
+      from_compute(v, y + o, n);
     });
   });
 }
 
 template <typename T, Act A>
-void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, T* dz,
-                    CT<T>* dbias, int num_threads) {
+void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, const T* bias,
+                    T* dz, CT<T>* dbias, int num_threads) {
   using F = Activation<A>;
   using C = CT<T>;
   using P = AccT<T>;
   constexpr Saved kind = saved_for(A);
   const Tiling t(rows, cols, num_threads);
   std::vector<P> partial(dbias ? size_t(t.row_blocks * cols) : 0, P(0));
+  const std::vector<C> b = bias_in_compute_type(kind == Saved::kPreact ? bias : nullptr, cols);
   const int64_t mbytes = mask_row_bytes(cols);
   parallel_tiles(t, num_threads, [&](int64_t rb, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     alignas(64) C g[kChunk];
@@ -195,8 +191,9 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         for (int64_t i = 0; i < n; ++i) g[i] *= flags[i] ? C(1) : neg;
       } else if (kind == Saved::kPreact) {
         to_compute(static_cast<const T*>(saved) + o, zc, n);
+        const C* bc = b.data() + s;
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) g[i] *= F::df(zc[i]);
+        for (int64_t i = 0; i < n; ++i) g[i] *= F::df(zc[i] + bc[i]);
       }
       if (part) {
         FASTNN_SIMD
@@ -210,7 +207,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
 
 template <typename T, Act A>
 void glu_forward_t(int64_t rows, int64_t cols, const T* acc_g, const T* acc_u, const T* bias_g,
-                   const T* bias_u, T* y, T* z_g, T* z_u, int num_threads) {
+                   const T* bias_u, T* y, int num_threads) {
   using F = Activation<A>;
   using C = CT<T>;
   const std::vector<C> bg = bias_in_compute_type(bias_g, cols), bu = bias_in_compute_type(bias_u, cols);
@@ -224,34 +221,24 @@ void glu_forward_t(int64_t rows, int64_t cols, const T* acc_g, const T* acc_u, c
       const C* buc = bu.data() + s;
       to_compute(acc_g + o, g, n);
       to_compute(acc_u + o, u, n);
-      if (bias_g) {
-        FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) g[i] += bgc[i];
-      }
-      if (bias_u) {
-        FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) u[i] += buc[i];
-      }
-      if (z_g) {
-        from_compute(g, z_g + o, n);
-        from_compute(u, z_u + o, n);
-      }
       FASTNN_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] = F::f(g[i]) * u[i];
+      for (int64_t i = 0; i < n; ++i) g[i] = F::f(g[i] + bgc[i]) * (u[i] + buc[i]);
       from_compute(g, y + o, n);
     });
   });
 }
 
 template <typename T, Act A>
-void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* z_g, const T* z_u, T* dz_g,
-                    T* dz_u, CT<T>* dbias_g, CT<T>* dbias_u, int num_threads) {
+void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, const T* acc_u,
+                    const T* bias_g, const T* bias_u, T* dz_g, T* dz_u, CT<T>* dbias_g,
+                    CT<T>* dbias_u, int num_threads) {
   using F = Activation<A>;
   using C = CT<T>;
   using P = AccT<T>;
   const Tiling t(rows, cols, num_threads);
   std::vector<P> part_g(dbias_g ? size_t(t.row_blocks * cols) : 0, P(0));
   std::vector<P> part_u(dbias_u ? size_t(t.row_blocks * cols) : 0, P(0));
+  const std::vector<C> bg = bias_in_compute_type(bias_g, cols), bu = bias_in_compute_type(bias_u, cols);
   parallel_tiles(t, num_threads, [&](int64_t rb, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     alignas(64) C g[kChunk];
     alignas(64) C zg[kChunk];
@@ -260,14 +247,16 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* z_g, const
       const int64_t o = r * cols + s;
       P* pg = dbias_g ? part_g.data() + rb * cols + s : nullptr;
       P* pu = dbias_u ? part_u.data() + rb * cols + s : nullptr;
+      const C* bgc = bg.data() + s;
+      const C* buc = bu.data() + s;
       to_compute(dy + o, g, n);
-      to_compute(z_g + o, zg, n);
-      to_compute(z_u + o, zu, n);
+      to_compute(acc_g + o, zg, n);
+      to_compute(acc_u + o, zu, n);
       // in place: zg becomes dz_gate, zu becomes dz_up
       FASTNN_SIMD
       for (int64_t i = 0; i < n; ++i) {
-        const C a = zg[i];
-        zg[i] = g[i] * zu[i] * F::df(a);
+        const C a = zg[i] + bgc[i], u = zu[i] + buc[i];
+        zg[i] = g[i] * u * F::df(a);
         zu[i] = g[i] * F::f(a);
       }
       if (pg) {
@@ -306,52 +295,54 @@ void dispatch_act_or_throw(Act a, Fn&& fn) {
 }  // namespace
 
 void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
-                      const void* bias, void* y, void* saved, int num_threads) {
+                      const void* bias, void* y, void* mask, int num_threads) {
   dispatch_dtype(dtype, [&](auto tv) {
     using T = decltype(tv);
     dispatch_act_or_throw(act, [&](auto at) {
       bias_act_forward_t<T, decltype(at)::value>(rows, cols, static_cast<const T*>(acc),
                                                  static_cast<const T*>(bias), static_cast<T*>(y),
-                                                 saved, num_threads);
+                                                 static_cast<uint8_t*>(mask), num_threads);
     });
   });
 }
 
 void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
-                  const void* saved, void* dz, void* dbias, int num_threads) {
+                  const void* saved, const void* bias, void* dz, void* dbias, int num_threads) {
   dispatch_dtype(dtype, [&](auto tv) {
     using T = decltype(tv);
     dispatch_act_or_throw(act, [&](auto at) {
       act_backward_t<T, decltype(at)::value>(rows, cols, static_cast<const T*>(dy), saved,
-                                             static_cast<T*>(dz), static_cast<CT<T>*>(dbias),
-                                             num_threads);
+                                             static_cast<const T*>(bias), static_cast<T*>(dz),
+                                             static_cast<CT<T>*>(dbias), num_threads);
     });
   });
 }
 
 void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* acc_gate,
                  const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
-                 void* z_gate, void* z_up, int num_threads) {
+                 int num_threads) {
   dispatch_dtype(dtype, [&](auto tv) {
     using T = decltype(tv);
     dispatch_act_or_throw(gate_act, [&](auto at) {
       glu_forward_t<T, decltype(at)::value>(
           rows, cols, static_cast<const T*>(acc_gate), static_cast<const T*>(acc_up),
           static_cast<const T*>(bias_gate), static_cast<const T*>(bias_up), static_cast<T*>(y),
-          static_cast<T*>(z_gate), static_cast<T*>(z_up), num_threads);
+          num_threads);
     });
   });
 }
 
 void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
-                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up,
-                  void* dbias_gate, void* dbias_up, int num_threads) {
+                  const void* acc_gate, const void* acc_up, const void* bias_gate,
+                  const void* bias_up, void* dz_gate, void* dz_up, void* dbias_gate,
+                  void* dbias_up, int num_threads) {
   dispatch_dtype(dtype, [&](auto tv) {
     using T = decltype(tv);
     dispatch_act_or_throw(gate_act, [&](auto at) {
       glu_backward_t<T, decltype(at)::value>(
-          rows, cols, static_cast<const T*>(dy), static_cast<const T*>(z_gate),
-          static_cast<const T*>(z_up), static_cast<T*>(dz_gate), static_cast<T*>(dz_up),
+          rows, cols, static_cast<const T*>(dy), static_cast<const T*>(acc_gate),
+          static_cast<const T*>(acc_up), static_cast<const T*>(bias_gate),
+          static_cast<const T*>(bias_up), static_cast<T*>(dz_gate), static_cast<T*>(dz_up),
           static_cast<CT<T>*>(dbias_gate), static_cast<CT<T>*>(dbias_up), num_threads);
     });
   });

@@ -37,18 +37,19 @@ class Backend:
         """-> (y, saved); saved is empty when save is False or the activation needs nothing."""
         raise NotImplementedError
 
-    def linear_act_bwd(self, dy, x, weight, saved, act: Activation, need_dx, need_dw, need_db):
-        """-> (dx, dw, db), None for those not needed."""
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act: Activation, need_dx, need_dw, need_db):
+        """-> (dx, dw, db), None for those not needed. bias is the forward's (or None)."""
         raise NotImplementedError
 
     # -- linear_glu ----------------------------------------------------------------------------
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act: Activation,
                        save: bool):
-        """-> (y, z_gate, z_up); the pre-activations are empty when save is False."""
+        """-> (y, z_gate, z_up): what backward needs of the two pre-activations (empty when save
+        is False)."""
         raise NotImplementedError
 
-    def linear_glu_bwd(self, dy, x, gate_weight, up_weight, z_gate, z_up, gate_act: Activation,
-                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
+    def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
+                       gate_act: Activation, need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
         """-> (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias), None for those not needed."""
         raise NotImplementedError
 

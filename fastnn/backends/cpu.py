@@ -1,19 +1,20 @@
 """The `cpu` backend: GEMMs from torch (MKL / oneDNN), everything around them native (csrc/cpu).
 
-Forward: one GEMM writes x @ W^T into the buffer that becomes the saved pre-activation (or, when
-nothing is saved, into y itself); one native pass then applies the activation (and the bias, see
-below) and writes y, and the sign mask for relu / leaky_relu, reading that buffer once.
-Backward: one native pass forms dZ = dY * act'(Z) and the bias gradient (column sums of the
-unrounded dZ, in double for float32), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
+Forward: one GEMM writes the product x @ W^T; one native pass adds the bias and applies the
+activation in float, writing y (and, for relu / leaky_relu, a 1-bit sign mask) while reading the
+product once. Backward keeps the product itself (the pre-activation minus the bias) and adds the
+bias again in float, so forward writes nothing but y. Backward: one native pass forms
+dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32),
+then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
 
 Where the bias goes. In float32 and float64 the GEMM adds it (addmm costs no more than mm there),
 so Z is the accumulator plus bias rounded once, bit for bit what F.linear computes. In bfloat16
-and float16 torch's GEMM rounds its product to 16 bits, and addmm's bias costs an extra pass over
-the output; the native pass adds the bias to the rounded product in float instead, one rounding
-more than F.linear for Z, which the smooth activations absorb within the error rule. The kinked
-ones (relu, leaky_relu, the relu gate of reglu) cannot: rounding before the bias can flip the
-sign of a Z near zero and with it a whole gradient element, so when backward needs their sign the
-GEMM adds the bias (addmm) and Z's sign is exactly PyTorch's.
+and float16 torch's GEMM rounds its product to 16 bits and addmm's bias costs an extra pass over
+the output, so the native pass adds the bias in float instead: Z = round(x W^T) + b is never
+rounded again, which the smooth activations absorb within the error rule. The kinked ones (relu,
+leaky_relu, the relu gate of reglu) cannot: rounding the product before adding the bias can flip
+the sign of a Z near zero and with it a whole gradient element, so for them the GEMM adds the bias
+(addmm) and Z's sign is exactly PyTorch's.
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-def _fold_bias(dtype, kinked):
-    """Whether the GEMM adds the bias (see the module docstring)."""
-    return dtype in (torch.float32, torch.float64) or kinked
+def _fold_bias(dtype, act):
+    """Whether the GEMM adds the bias (see the module docstring). act is None where no sign is
+    kept for backward (an up projection, or a forward that saves nothing)."""
+    return dtype in (torch.float32, torch.float64) or (act is not None and act.saves == "mask")
 
 
 def _gemm(x, weight, bias, fold_bias):
@@ -62,35 +64,35 @@ class CpuBackend(Backend):
         rows, cols = x.shape[0], weight.shape[0]
         code = _native.DTYPE_CODES[x.dtype]
         saves = act.saves if save else "nothing"
-        z, bias = _gemm(x, weight, bias, fold_bias=_fold_bias(x.dtype, kinked=saves == "mask"))
+        product, bias = _gemm(x, weight, bias, _fold_bias(x.dtype, act if save else None))
         if saves == "preact":
-            # z becomes the saved pre-activation (any bias added in place)
-            y = torch.empty_like(z)
-            C.cpu_bias_act_forward(code, act.code, rows, cols, z.data_ptr(), _ptr(bias), y.data_ptr(),
-                                   z.data_ptr(), _native.num_threads())
-            return y, z
-        saved = torch.empty((rows, (cols + 7) // 8), dtype=torch.uint8, device=x.device) \
-            if saves == "mask" else empty_like_nothing(x)
+            y = torch.empty_like(product)
+            C.cpu_bias_act_forward(code, act.code, rows, cols, product.data_ptr(), _ptr(bias), y.data_ptr(), 0,
+                                   _native.num_threads())
+            return y, product  # backward adds the bias again
+        mask = torch.empty((rows, (cols + 7) // 8), dtype=torch.uint8, device=x.device) if saves == "mask" else None
         if act.name != "identity" or bias is not None:
-            C.cpu_bias_act_forward(code, act.code, rows, cols, z.data_ptr(), _ptr(bias), z.data_ptr(),
-                                   _ptr(saved) if saves == "mask" else 0, _native.num_threads())
-        return z, saved
+            C.cpu_bias_act_forward(code, act.code, rows, cols, product.data_ptr(), _ptr(bias), product.data_ptr(),
+                                   _ptr(mask), _native.num_threads())
+        return product, (mask if mask is not None else empty_like_nothing(x))
 
-    def linear_act_bwd(self, dy, x, weight, saved, act, need_dx, need_dw, need_db):
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
         C = _native.cpu_module()
         dy = dy.contiguous()
         rows, cols = dy.shape
         code = _native.DTYPE_CODES[dy.dtype]
         dbias = _bias_grad_buffer(dy.dtype, cols, dy.device) if need_db else None
+        # the bias the forward left out of the saved product (see the module docstring)
+        bias = None if bias is None or _fold_bias(dy.dtype, act) else bias.contiguous()
         if act.saves == "nothing":
             dz = dy
             if need_db:
-                C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), 0, 0, dbias.data_ptr(),
+                C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), 0, 0, 0, dbias.data_ptr(),
                                    _native.num_threads())
         else:
             dz = torch.empty_like(dy)
-            C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), saved.data_ptr(), dz.data_ptr(),
-                               _ptr(dbias), _native.num_threads())
+            C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), saved.data_ptr(), _ptr(bias),
+                               dz.data_ptr(), _ptr(dbias), _native.num_threads())
         dx = torch.mm(dz, weight) if need_dx else None
         dw = torch.mm(dz.t(), x) if need_dw else None
         db = dbias.to(dy.dtype) if need_db else None
@@ -99,31 +101,30 @@ class CpuBackend(Backend):
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
         C = _native.cpu_module()
         rows, cols = x.shape[0], gate_weight.shape[0]
-        z_gate, gate_bias = _gemm(x, gate_weight, gate_bias,
-                                  fold_bias=_fold_bias(x.dtype, kinked=save and gate_act.saves == "mask"))
-        z_up, up_bias = _gemm(x, up_weight, up_bias, fold_bias=_fold_bias(x.dtype, kinked=False))
+        p_gate, gate_bias = _gemm(x, gate_weight, gate_bias, _fold_bias(x.dtype, gate_act if save else None))
+        p_up, up_bias = _gemm(x, up_weight, up_bias, _fold_bias(x.dtype, None))
         # without saving, y overwrites the gate product in place
-        y = torch.empty_like(z_gate) if save else z_gate
-        C.cpu_glu_forward(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols, z_gate.data_ptr(),
-                          z_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias), y.data_ptr(),
-                          z_gate.data_ptr() if save else 0, z_up.data_ptr() if save else 0,
-                          _native.num_threads())
+        y = torch.empty_like(p_gate) if save else p_gate
+        C.cpu_glu_forward(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols, p_gate.data_ptr(),
+                          p_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias), y.data_ptr(), _native.num_threads())
         if not save:
             return y, empty_like_nothing(x), empty_like_nothing(x)
-        return y, z_gate, z_up
+        return y, p_gate, p_up  # backward adds the biases again
 
-    def linear_glu_bwd(self, dy, x, gate_weight, up_weight, z_gate, z_up, gate_act,
+    def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, gate_act,
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
         C = _native.cpu_module()
         dy = dy.contiguous()
         rows, cols = dy.shape
+        gate_bias = None if gate_bias is None or _fold_bias(dy.dtype, gate_act) else gate_bias.contiguous()
+        up_bias = None if up_bias is None or _fold_bias(dy.dtype, None) else up_bias.contiguous()
         dz_gate = torch.empty_like(dy)
         dz_up = torch.empty_like(dy)
         dbg = _bias_grad_buffer(dy.dtype, cols, dy.device) if need_dbg else None
         dbu = _bias_grad_buffer(dy.dtype, cols, dy.device) if need_dbu else None
         C.cpu_glu_backward(_native.DTYPE_CODES[dy.dtype], gate_act.code, rows, cols, dy.data_ptr(),
-                           z_gate.data_ptr(), z_up.data_ptr(), dz_gate.data_ptr(), dz_up.data_ptr(),
-                           _ptr(dbg), _ptr(dbu), _native.num_threads())
+                           z_gate.data_ptr(), z_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias), dz_gate.data_ptr(),
+                           dz_up.data_ptr(), _ptr(dbg), _ptr(dbu), _native.num_threads())
         dx = torch.addmm(torch.mm(dz_gate, gate_weight), dz_up, up_weight) if need_dx else None
         dwg = torch.mm(dz_gate.t(), x) if need_dwg else None
         dwu = torch.mm(dz_up.t(), x) if need_dwu else None
