@@ -96,7 +96,10 @@ FASTNN_HD float exp_nonpos(float x) {
   return ::expf(x);
 #else
   const float xc = x > -87.0f ? x : -87.0f;  // NaN -> -87
-  const float n = round_small(xc * 1.44269504088896341f);
+  // kn = n + 127 + 1.5 * 2^23 with n = round(x / ln2): the low mantissa bits of kn hold n + 127,
+  // so shifting its bits by 23 builds 2^n without a float-to-int conversion
+  const float kn = xc * 1.44269504088896341f + 12583039.0f;
+  const float n = kn - 12583039.0f;
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
   float p = 1.38888888888888889e-3f;
   p = p * r + 8.33333333333333333e-3f;
@@ -106,7 +109,7 @@ FASTNN_HD float exp_nonpos(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   // below -87 the result would be subnormal: flush to 0, as PyTorch's own vectorised float math
-  return x < -87.0f ? 0.0f : p * from_bits(uint32_t(int32_t(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * from_bits(to_bits(kn) << 23);
 #endif
 }
 
@@ -144,7 +147,8 @@ FASTNN_HD float erfc_gauss(float x, float& gauss) {
   gauss = ::expf(-x * x);
   return ::erfcf(x);
 #else
-  const float a = abs(x) < 10.5f ? abs(x) : 10.5f;  // erfc(10.5) underflows to 0; NaN -> 10.5
+  // no clamp needed: a = inf gives t = 0 and gauss = 0; a NaN propagates through t
+  const float a = abs(x);
   const float t = 1.0f / (1.0f + 0.5f * a);
   float R = 1.082214267e-02f;
   R = R * t - 1.155026193e-01f;
@@ -158,7 +162,7 @@ FASTNN_HD float erfc_gauss(float x, float& gauss) {
   R = R * t + 2.820677952e-01f;
   gauss = exp_nonpos(-a * a);
   const float e = t * gauss * R;
-  return x < 0.0f ? 2.0f - e : (x == x ? e : x);
+  return x < 0.0f ? 2.0f - e : e;
 #endif
 }
 
