@@ -94,12 +94,12 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     lead = x.shape[:-1]
     x2 = _rows(x)
     save = _needs_grad(x, weight, bias)
-    if name == "triton":
-        y, _ = torch.ops.fastnn.triton_linear_act_fwd(x2, weight, bias, activation, save)
-    elif ops.use_ops(x2, weight, bias):
-        y, _ = torch.ops.fastnn.linear_act_fwd(x2, weight, bias, activation, name, save)
-    else:
+    if not ops.use_ops(x2, weight, bias):
         y, _ = ops.LinearActFunction.apply(x2, weight, bias, activation, name, save)
+    elif name == "triton":
+        y, _ = torch.ops.fastnn.triton_linear_act_fwd(x2, weight, bias, activation, save)
+    else:
+        y, _ = torch.ops.fastnn.linear_act_fwd(x2, weight, bias, activation, name, save)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -129,12 +129,12 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     lead = x.shape[:-1]
     x2 = _rows(x)
     save = _needs_grad(x, gate_weight, up_weight, gate_bias, up_bias)
-    if name == "triton":
+    if not ops.use_ops(x2, gate_weight, up_weight, gate_bias, up_bias):
+        y, _, _ = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, name, save)
+    elif name == "triton":
         y, _, _ = torch.ops.fastnn.triton_linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
                                                          activation, save)
-    elif ops.use_ops(x2, gate_weight, up_weight, gate_bias, up_bias):
+    else:
         y, _, _ = torch.ops.fastnn.linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
                                                   activation, name, save)
-    else:
-        y, _, _ = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, name, save)
     return y.reshape(*lead, gate_weight.shape[0])

@@ -17,6 +17,10 @@ from .torch_backend import TorchBackend
 
 BACKENDS: dict[str, Backend] = {"cpu": CpuBackend(), "torch": TorchBackend()}
 
+from . import triton as _triton  # noqa: E402  (registers its ops when triton is importable)
+
+BACKENDS["triton"] = _triton.BACKEND
+
 NAMES = ("auto", "cuda", "triton", "cpu", "torch")
 
 

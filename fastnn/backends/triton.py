@@ -1,0 +1,153 @@
+"""The `triton` backend: fused GEMM + bias + activation kernels written in Triton
+(triton_kernels/, installed as fastnn.triton_kernels), registered through torch.library.triton_op
+and wrap_triton so that torch.compile sees the kernels themselves. The autograd of linear_act and
+linear_glu is the same as the other backends' (fastnn/ops.py).
+
+    fastnn::triton_linear_act_fwd(x, weight, bias, activation, save) -> (y, saved)
+    fastnn::triton_linear_act_bwd(dy, x, weight, bias, saved, activation, need_dx, need_dw, need_db)
+    fastnn::triton_linear_glu_fwd(x, gate_weight, up_weight, gate_bias, up_bias, activation, save)
+        -> (y, A, B)     A = act(z_gate), B = z_up * act'(z_gate)
+    fastnn::triton_linear_glu_bwd(dy, x, gate_weight, up_weight, gate_bias, up_bias, A, B, activation,
+                                  need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
+
+`saved` is the sign mask (relu, leaky_relu) or D = act'(z) in the input dtype: see
+triton_kernels/linear_act.py for why backward reads the derivative rather than z.
+
+Triton decides at kernel definition whether kernels run compiled or interpreted: to run them on
+CPU tensors, set TRITON_INTERPRET=1 before importing fastnn.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import activations
+from .base import Backend
+
+try:
+    import triton  # noqa: F401
+
+    from ..triton_kernels import linear_act as K_act
+    from ..triton_kernels import linear_glu as K_glu
+
+    IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _save_mode(act, save):
+    if not save or act.saves == "nothing":
+        return 0
+    return 1 if act.saves == "mask" else 2
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unsupported_reason(self, op, x, weights, act):
+        if IMPORT_ERROR is not None:
+            return f"triton is not usable here ({IMPORT_ERROR})"
+        if x.device.type == "cuda":
+            if _interpreting():
+                return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
+        elif x.device.type == "cpu":
+            if not _interpreting():
+                return "it needs a CUDA device (or TRITON_INTERPRET=1 set before importing fastnn, for CPU tensors)"
+        else:
+            return f"it runs on CUDA tensors; these are on {x.device}"
+        if x.dtype not in _DTYPES:
+            return f"it supports float32, bfloat16 and float16, not {x.dtype}"
+        return None
+
+    # Backend methods, used by the eager path of the op layer (same kernels, no dispatcher)
+    def linear_act_fwd(self, x, weight, bias, act, save):
+        return K_act.forward(x, weight, bias, act.code, _save_mode(act, save))
+
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
+        return _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, lambda k: k)
+
+    def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
+        return K_glu.forward(x, gate_weight, up_weight, gate_bias, up_bias, gate_act.code, save)
+
+    def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, a, b, gate_act,
+                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
+        return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu, need_dbg,
+                              need_dbu)
+
+
+def _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap):
+    dy = dy.contiguous()
+    mode = _save_mode(act, True)
+    leaky = act.name == "leaky_relu"
+    dx = K_act.dgrad(dy, saved, mode, leaky, weight, wrap=wrap) if need_dx else None
+    dw, db = K_act.wgrad(dy, saved, mode, leaky, x, need_dw, need_db, wrap=wrap)
+    return dx, dw, db
+
+
+def _nothing(like):
+    return like.new_empty((0,))
+
+
+def register_ops():
+    """Defines the fastnn::triton_* ops and their autograd (once, when triton is importable)."""
+    from torch.library import triton_op, wrap_triton
+
+    from .. import ops
+
+    @triton_op("fastnn::triton_linear_act_fwd", mutates_args=())
+    def triton_linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                              save: bool) -> tuple[Tensor, Tensor]:
+        act = activations.get(activation)
+        return K_act.forward(x, weight, bias, act.code, _save_mode(act, save), wrap=wrap_triton)
+
+    @triton_op("fastnn::triton_linear_act_bwd", mutates_args=())
+    def triton_linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+                              activation: str, need_dx: bool, need_dw: bool,
+                              need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+        act = activations.get(activation)
+        dx, dw, db = _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap_triton)
+        return (dx if dx is not None else _nothing(dy), dw if dw is not None else _nothing(dy),
+                db if db is not None else _nothing(dy))
+
+    @triton_op("fastnn::triton_linear_glu_fwd", mutates_args=())
+    def triton_linear_glu_fwd(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Optional[Tensor],
+                              up_bias: Optional[Tensor], activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+        act = activations.get_gated(activation)
+        return K_glu.forward(x, gate_weight, up_weight, gate_bias, up_bias, act.code, save, wrap=wrap_triton)
+
+    @triton_op("fastnn::triton_linear_glu_bwd", mutates_args=())
+    def triton_linear_glu_bwd(dy: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor,
+                              gate_bias: Optional[Tensor], up_bias: Optional[Tensor], a: Tensor, b: Tensor,
+                              activation: str, need_dx: bool, need_dwg: bool, need_dwu: bool, need_dbg: bool,
+                              need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        grads = K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
+                               need_dbg, need_dbu, wrap=wrap_triton)
+        return tuple(g if g is not None else _nothing(dy) for g in grads)
+
+    ops.register_linear_act_autograd(
+        "fastnn::triton_linear_act_fwd",
+        lambda x, w, b, act, extra, save: torch.ops.fastnn.triton_linear_act_fwd(x, w, b, act, save),
+        lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb: torch.ops.fastnn.triton_linear_act_bwd(
+            dy, x, w, b, saved, act, ndx, ndw, ndb),
+    )
+    ops.register_linear_glu_autograd(
+        "fastnn::triton_linear_glu_fwd",
+        lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.triton_linear_glu_fwd(x, wg, wu, bg, bu, act,
+                                                                                            save),
+        lambda dy, x, wg, wu, bg, bu, a, b, act, extra, needs: torch.ops.fastnn.triton_linear_glu_bwd(
+            dy, x, wg, wu, bg, bu, a, b, act, *needs),
+    )
+
+
+BACKEND = TritonBackend()
+if IMPORT_ERROR is None:
+    register_ops()

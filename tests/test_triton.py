@@ -1,0 +1,138 @@
+"""The Triton backend. Tier 2 (no GPU): the real kernels run on CPU tensors under
+TRITON_INTERPRET=1 (set in conftest.py before fastnn is imported), in float32 (ieee dot) and
+float16 only: the interpreter's bf16 dot multiplies raw bit patterns. Tier 4 (a GPU): the same
+tests on CUDA tensors, bfloat16 included, plus larger shapes and torch.compile."""
+import os
+
+import pytest
+import torch
+
+import fastnn
+from cases import HAS_CUDA
+from fastnn import activations
+from fastnn.backends import triton as triton_backend
+from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
+
+pytestmark = pytest.mark.skipif(triton_backend.IMPORT_ERROR is not None,
+                                reason=f"triton not usable: {triton_backend.IMPORT_ERROR}")
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if HAS_CUDA and not INTERPRETER else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# awkward sizes: 1, below a tile, tile edges, not multiples of 8 (M, K, N)
+SHAPES = [(1, 1, 1), (3, 17, 65), (17, 65, 127), (65, 127, 3), (127, 3, 17), (33, 40, 1)]
+if DEVICE == "cuda":
+    SHAPES += [(1000, 1000, 127), (4096, 768, 3072), (8, 4096, 11008)]
+
+
+def _act(x, w, b, activation, **kw):
+    return fastnn.linear_act(x, w, b, activation, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("activation", list(fastnn.ACTIVATIONS))
+def test_triton_activation_functions(activation):
+    """The Triton definitions of act and act' against the Python reference (float32)."""
+    import triton
+
+    from fastnn.triton_kernels.activations import act_eval_kernel
+
+    act = activations.get(activation)
+    z = torch.cat([torch.linspace(-10, 10, 4001), torch.tensor([0.0, 1e-6, -1e-6, 30.0, -30.0])]).to(DEVICE)
+    out, dout = torch.empty_like(z), torch.empty_like(z)
+    act_eval_kernel[(triton.cdiv(z.numel(), 1024),)](z, out, dout, z.numel(), ACT=act.code, BLOCK=1024)
+    for name, got, ref_fn, theirs_fn in (("value", out, act.fn, act.fn), ("derivative", dout, act.grad, act.grad)):
+        ref = ref_fn(z.double())
+        theirs = theirs_fn(z).double()  # PyTorch's own float32
+        err = (got.double() - ref).abs()
+        tol = 2 * (theirs - ref).abs() + 8 * torch.finfo(torch.float32).eps * ref.abs().clamp(min=1.0)
+        bad = err > tol
+        assert not bad.any(), f"{activation} {name} at z={z[bad][:3].tolist()}: {got[bad][:3].tolist()} vs {ref[bad][:3].tolist()}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", list(fastnn.ACTIVATIONS))
+def test_linear_act(shape, dtype, activation):
+    m, k, n = shape
+    x, w, b = make_inputs((m, k), n, dtype, DEVICE)
+    check_against_reference(lambda x, w, b: _act(x, w, b, activation),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b],
+                            what=f"triton {activation} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", list(fastnn.GATED))
+def test_linear_glu(shape, dtype, activation):
+    m, k, n = shape
+    inputs = make_inputs((m, k), n, dtype, DEVICE, glu=True)
+    check_against_reference(
+        lambda x, wg, wu, bg, bu: fastnn.linear_glu(x, wg, wu, bg, bu, activation, backend="triton"),
+        lambda x, wg, wu, bg, bu: torch_linear_glu(x, wg, wu, bg, bu, activation), list(inputs),
+        what=f"triton {activation} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+@pytest.mark.parametrize("path", ["tma", "split_k"])
+def test_forward_paths(monkeypatch, activation, path):
+    """The TMA persistent kernel and the split-K kernel (chosen on sm90+ / for decode-sized M on a
+    GPU), forced here so that they run under the interpreter too."""
+    from fastnn.triton_kernels import linear_act as K
+
+    real = K.forward
+    force = {"force_tma": True} if path == "tma" else {"force_split_k": 3}
+    monkeypatch.setattr(K, "forward", lambda *a, **kw: real(*a, **{**kw, **force}))
+    for m, k, n in [(5, 100, 24), (40, 64, 48), (1, 200, 16)]:
+        x, w, b = make_inputs((m, k), n, torch.float32, DEVICE)
+        check_against_reference(lambda x, w, b: _act(x, w, b, activation),
+                                lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b], what=path)
+
+
+@pytest.mark.parametrize("activation", ["silu", "leaky_relu"])
+def test_strides_and_leading_dims(activation):
+    base = torch.randn(2, 30, 3, 24, device=DEVICE)
+    x = base[:, ::2, 1, :].detach().requires_grad_()  # (2, 15, 24), not contiguous
+    w = (torch.randn(24, 19, device=DEVICE) / 5).t().detach().requires_grad_()  # (19, 24), transposed storage
+    b = torch.randn(38, device=DEVICE)[::2].detach().requires_grad_()
+    check_against_reference(lambda x, w, b: _act(x, w, b, activation),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b], what="strides")
+
+
+def test_no_bias_partial_grads_zero_rows():
+    x, w, _ = make_inputs((9, 20), 11, torch.float32, DEVICE, bias=False)
+    check_against_reference(lambda x, w: _act(x, w, None, "gelu"), lambda x, w: torch_linear_act(x, w, None, "gelu"),
+                            [x, w], what="no bias")
+    x.requires_grad_(False)
+    check_against_reference(lambda x, w: _act(x, w, None, "relu"), lambda x, w: torch_linear_act(x, w, None, "relu"),
+                            [x, w], what="dW only")
+    x0, w0, b0 = make_inputs((0, 8), 5, torch.float32, DEVICE)
+    y = _act(x0, w0, b0, "gelu")
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(b0.grad, torch.zeros_like(b0)) and torch.equal(w0.grad, torch.zeros_like(w0))
+
+
+def test_opcheck_triton_ops():
+    # The interpreter executes kernels even under fake tensors, so there only the schema and the
+    # autograd registration are checked; on a GPU, every opcheck test.
+    utils = None if DEVICE == "cuda" else ("test_schema", "test_autograd_registration")
+    x, w, b = make_inputs((6, 16), 8, torch.float32, DEVICE)
+    kw = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(torch.ops.fastnn.triton_linear_act_fwd.default, (x, w, b, "gelu", True), **kw)
+    torch.library.opcheck(torch.ops.fastnn.triton_linear_act_fwd.default, (x, w, None, "relu", True), **kw)
+    inputs = make_inputs((6, 16), 8, torch.float32, DEVICE, glu=True)
+    torch.library.opcheck(torch.ops.fastnn.triton_linear_glu_fwd.default, (*inputs, "swiglu", True), **kw)
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_triton():
+    torch._dynamo.reset()
+    x, w, b = make_inputs((64, 128), 256, torch.bfloat16, "cuda")
+    f = torch.compile(lambda x, w, b: _act(x, w, b, "gelu") * 2, fullgraph=True)
+    check_against_reference(f, lambda x, w, b: torch_linear_act(x, w, b, "gelu") * 2, [x, w, b], what="compile")
+
+
+def test_backend_errors():
+    x, w, b = make_inputs((4, 8), 8, torch.float64, DEVICE, requires_grad=False)
+    with pytest.raises(fastnn.BackendUnavailableError, match="triton.*float64"):
+        _act(x, w, b, "gelu")
