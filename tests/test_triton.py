@@ -21,8 +21,8 @@ DEVICE = "cuda" if HAS_CUDA and not INTERPRETER else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # awkward sizes: 1, below a tile, tile edges, not multiples of 8 (M, K, N)
 SHAPES = [(1, 1, 1), (3, 17, 65), (17, 65, 127), (65, 127, 3), (127, 3, 17), (33, 40, 1)]
-if DEVICE == "cuda":
-    SHAPES += [(1000, 1000, 127), (4096, 768, 3072), (8, 4096, 11008)]
+# on a GPU: transformer and decode shapes too (fewer activations: every variant is compiled)
+GPU_SHAPES = [(1000, 1000, 127), (4096, 768, 3072), (8, 4096, 11008)]
 
 
 def _act(x, w, b, activation, **kw):
@@ -72,6 +72,26 @@ def test_linear_glu(shape, dtype, activation):
         what=f"triton {activation} {dtype} {shape}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+def test_linear_act_gpu_shapes(shape, activation):
+    m, k, n = shape
+    x, w, b = make_inputs((m, k), n, torch.bfloat16, "cuda")
+    check_against_reference(lambda x, w, b: _act(x, w, b, activation),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b],
+                            what=f"triton {activation} {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_linear_glu_gpu_shape(activation):
+    inputs = make_inputs((512, 1024), 2816, torch.bfloat16, "cuda", glu=True)
+    check_against_reference(
+        lambda x, wg, wu, bg, bu: fastnn.linear_glu(x, wg, wu, bg, bu, activation, backend="triton"),
+        lambda x, wg, wu, bg, bu: torch_linear_glu(x, wg, wu, bg, bu, activation), list(inputs), what=activation)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
 @pytest.mark.parametrize("path", ["tma", "split_k"])
 def test_forward_paths(monkeypatch, activation, path):
@@ -79,6 +99,8 @@ def test_forward_paths(monkeypatch, activation, path):
     GPU), forced here so that they run under the interpreter too."""
     from fastnn.triton_kernels import linear_act as K
 
+    if path == "tma" and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA tensor descriptors need sm90+")
     real = K.forward
     force = {"force_tma": True} if path == "tma" else {"force_split_k": 3}
     monkeypatch.setattr(K, "forward", lambda *a, **kw: real(*a, **{**kw, **force}))

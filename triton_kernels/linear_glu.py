@@ -51,8 +51,7 @@ def linear_glu_fwd_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, a_ptr, b
 
 
 # two accumulators: tiles half as wide as linear_act's
-GLU_CONFIGS = [_cfg(128, 128, 64, 3, 8), _cfg(128, 64, 64, 4, 8), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
-               _cfg(16, 64, 128, 4, 4), _cfg(32, 64, 64, 4, 4)]
+GLU_CONFIGS = [_cfg(128, 128, 64, 3, 8), _cfg(128, 64, 64, 4, 8), _cfg(16, 64, 128, 4, 4)]
 glu_tuned = triton.autotune(configs=GLU_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(linear_glu_fwd_kernel)
 
 

@@ -13,9 +13,10 @@ import torch
 from ..activations import Activation
 from .base import Backend, BackendUnavailableError
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .torch_backend import TorchBackend
 
-BACKENDS: dict[str, Backend] = {"cpu": CpuBackend(), "torch": TorchBackend()}
+BACKENDS: dict[str, Backend] = {"cuda": CudaBackend(), "cpu": CpuBackend(), "torch": TorchBackend()}
 
 from . import triton as _triton  # noqa: E402  (registers its ops when triton is importable)
 

@@ -1,0 +1,52 @@
+// CUDA kernels for what cuBLASLt's epilogues lack: every activation's fused epilogue after a
+// GEMM, the fused backward dZ = dY * act'(Z) with a deterministic bias-gradient reduction, and
+// the gated unit. Matrices are row-major with a row stride (ld, in elements); the sign mask is
+// cuBLASLt's RELU_AUX layout: row m's bits start at bit m * mask_ld_bits, bit c % 8 of byte c / 8.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fastnn/activations.h"
+#include "fastnn/dtype.h"
+
+namespace fastnn {
+namespace cuda {
+
+// y = act(acc + bias) (bias may be null; acc may be y). mask, when not null, receives the sign
+// bits of acc + bias (relu, leaky_relu).
+void bias_act_forward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
+                      int64_t ld_acc, const void* bias, void* y, int64_t ld_y, uint8_t* mask, int64_t mask_ld_bits);
+
+// dz = dy * act'(z), z read from `z` (ld_z) or the sign mask; identity: dz = dy (dz may be dy).
+// bias_grad (float32 [cols]), when not null, receives the column sums of the unrounded dz;
+// partial is float32 scratch of bias_grad_scratch_elems(rows, cols) elements.
+void act_backward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
+                  int64_t ld_dy, const void* z, int64_t ld_z, const uint8_t* mask, int64_t mask_ld_bits, void* dz,
+                  int64_t ld_dz, float* bias_grad, float* partial);
+
+// Gated unit on the two GEMM outputs (biases already added): y = act(z_gate) * z_up.
+void glu_forward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* z_gate,
+                 const void* z_up, void* y);
+
+// dz_up = dy * act(z_gate), dz_gate = dy * z_up * act'(z_gate); bias gradients as above (each
+// with its own partial scratch).
+void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
+                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up, float* bias_grad_gate,
+                  float* bias_grad_up, float* partial_gate, float* partial_up);
+
+// Rows per bias-gradient partial sum: 64, or a multiple of 64 that keeps the grid's row blocks
+// within CUDA's 65535. A function of the shape alone, so the reduction order never depends on the GPU.
+inline int64_t grad_rows_per_block(int64_t rows) {
+  const int64_t blocks64 = (rows + 63) / 64;
+  return 64 * ((blocks64 + 65534) / 65535 > 0 ? (blocks64 + 65534) / 65535 : 1);
+}
+inline int64_t grad_row_blocks(int64_t rows) {
+  const int64_t rpb = grad_rows_per_block(rows);
+  return (rows + rpb - 1) / rpb;
+}
+inline int64_t bias_grad_scratch_elems(int64_t rows, int64_t cols) { return grad_row_blocks(rows) * cols; }
+
+}  // namespace cuda
+}  // namespace fastnn

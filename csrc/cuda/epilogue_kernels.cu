@@ -1,0 +1,361 @@
+// CUDA kernels around the cuBLASLt GEMMs: see epilogue.h. Each thread handles VEC consecutive
+// columns of a row (16-byte accesses when the rows allow it), all arithmetic in float with the
+// activation functors of fastnn/activations.h, one rounding at each store.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+
+#include "cuda_check.h"
+#include "epilogue.h"
+
+namespace fastnn {
+namespace cuda {
+
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// VEC elements moved as one aligned access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_f<T>(pk.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pk.v[i] = from_f<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+constexpr int kThreads = 256;
+
+// ---- forward epilogue --------------------------------------------------------------------------
+template <typename T, Act A, int VEC>
+__global__ void bias_act_kernel(const T* acc, int64_t ld_acc, const T* bias, T* y, int64_t ld_y, int64_t rows,
+                                int64_t cols) {
+  const int64_t vecs_per_row = cols / VEC;
+  const int64_t total = rows * vecs_per_row;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
+    float v[VEC];
+    load_f<T, VEC>(acc + r * ld_acc + c, v);
+    if (bias) {
+      float b[VEC];
+      load_f<T, VEC>(bias + c, b);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] += b[k];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = Activation<A>::f(v[k]);
+    store_f<T, VEC>(y + r * ld_y + c, v);
+  }
+}
+
+// One thread per mask byte: eight columns, their y values and the byte of sign bits.
+template <typename T, Act A>
+__global__ void bias_act_mask_kernel(const T* acc, int64_t ld_acc, const T* bias, T* y, int64_t ld_y, int64_t rows,
+                                     int64_t cols, uint8_t* mask, int64_t mask_ld_bytes) {
+  const int64_t total = rows * mask_ld_bytes;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / mask_ld_bytes, j = i % mask_ld_bytes;
+    uint32_t byte = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int64_t c = j * 8 + k;
+      if (c < cols) {
+        const float z = to_f<T>(acc[r * ld_acc + c]) + (bias ? to_f<T>(bias[c]) : 0.0f);
+        byte |= uint32_t(z > 0.0f) << k;
+        y[r * ld_y + c] = from_f<T>(Activation<A>::f(z));
+      }
+    }
+    mask[i] = static_cast<uint8_t>(byte);
+  }
+}
+
+// ---- backward: dz = dy * act'(z) and per-row-block column sums ---------------------------------
+enum class Source { kNone, kPreact, kMask };
+
+template <typename T, Act A, Source S, int VEC>
+__global__ void act_backward_kernel(const T* dy, int64_t ld_dy, const T* z, int64_t ld_z, const uint8_t* mask,
+                                    int64_t mask_ld_bytes, T* dz, int64_t ld_dz, int64_t rows, int64_t cols,
+                                    int64_t rows_per_block, float* partial) {
+  // block (x: column group, y: row block); each thread owns VEC columns over rows_per_block rows
+  const int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * VEC;
+  if (c >= cols) return;
+  const int64_t r0 = blockIdx.y * rows_per_block;
+  const int64_t r1 = min(rows, r0 + rows_per_block);
+  float sum[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) {
+    float g[VEC];
+    load_f<T, VEC>(dy + r * ld_dy + c, g);
+    if (S == Source::kPreact) {
+      float zv[VEC];
+      load_f<T, VEC>(z + r * ld_z + c, zv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) g[k] *= Activation<A>::df(zv[k]);
+    } else if (S == Source::kMask) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const int64_t ck = c + k;
+        const bool on = (mask[r * mask_ld_bytes + (ck >> 3)] >> (ck & 7)) & 1;
+        g[k] *= on ? 1.0f : (A == Act::kLeakyRelu ? float(kLeakySlope) : 0.0f);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum[k] += g[k];
+    if (S != Source::kNone) store_f<T, VEC>(dz + r * ld_dz + c, g);
+  }
+  if (partial) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) partial[blockIdx.y * cols + c + k] = sum[k];
+  }
+}
+
+// bias_grad[c] = sum over row blocks of partial[., c], in block order: deterministic.
+__global__ void column_sum_kernel(const float* partial, int64_t row_blocks, int64_t cols, float* out) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= cols) return;
+  float s = 0.0f;
+  for (int64_t b = 0; b < row_blocks; ++b) s += partial[b * cols + c];
+  out[c] = s;
+}
+
+// ---- gated unit ----------------------------------------------------------------------------------
+template <typename T, Act A, int VEC>
+__global__ void glu_forward_kernel(const T* zg, const T* zu, T* y, int64_t n) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * VEC; i < n;
+       i += int64_t(gridDim.x) * blockDim.x * VEC) {
+    float g[VEC], u[VEC];
+    load_f<T, VEC>(zg + i, g);
+    load_f<T, VEC>(zu + i, u);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] = Activation<A>::f(g[k]) * u[k];
+    store_f<T, VEC>(y + i, g);
+  }
+}
+
+template <typename T, Act A, int VEC>
+__global__ void glu_backward_kernel(const T* dy, const T* zg, const T* zu, T* dzg, T* dzu, int64_t rows, int64_t cols,
+                                    int64_t rows_per_block, float* partial_g, float* partial_u) {
+  const int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * VEC;
+  if (c >= cols) return;
+  const int64_t r0 = blockIdx.y * rows_per_block;
+  const int64_t r1 = min(rows, r0 + rows_per_block);
+  float sg[VEC], su[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) sg[k] = su[k] = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * cols + c;
+    float g[VEC], a[VEC], u[VEC];
+    load_f<T, VEC>(dy + o, g);
+    load_f<T, VEC>(zg + o, a);
+    load_f<T, VEC>(zu + o, u);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float dg = g[k] * u[k] * Activation<A>::df(a[k]);
+      u[k] = g[k] * Activation<A>::f(a[k]);
+      a[k] = dg;
+      sg[k] += a[k];
+      su[k] += u[k];
+    }
+    store_f<T, VEC>(dzg + o, a);
+    store_f<T, VEC>(dzu + o, u);
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    if (partial_g) partial_g[blockIdx.y * cols + c + k] = sg[k];
+    if (partial_u) partial_u[blockIdx.y * cols + c + k] = su[k];
+  }
+}
+
+// ---- dispatch ------------------------------------------------------------------------------------
+template <typename Fn>
+void dispatch_type(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kFloat16: fn(__half{}); return;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); return;
+    default: throw std::invalid_argument("fastnn CUDA kernels: float32, float16 and bfloat16 only");
+  }
+}
+
+template <typename Fn>
+void dispatch_activation(Act a, Fn&& fn) {
+  if (!dispatch_act(a, fn)) throw std::invalid_argument("fastnn CUDA kernels: unknown activation code");
+}
+
+bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Elements per 16-byte access when every row start allows it, else 1.
+template <typename T>
+int vec_width(int64_t cols, std::initializer_list<int64_t> lds, std::initializer_list<const void*> ptrs) {
+  constexpr int v = 16 / sizeof(T);
+  if (cols % v) return 1;
+  for (int64_t ld : lds)
+    if (ld % v) return 1;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 1;
+  return v;
+}
+
+unsigned grid_for(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+void reduce_bias_grad(cudaStream_t stream, const float* partial, int64_t rows, int64_t cols, float* out) {
+  column_sum_kernel<<<grid_for(cols), kThreads, 0, stream>>>(partial, grad_row_blocks(rows), cols, out);
+  FASTNN_CUDA_CHECK_LAUNCH("column_sum_kernel");
+}
+
+}  // namespace
+
+void bias_act_forward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
+                      int64_t ld_acc, const void* bias, void* y, int64_t ld_y, uint8_t* mask, int64_t mask_ld_bits) {
+  if (rows == 0 || cols == 0) return;
+  dispatch_type(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    const T* a = static_cast<const T*>(acc);
+    const T* b = static_cast<const T*>(bias);
+    T* out = static_cast<T*>(y);
+    dispatch_activation(act, [&](auto at) {
+      constexpr Act A = decltype(at)::value;
+      if (mask) {
+        const int64_t mask_ld_bytes = mask_ld_bits / 8;
+        bias_act_mask_kernel<T, A><<<grid_for(rows * mask_ld_bytes), kThreads, 0, stream>>>(
+            a, ld_acc, b, out, ld_y, rows, cols, mask, mask_ld_bytes);
+        FASTNN_CUDA_CHECK_LAUNCH("bias_act_mask_kernel");
+        return;
+      }
+      if (vec_width<T>(cols, {ld_acc, ld_y}, {acc, bias, y}) > 1) {
+        constexpr int V = 16 / sizeof(T);
+        bias_act_kernel<T, A, V><<<grid_for(rows * cols / V), kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols);
+      } else {
+        bias_act_kernel<T, A, 1><<<grid_for(rows * cols), kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols);
+      }
+      FASTNN_CUDA_CHECK_LAUNCH("bias_act_kernel");
+    });
+  });
+}
+
+void act_backward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
+                  int64_t ld_dy, const void* z, int64_t ld_z, const uint8_t* mask, int64_t mask_ld_bits, void* dz,
+                  int64_t ld_dz, float* bias_grad, float* partial) {
+  if (cols == 0) return;
+  if (rows == 0) {
+    if (bias_grad) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad, 0, cols * sizeof(float), stream));
+    return;
+  }
+  const Saved kind = saved_for(act);
+  if (kind == Saved::kNothing && !bias_grad) return;
+  dispatch_type(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    const T* g = static_cast<const T*>(dy);
+    const T* zp = static_cast<const T*>(z);
+    T* d = static_cast<T*>(dz);
+    float* part = bias_grad ? partial : nullptr;
+    dispatch_activation(act, [&](auto at) {
+      constexpr Act A = decltype(at)::value;
+      constexpr Source S = saved_for(A) == Saved::kNothing ? Source::kNone
+                           : saved_for(A) == Saved::kSignMask ? Source::kMask
+                                                              : Source::kPreact;
+      const dim3 block(kThreads);
+      const int64_t row_blocks = grad_row_blocks(rows), rpb = grad_rows_per_block(rows);
+      const int vec = vec_width<T>(cols, {ld_dy, S == Source::kPreact ? ld_z : 0, S == Source::kNone ? 0 : ld_dz},
+                                   {dy, S == Source::kPreact ? z : nullptr, S == Source::kNone ? nullptr : dz});
+      if (vec > 1) {
+        constexpr int V = 16 / sizeof(T);
+        const dim3 grid(static_cast<unsigned>((cols / V + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
+        act_backward_kernel<T, A, S, V><<<grid, block, 0, stream>>>(g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz,
+                                                                    rows, cols, rpb, part);
+      } else {
+        const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
+        act_backward_kernel<T, A, S, 1><<<grid, block, 0, stream>>>(g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz,
+                                                                    rows, cols, rpb, part);
+      }
+      FASTNN_CUDA_CHECK_LAUNCH("act_backward_kernel");
+    });
+  });
+  if (bias_grad) reduce_bias_grad(stream, partial, rows, cols, bias_grad);
+}
+
+void glu_forward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* z_gate,
+                 const void* z_up, void* y) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  dispatch_type(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_activation(gate_act, [&](auto at) {
+      constexpr Act A = decltype(at)::value;
+      const T* g = static_cast<const T*>(z_gate);
+      const T* u = static_cast<const T*>(z_up);
+      T* out = static_cast<T*>(y);
+      if (vec_width<T>(n, {}, {z_gate, z_up, y}) > 1) {
+        constexpr int V = 16 / sizeof(T);
+        glu_forward_kernel<T, A, V><<<grid_for(n / V), kThreads, 0, stream>>>(g, u, out, n);
+      } else {
+        glu_forward_kernel<T, A, 1><<<grid_for(n), kThreads, 0, stream>>>(g, u, out, n);
+      }
+      FASTNN_CUDA_CHECK_LAUNCH("glu_forward_kernel");
+    });
+  });
+}
+
+void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
+                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up, float* bias_grad_gate,
+                  float* bias_grad_up, float* partial_gate, float* partial_up) {
+  if (cols == 0) return;
+  if (rows == 0) {
+    if (bias_grad_gate) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_gate, 0, cols * sizeof(float), stream));
+    if (bias_grad_up) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_up, 0, cols * sizeof(float), stream));
+    return;
+  }
+  dispatch_type(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_activation(gate_act, [&](auto at) {
+      constexpr Act A = decltype(at)::value;
+      const int64_t row_blocks = grad_row_blocks(rows), rpb = grad_rows_per_block(rows);
+      const T* g = static_cast<const T*>(dy);
+      const T* zg = static_cast<const T*>(z_gate);
+      const T* zu = static_cast<const T*>(z_up);
+      T* dg = static_cast<T*>(dz_gate);
+      T* du = static_cast<T*>(dz_up);
+      float* pg = bias_grad_gate ? partial_gate : nullptr;
+      float* pu = bias_grad_up ? partial_up : nullptr;
+      if (vec_width<T>(cols, {}, {dy, z_gate, z_up, dz_gate, dz_up}) > 1) {
+        constexpr int V = 16 / sizeof(T);
+        const dim3 grid(static_cast<unsigned>((cols / V + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
+        glu_backward_kernel<T, A, V><<<grid, kThreads, 0, stream>>>(g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
+      } else {
+        const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
+        glu_backward_kernel<T, A, 1><<<grid, kThreads, 0, stream>>>(g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
+      }
+      FASTNN_CUDA_CHECK_LAUNCH("glu_backward_kernel");
+    });
+  });
+  if (bias_grad_gate) reduce_bias_grad(stream, partial_gate, rows, cols, bias_grad_gate);
+  if (bias_grad_up) reduce_bias_grad(stream, partial_up, rows, cols, bias_grad_up);
+}
+
+}  // namespace cuda
+}  // namespace fastnn
