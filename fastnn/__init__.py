@@ -11,8 +11,10 @@ from . import activations, backends, functional, ops  # noqa: F401
 from .activations import ACTIVATIONS, GATED
 from .backends import BackendUnavailableError
 from .functional import linear_act, linear_glu
+from .fuse import fuse
+from .modules import FusedLinear, FusedMLP, GatedLinear, TransformerEncoderLayer
 
 __all__ = [
-    "__version__", "linear_act", "linear_glu", "ACTIVATIONS", "GATED", "BackendUnavailableError",
-    "functional", "activations", "backends",
+    "__version__", "linear_act", "linear_glu", "FusedLinear", "GatedLinear", "FusedMLP", "TransformerEncoderLayer",
+    "fuse", "ACTIVATIONS", "GATED", "BackendUnavailableError", "functional", "activations", "backends",
 ]

@@ -70,6 +70,15 @@ def _rows(x: Tensor) -> Tensor:
     return x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)
 
 
+def _unflatten(y: Tensor, lead) -> Tensor:
+    """y (rows, out) back to (*lead, out). Not a view for 2-D x (y itself) and an unsafe view
+    otherwise, as F.linear's own output: modules wrapping fastnn (FSDP2, checkpointing) treat
+    views of a module's output specially."""
+    if len(lead) == 1:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -100,7 +109,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
         y, _ = torch.ops.fastnn.triton_linear_act_fwd(x2, weight, bias, activation, save)
     else:
         y, _ = torch.ops.fastnn.linear_act_fwd(x2, weight, bias, activation, name, save)
-    return y.reshape(*lead, weight.shape[0])
+    return _unflatten(y, lead)
 
 
 def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Optional[Tensor] = None,
@@ -137,4 +146,4 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     else:
         y, _, _ = torch.ops.fastnn.linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
                                                   activation, name, save)
-    return y.reshape(*lead, gate_weight.shape[0])
+    return _unflatten(y, lead)

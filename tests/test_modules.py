@@ -1,0 +1,204 @@
+"""FusedLinear, FusedMLP and TransformerEncoderLayer against the torch modules they replace."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnn
+from numerics import assert_within_2x
+
+
+def _grads(module, x, g):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = module(x)
+    y.backward(g)
+    return y.detach(), x.grad, [p.grad.clone() for p in module.parameters()]
+
+
+def _compare_modules(ours, ref, x, what):
+    """Outputs and every gradient of two modules on the same input, within float32 rounding."""
+    g = torch.randn_like(ref(x))
+    y1, gx1, gp1 = _grads(ours, x, g)
+    y2, gx2, gp2 = _grads(ref, x, g)
+    torch.testing.assert_close(y1, y2, atol=2e-5, rtol=2e-5, msg=f"{what} output")
+    torch.testing.assert_close(gx1, gx2, atol=2e-5, rtol=2e-5, msg=f"{what} input grad")
+    assert len(gp1) == len(gp2)
+    for i, (a, b) in enumerate(zip(gp1, gp2)):  # parameters in registration order
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5, msg=f"{what} grad of parameter {i}")
+
+
+# ---- FusedLinear ---------------------------------------------------------------------------------
+def test_fused_linear_is_nn_linear():
+    torch.manual_seed(3)
+    ref = nn.Linear(12, 7)
+    torch.manual_seed(3)
+    ours = fastnn.FusedLinear(12, 7, activation="silu")
+    assert isinstance(ours, nn.Linear)
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    torch.testing.assert_close(ours.weight, ref.weight)  # nn.Linear's init, same RNG draws
+    assert "activation=silu" in repr(ours) and "in_features=12" in repr(ours)
+    ours.load_state_dict(ref.state_dict())  # a plain nn.Linear checkpoint loads as is
+    ref_seq = nn.Sequential(ref, nn.SiLU())
+    _compare_modules(ours, ref_seq, torch.randn(5, 3, 12), "FusedLinear")
+    ref.load_state_dict(ours.state_dict())  # and the other way round
+
+
+def test_fused_linear_no_bias_and_unknown_activation():
+    m = fastnn.FusedLinear(4, 3, bias=False, activation="relu")
+    assert m.bias is None and list(m.state_dict()) == ["weight"]
+    with pytest.raises(ValueError, match="unknown activation 'mish'"):
+        fastnn.FusedLinear(4, 3, activation="mish")
+
+
+def test_fused_linear_train_eval_autocast_meta():
+    m = fastnn.FusedLinear(16, 8, activation="gelu")
+    x = torch.randn(4, 16)
+    m.eval()
+    y_eval = m(x)
+    m.train()
+    torch.testing.assert_close(m(x), y_eval)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y_ref = F.gelu(F.linear(x, m.weight, m.bias))
+    assert y.dtype == torch.bfloat16 == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32  # the fp32 parameters get fp32 gradients
+    meta = fastnn.FusedLinear(1024, 4096, device="meta")
+    assert meta.weight.is_meta and meta(torch.empty(3, 1024, device="meta")).shape == (3, 4096)
+
+
+# ---- FusedMLP ------------------------------------------------------------------------------------
+def test_fused_mlp_layout_and_math():
+    mlp = fastnn.FusedMLP(10, 24, activation="gelu")
+    assert list(mlp.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert mlp.fc2.out_features == 10
+    ref = nn.Sequential(nn.Linear(10, 24), nn.GELU(), nn.Linear(24, 10))
+    ref.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in mlp.state_dict().items()})
+    _compare_modules(mlp, ref, torch.randn(6, 10), "FusedMLP")
+
+
+def test_fused_mlp_gated_layout():
+    mlp = fastnn.FusedMLP(8, 16, out_features=5, activation="swiglu", bias=False)
+    assert list(mlp.state_dict()) == ["fc1.gate_proj.weight", "fc1.up_proj.weight", "fc2.weight"]
+    x = torch.randn(3, 8)
+    g, u = mlp.fc1.gate_proj, mlp.fc1.up_proj
+    ref = mlp.fc2(F.silu(g(x)) * u(x))
+    torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def _saved_bytes(fn, inputs):
+    seen = {}
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in input_ptrs:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_fused_mlp_recompute(activation):
+    torch.manual_seed(0)
+    mlp = fastnn.FusedMLP(32, 128, activation=activation, dropout=0.1)
+    x = torch.randn(64, 32, requires_grad=True)
+    params = list(mlp.parameters())
+    grads = {}
+    saved = {}
+    for recompute in (False, True):
+        mlp.recompute = recompute
+        torch.manual_seed(1)  # same dropout mask both times
+        y, saved[recompute] = _saved_bytes(lambda: mlp(x), [x, *params])
+        grads[recompute] = torch.autograd.grad(y.square().sum(), [x, *params])
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b)
+    assert saved[True] == 0  # only the block input (and the parameters) are kept
+    hidden_bytes = 64 * 128 * 4
+    assert saved[False] >= hidden_bytes  # at least the hidden activation fc2 reads
+
+
+def test_fused_mlp_compile_fullgraph():
+    torch._dynamo.reset()
+    mlp = fastnn.FusedMLP(16, 48, activation="gelu_tanh")
+    compiled = torch.compile(mlp, fullgraph=True)
+    x = torch.randn(4, 9, 16)
+    _compare_modules(compiled, mlp, x, "compiled FusedMLP")
+
+
+# ---- TransformerEncoderLayer ---------------------------------------------------------------------
+LAYER_CASES = [
+    dict(batch_first=True, norm_first=False, activation="relu"),
+    dict(batch_first=False, norm_first=True, activation="gelu"),
+    dict(batch_first=True, norm_first=True, activation=F.gelu, bias=False),
+    dict(batch_first=True, norm_first=False, activation=nn.GELU(approximate="tanh")),
+    dict(batch_first=True, norm_first=False, activation=lambda t: t * torch.sigmoid(1.7 * t)),  # unknown: unfused
+]
+
+
+def _layers(**kw):
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, **kw)
+    ours = fastnn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, **kw)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("kw", LAYER_CASES, ids=lambda k: "-".join(f"{a}={getattr(b, '__name__', b)}" for a, b in k.items()))
+def test_encoder_layer_matches_torch(kw):
+    ours, ref = _layers(**kw)
+    shape = (3, 7, 32) if kw["batch_first"] else (7, 3, 32)
+    _compare_modules(ours, ref, torch.randn(shape), "encoder layer")
+
+
+def test_encoder_layer_masks_and_causal():
+    ours, ref = _layers(batch_first=True)
+    x = torch.randn(2, 6, 32)
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    for kwargs in (dict(src_mask=causal, is_causal=True), dict(src_key_padding_mask=padding),
+                   dict(src_mask=causal.bool() if causal.dtype != torch.bool else causal, src_key_padding_mask=padding)):
+        y1 = ours(x, **kwargs)
+        y2 = ref(x, **kwargs)
+        torch.testing.assert_close(y1, y2, atol=2e-5, rtol=2e-5)
+
+
+def test_encoder_stack_and_eval():
+    layer = fastnn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+    with pytest.warns(UserWarning, match="enable_nested_tensor"):
+        enc = nn.TransformerEncoder(layer, num_layers=2)
+    ref_layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+    ref = nn.TransformerEncoder(ref_layer, num_layers=2, enable_nested_tensor=False)
+    ref.load_state_dict(enc.state_dict())
+    enc.eval()
+    ref.eval()
+    x = torch.randn(2, 5, 32)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, src_key_padding_mask=padding)[:, :3], ref(x, src_key_padding_mask=padding)[:, :3],
+                                   atol=2e-5, rtol=2e-5)
+    enc.train()
+    assert not torch.equal(enc(x), enc(x))  # dropout is live in training
+
+
+def test_encoder_layer_compile_fullgraph():
+    torch._dynamo.reset()
+    ours, ref = _layers(batch_first=True, activation="gelu")
+    compiled = torch.compile(ours, fullgraph=True)
+    _compare_modules(compiled, ref, torch.randn(2, 5, 32), "compiled encoder layer")
+
+
+def test_encoder_layer_bf16_close_to_torch():
+    ours, ref = _layers(batch_first=True, activation="gelu")
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        y_ref64 = copy.deepcopy(ref).double()(x.bfloat16().double())  # the same bf16 weights, in float64
+        assert_within_2x("bf16 encoder layer", ours(x.bfloat16()), ref(x.bfloat16()), y_ref64)
