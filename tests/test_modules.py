@@ -202,3 +202,18 @@ def test_encoder_layer_bf16_close_to_torch():
     with torch.no_grad():
         y_ref64 = copy.deepcopy(ref).double()(x.bfloat16().double())  # the same bf16 weights, in float64
         assert_within_2x("bf16 encoder layer", ours(x.bfloat16()), ref(x.bfloat16()), y_ref64)
+
+
+def test_modules_on_meta_and_under_autocast():
+    mlp = fastnn.FusedMLP(64, 256, activation="swiglu", device="meta")
+    layer = fastnn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True, device="meta")
+    assert all(p.is_meta for p in [*mlp.parameters(), *layer.parameters()])
+    assert mlp(torch.empty(2, 5, 64, device="meta")).shape == (2, 5, 64)
+    assert layer(torch.empty(2, 5, 64, device="meta")).shape == (2, 5, 64)
+    mlp = fastnn.FusedMLP(16, 32, activation="gelu")
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+        ref = mlp.fc2(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)))
+    assert y.dtype == torch.bfloat16 == ref.dtype
+    torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
