@@ -375,7 +375,7 @@ def dgrad(dy, saved, save_mode, leaky, w, saved2=None, w2=None, wrap=_identity):
 def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity):
     """(dW = (dY * D)^T @ X or None, db = column sums of dY * D or None); dy contiguous."""
     M, N = dy.shape
-    K = x.shape[1]
+    K = x.shape[1] if need_dw else 0  # x is an empty stand-in when dW is not asked for
     dw = torch.empty((N, K), dtype=dy.dtype, device=dy.device) if need_dw else None
     db = torch.empty((N,), dtype=dy.dtype, device=dy.device) if need_db else None
     if N == 0 or not (need_dw or need_db):
@@ -383,8 +383,6 @@ def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity):
     if M == 0:
         return (dw.zero_() if need_dw else None), (db.zero_() if need_db else None)
     compute_dw = need_dw and K > 0
-    if need_dw and K == 0:
-        compute_dw = False
     s = saved if save_mode != SAVE_NOTHING else dy
     kernel, meta = pick(linear_act_wgrad_kernel, wgrad_tuned)
     k_blocks = (lambda META: triton.cdiv(K, META["BLOCK_K"])) if compute_dw else (lambda META: 1)
