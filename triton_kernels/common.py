@@ -24,9 +24,13 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 runs the dot in TF32 only where torch allows it (and never under the interpreter)."""
-    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+def dot_precision(dtype: torch.dtype):
+    """float32 runs the dot in TF32 only where torch allows it (and never under the interpreter);
+    16-bit dots leave the precision to Triton (their tensor-core products are exact: asking for
+    "ieee" there could only steer a compiler away from the tensor cores)."""
+    if dtype != torch.float32:
+        return None
+    if not interpreting() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
