@@ -47,10 +47,23 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext):
+    """One CMake build makes every module; fastnn._cuda is optional (built when nvcc and cuBLASLt
+    are found), so setuptools is told about it only when CMake produced it."""
+
+    def build_extensions(self):
+        self._cmake(self.extensions[0])
+        for ext in list(self.extensions):
+            if not Path(self.get_ext_fullpath(ext.name)).exists():
+                if ext.name != "fastnn._cuda":
+                    raise RuntimeError(f"the CMake build did not produce {ext.name}")
+                self.extensions.remove(ext)
+
+    def _cmake(self, ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        for stale in out_dir.glob("_cuda*.so"):  # a module from an earlier build with other settings
+            stale.unlink()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
@@ -89,6 +102,6 @@ def _archs_from_torch_list(value):
 
 setup(
     version=VERSION,
-    ext_modules=[CMakeExtension("fastnn._C")],
+    ext_modules=[CMakeExtension("fastnn._C"), CMakeExtension("fastnn._cuda")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -34,6 +34,26 @@ def cpu_module():
 _cuda_state: dict = {}
 
 
+def _preload_cublaslt() -> bool:
+    """Loads libcublasLt from an installed nvidia-cublas wheel, for a fastnn._cuda whose rpath
+    cannot reach it (an in-place build). A CUDA build of torch has usually loaded it already."""
+    import ctypes
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for sub, name in (("cu13/lib", "libcublasLt.so.13"), ("cublas/lib", "libcublasLt.so.12")):
+            path = os.path.join(base, sub, name)
+            if os.path.exists(path):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    return True
+                except OSError:
+                    continue
+    return False
+
+
 def cuda_module():
     """fastnn._cuda, imported on first use; None when it was not built or cannot load here."""
     if "module" not in _cuda_state:
@@ -43,6 +63,12 @@ def cuda_module():
         except ImportError as exc:
             _cuda_state["module"] = None
             _cuda_state["error"] = exc
+            if "libcublasLt" in str(exc) and _preload_cublaslt():
+                try:
+                    _cuda_state["module"] = importlib.import_module("fastnn._cuda")
+                    _cuda_state["error"] = None
+                except ImportError as exc2:
+                    _cuda_state["error"] = exc2
     return _cuda_state["module"]
 
 
