@@ -132,8 +132,6 @@ PYBIND11_MODULE(_C, m) {
     fastnn::cpu::eval_activation(to_dtype(dtype), to_act(act), n, cptr(z), mptr(out), mptr(dout));
   });
 
-  m.def("cpu_mask_row_bytes", &fastnn::cpu::mask_row_bytes);
-
   m.def("build_info", []() {
     py::dict info;
     info["version"] = FASTNN_VERSION;

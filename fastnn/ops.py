@@ -24,14 +24,8 @@ from torch import Tensor
 
 from . import activations
 from .backends import BACKENDS
-
-
-def _nothing(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
-def _or_nothing(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return _nothing(like) if t is None else t
+from .backends.base import empty_like_nothing as _nothing
+from .backends.base import or_nothing as _or_nothing
 
 
 # ---------------------------------------------------------------------------------------------

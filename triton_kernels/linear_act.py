@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import act_fwd, act_grad
+from .activations import LEAKY_SLOPE, act_fwd, act_grad
 from .common import (autotuning, capability, dot_precision, grouped_tile, interpreting, load_sign_mask,
                      load_tile, m_bucket, num_sms, prune_by_shared_memory, store_sign_mask, store_tile)
 
@@ -146,7 +146,7 @@ def grad_factor(s_ptr, offs_m, offs_n, M, N, stride_sm, SAVE: tl.constexpr, LEAK
     if SAVE == 1:
         bits = load_sign_mask(s_ptr, offs_m, offs_n, M, N, stride_sm)
         if LEAKY:
-            d = bits + (1.0 - bits) * 0.01
+            d = bits + (1.0 - bits) * LEAKY_SLOPE
         else:
             d = bits
     else:

@@ -110,8 +110,6 @@ PYBIND11_MODULE(_cuda, m) {
         });
 
   m.def("bias_grad_scratch_elems", &fc::bias_grad_scratch_elems);
-  m.def("relu_aux_ld", &fc::relu_aux_ld);
-  m.def("gelu_aux_ld", &fc::gelu_aux_ld);
 
   m.def("build_info", []() {
     py::dict info;

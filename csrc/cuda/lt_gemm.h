@@ -54,7 +54,8 @@ struct GemmArgs {
   const void* bias = nullptr;  // [N] in dtype (forward epilogues)
   void* bias_grad = nullptr;   // [N] in dtype (BGRAD epilogues)
   void* aux = nullptr;         // [M, aux_ld] elements of dtype, or bits for the relu mask
-  int64_t aux_ld = 0;
+  int64_t aux_ld = 0;  // cuBLASLt wants a multiple of 128 (relu bits) or 8 (gelu elements): see
+                       // relu_aux_ld / gelu_aux_ld in fastnn/backends/cuda.py
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };
@@ -66,11 +67,6 @@ bool lt_gemm(const GemmArgs& args);
 
 // The cuBLASLt version this module runs with (cublasLtGetVersion).
 size_t cublaslt_version();
-
-// Leading dimension of the relu bit mask aux (in bits) and the gelu aux (in elements) for N
-// columns: cuBLASLt wants multiples of 128 and 8.
-inline int64_t relu_aux_ld(int64_t n) { return (n + 127) / 128 * 128; }
-inline int64_t gelu_aux_ld(int64_t n) { return (n + 7) / 8 * 8; }
 
 }  // namespace cuda
 }  // namespace fastnn

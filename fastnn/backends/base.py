@@ -55,5 +55,10 @@ class Backend:
 
 
 def empty_like_nothing(x: torch.Tensor) -> torch.Tensor:
-    """The placeholder for a saved tensor that is not needed."""
+    """The placeholder for a tensor an op must return but has nothing for (a saved tensor or a
+    gradient that is not needed): custom ops cannot return None."""
     return x.new_empty((0,))
+
+
+def or_nothing(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return empty_like_nothing(like) if t is None else t

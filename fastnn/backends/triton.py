@@ -18,20 +18,20 @@ CPU tensors, set TRITON_INTERPRET=1 before importing fastnn.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import activations
-from .base import Backend
+from .base import Backend, or_nothing
 
 try:
     import triton  # noqa: F401
 
     from ..triton_kernels import linear_act as K_act
     from ..triton_kernels import linear_glu as K_glu
+    from ..triton_kernels.common import interpreting
 
     IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
@@ -46,10 +46,6 @@ def _save_mode(act, save):
     return 1 if act.saves == "mask" else 2
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 class TritonBackend(Backend):
     name = "triton"
 
@@ -57,10 +53,10 @@ class TritonBackend(Backend):
         if IMPORT_ERROR is not None:
             return f"triton is not usable here ({IMPORT_ERROR})"
         if x.device.type == "cuda":
-            if _interpreting():
+            if interpreting():
                 return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
         elif x.device.type == "cpu":
-            if not _interpreting():
+            if not interpreting():
                 return "it needs a CUDA device (or TRITON_INTERPRET=1 set before importing fastnn, for CPU tensors)"
         else:
             return f"it runs on CUDA tensors; these are on {x.device}"
@@ -93,10 +89,6 @@ def _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap):
     return dx, dw, db
 
 
-def _nothing(like):
-    return like.new_empty((0,))
-
-
 def register_ops():
     """Defines the fastnn::triton_* ops and their autograd (once, when triton is importable)."""
     from torch.library import triton_op, wrap_triton
@@ -115,8 +107,7 @@ def register_ops():
                               need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
         act = activations.get(activation)
         dx, dw, db = _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap_triton)
-        return (dx if dx is not None else _nothing(dy), dw if dw is not None else _nothing(dy),
-                db if db is not None else _nothing(dy))
+        return or_nothing(dx, dy), or_nothing(dw, dy), or_nothing(db, dy)
 
     @triton_op("fastnn::triton_linear_glu_fwd", mutates_args=())
     def triton_linear_glu_fwd(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Optional[Tensor],
@@ -131,7 +122,7 @@ def register_ops():
                               need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
                                need_dbg, need_dbu, wrap=wrap_triton)
-        return tuple(g if g is not None else _nothing(dy) for g in grads)
+        return tuple(or_nothing(g, dy) for g in grads)
 
     ops.register_linear_act_autograd(
         "fastnn::triton_linear_act_fwd",
