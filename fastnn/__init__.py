@@ -11,10 +11,10 @@ from . import activations, backends, functional, ops  # noqa: F401
 from .activations import ACTIVATIONS, GATED
 from .backends import BackendUnavailableError
 from .functional import linear_act, linear_glu
-from .fuse import fuse
+from .fuse import fuse, unfuse
 from .modules import FusedLinear, FusedMLP, GatedLinear, TransformerEncoderLayer
 
 __all__ = [
     "__version__", "linear_act", "linear_glu", "FusedLinear", "GatedLinear", "FusedMLP", "TransformerEncoderLayer",
-    "fuse", "ACTIVATIONS", "GATED", "BackendUnavailableError", "functional", "activations", "backends",
+    "fuse", "unfuse", "ACTIVATIONS", "GATED", "BackendUnavailableError", "functional", "activations", "backends",
 ]

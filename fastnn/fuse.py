@@ -1,29 +1,33 @@
-"""fastnn.fuse(model): swap known Linear + activation patterns for fused modules, in place.
+"""fastnn.fuse(model): run the Linear + activation patterns fastnn knows as fused ops, in place.
 
-Patterns:
-  * nn.Sequential runs of nn.Linear followed by an activation module (ReLU, GELU with approximate
-    "none" or "tanh", SiLU, Sigmoid, Tanh, LeakyReLU with slope 0.01): the Linear becomes a
-    FusedLinear and the activation an nn.Identity (the Sequential's indices and keys are kept);
-  * torch.nn.TransformerEncoderLayer: becomes fastnn.TransformerEncoderLayer;
-  * Hugging Face transformers: BERT's intermediate block (dense + activation), GPT-2's MLP (its
-    Conv1D layers store weights as (in, out); they are read transposed, not copied) and
-    LLaMA-style gated MLPs (gate_proj, up_proj, down_proj).
-Parameters are shared, never copied: optimisers, tied weights and checkpoints keep working and
-state_dict keys do not change. Anything with an activation fastnn does not know is left alone.
+Nothing is swapped: fuse installs a fused version of one method (forward, or the method the
+model's own forward calls for its feed-forward block) on each matching module instance
+(fastnn.dropin.FusedCall). Every module keeps its class, children, parameters, buffers,
+state_dict keys, hooks and train/eval state, so the fused model is the same model to the code
+around it. At each call the fused method checks that the parts are still plain (no LoRA or other
+wrapper, no hooks, no offloading, inputs F.linear takes as they are); otherwise the module's own
+method runs, unfused. fastnn.unfuse(model) removes what fuse installed.
+
+Patterns (by structure: the children a module has, so a module with more parts is left alone):
+  * nn.Sequential (and subclasses that keep its forward, e.g. torchvision's MLP): each nn.Linear
+    followed by an activation module fastnn knows;
+  * torch.nn.TransformerEncoderLayer: linear1 + activation in its _ff_block;
+  * Hugging Face transformers, see _FAMILIES below (BERT-family intermediates, GPT-2, GPT-NeoX,
+    Falcon, DistilBERT, T5, CLIP/SigLIP-style MLPs, LLaMA-style gated MLPs, Phi-3's gate_up_proj).
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import activations
-from .functional import linear_act, linear_glu
-from .modules import FusedLinear, TransformerEncoderLayer, activation_name
+from . import activations, dropin
+from .functional import linear_glu
+from .modules import TransformerEncoderLayer, activation_name, fused_ff_block, fused_linear_act, fused_linear_glu
 
 log = logging.getLogger("fastnn")
 
@@ -32,8 +36,8 @@ log = logging.getLogger("fastnn")
 class FuseRecord:
     path: str       # the module's qualified name in the model
     kind: str       # what it is
-    fused: bool     # swapped or left alone
-    detail: str     # what it became, or why not
+    fused: bool     # fused or left alone
+    detail: str     # what runs fused, or why not
 
     def __str__(self):
         return f"{'fused' if self.fused else 'left '} {self.path or '<root>'} ({self.kind}): {self.detail}"
@@ -41,146 +45,258 @@ class FuseRecord:
 
 # Hugging Face activation classes -> fastnn names (by class name: transformers need not be installed)
 _HF_ACTIVATIONS = {
-    "GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": None, "QuickGELUActivation": None,
-    "SiLUActivation": "silu", "ReLUSquaredActivation": "squared_relu", "LinearActivation": "identity",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh", "SiLUActivation": "silu", "ReLUSquaredActivation": "squared_relu",
+    "LinearActivation": "identity",
 }
 
 
-def _hf_activation_name(act) -> Optional[str]:
+def _activation_name(act) -> Optional[str]:
+    """fastnn's name for a torch or Hugging Face activation; None if fastnn has none."""
     name = activation_name(act)
-    if name is not None:
+    if name is not None or isinstance(act, str):
         return name
-    cls = type(act).__name__
-    if cls == "GELUActivation":
-        # transformers' GELUActivation wraps either nn.functional.gelu (exact) or its python form
-        return "gelu" if getattr(act, "act", None) in (None, torch.nn.functional.gelu) else None
-    return _HF_ACTIVATIONS.get(cls)
-
-
-class _BertIntermediate(nn.Module):
-    """BERT's intermediate block (dense + activation) in one fused op; keys dense.weight/.bias."""
-
-    def __init__(self, original, activation):
-        super().__init__()
-        self.dense = original.dense
-        self.activation = activation
-
-    def forward(self, hidden_states):
-        return linear_act(hidden_states, self.dense.weight, self.dense.bias, self.activation)
-
-
-class _GPT2MLP(nn.Module):
-    """GPT-2's MLP (Conv1D c_fc -> act -> Conv1D c_proj -> dropout), c_fc and the act fused."""
-
-    def __init__(self, original, activation):
-        super().__init__()
-        self.c_fc, self.c_proj, self.dropout = original.c_fc, original.c_proj, original.dropout
-        self.activation = activation
-
-    def forward(self, hidden_states):
-        # Conv1D keeps (in, out) weights: the (out, in) layout fastnn takes is their transpose
-        h = linear_act(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.activation)
-        return self.dropout(self.c_proj(h))
-
-
-class _GatedMLP(nn.Module):
-    """LLaMA-style MLP: down_proj(act(gate_proj(x)) * up_proj(x)), the gated unit fused."""
-
-    def __init__(self, original, activation):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = original.gate_proj, original.up_proj, original.down_proj
-        self.activation = activation
-
-    def forward(self, x):
-        h = linear_glu(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias,
-                       self.activation)
-        return self.down_proj(h)
+    cls = type(act)
+    if not cls.__module__.startswith("transformers"):
+        return None
+    if cls.__name__ == "GELUActivation":  # wraps F.gelu (exact) or its Python form
+        return "gelu" if getattr(act, "act", None) is F.gelu else None
+    return _HF_ACTIVATIONS.get(cls.__name__)
 
 
 _GATED_BY_GATE = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
 
 
-def _fuse_module(path: str, module: nn.Module, records: List[FuseRecord]) -> Optional[nn.Module]:
-    """A fused replacement for `module`, or None (recording why when it is a pattern we know)."""
-    cls = type(module).__name__
-    if isinstance(module, nn.TransformerEncoderLayer) and not isinstance(module, TransformerEncoderLayer):
-        fused = TransformerEncoderLayer.from_torch(module)
-        detail = ("fastnn.TransformerEncoderLayer" if fused.fused_activation
-                  else "fastnn.TransformerEncoderLayer (SDPA attention; feed-forward unfused: unknown activation)")
-        records.append(FuseRecord(path, cls, True, detail))
-        return fused
-    if cls.endswith("Intermediate") and hasattr(module, "dense") and hasattr(module, "intermediate_act_fn") \
-            and isinstance(module.dense, nn.Linear):
-        name = _hf_activation_name(module.intermediate_act_fn)
+def _linear_class(proj) -> type:
+    """The projection class fastnn reads weights from directly: nn.Linear, or transformers'
+    Conv1D (weights (in, out)) and FalconLinear (nn.Linear's math). A wrapper (PEFT's LoRA keeps
+    the original as base_layer) is looked through, so that the fused path comes back once the
+    wrapper is merged away; while it is there, the module runs unfused."""
+    proj = getattr(proj, "base_layer", proj)
+    cls = type(proj)
+    if cls is nn.Linear or (cls.__module__.startswith("transformers") and cls.__name__ in ("Conv1D", "FalconLinear")):
+        return cls
+    return nn.Linear
+
+
+# ---- what the families do after their activation (the rest of the replaced method) --------------
+def _rest_none(m, h):
+    return h
+
+
+def _rest_gpt2(m, h):
+    return m.dropout(m.c_proj(h))
+
+
+def _rest_neox(m, h):
+    return m.dense_4h_to_h(h)
+
+
+def _rest_distilbert(m, h):
+    return m.dropout(m.lin2(h))
+
+
+def _rest_fc2(m, h):
+    return m.fc2(h)
+
+
+def _rest_down(m, h):
+    return m.down_proj(h)
+
+
+def _rest_t5(m, h):
+    h = m.dropout(h)
+    # T5 keeps wo in float32 for some checkpoints; its forward casts (not for int8 weights)
+    if isinstance(m.wo.weight, torch.Tensor) and h.dtype != m.wo.weight.dtype and m.wo.weight.dtype != torch.int8:
+        h = h.to(m.wo.weight.dtype)
+    return m.wo(h)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """A feed-forward block: the exact children it has, the method fuse replaces, where its
+    activation and projections are, and what that method does after the activation."""
+    name: str
+    children: frozenset
+    act: str
+    rest: Callable
+    method: str = "forward"
+    linear: str = ""     # linear_act: the projection before the activation
+    gate: str = ""       # linear_glu: the gate and up projections...
+    up: str = ""
+    gate_up: str = ""    # ...or one projection with the gate's rows first
+    transposed: bool = False
+    class_suffix: str = ""
+
+    def matches(self, module) -> bool:
+        names = set(module._modules)
+        act = getattr(module, self.act, None)
+        if act is not None and not isinstance(act, nn.Module):
+            names.add(self.act)
+        return (names == self.children and type(module).__name__.endswith(self.class_suffix)
+                and callable(getattr(type(module), self.method, None)))
+
+
+_FAMILIES = [
+    _Family("BERT-family intermediate (BERT, RoBERTa, DeBERTa-v2, ELECTRA, ViT, ...)",
+            frozenset({"dense", "intermediate_act_fn"}), "intermediate_act_fn", _rest_none, linear="dense",
+            class_suffix="Intermediate"),
+    _Family("GPT-2 MLP (Conv1D weights read transposed)", frozenset({"c_fc", "c_proj", "act", "dropout"}), "act",
+            _rest_gpt2, linear="c_fc", transposed=True),
+    _Family("GPT-NeoX / Falcon MLP", frozenset({"dense_h_to_4h", "dense_4h_to_h", "act"}), "act", _rest_neox,
+            linear="dense_h_to_4h"),
+    _Family("DistilBERT FFN (ff_chunk)", frozenset({"lin1", "lin2", "activation", "dropout"}), "activation",
+            _rest_distilbert, method="ff_chunk", linear="lin1"),
+    _Family("T5 DenseActDense", frozenset({"wi", "wo", "dropout", "act"}), "act", _rest_t5, linear="wi"),
+    _Family("CLIP / SigLIP-style MLP", frozenset({"fc1", "fc2", "activation_fn"}), "activation_fn", _rest_fc2,
+            linear="fc1"),
+    _Family("LLaMA-style gated MLP (LLaMA, Mistral, Qwen2/3, Gemma, ...)",
+            frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"}), "act_fn", _rest_down, gate="gate_proj",
+            up="up_proj"),
+    _Family("Phi-3 gated MLP (gate_up_proj)", frozenset({"gate_up_proj", "down_proj", "activation_fn"}),
+            "activation_fn", _rest_down, gate_up="gate_up_proj"),
+    _Family("T5 DenseGatedActDense", frozenset({"wi_0", "wi_1", "wo", "dropout", "act"}), "act", _rest_t5,
+            gate="wi_0", up="wi_1"),
+]
+
+
+def _fused_family(call, *args, **kwargs):
+    """The installed method of a _Family module; NotImplemented -> the module's own method."""
+    if len(args) != 1 or kwargs:
+        return NotImplemented
+    x, m, fam, parts = args[0], call.module, call.parts["family"], call.parts
+    act = getattr(m, fam.act, None)
+    if act is not parts["act"] or not dropin.plain_callable(act):
+        return NotImplemented
+    if fam.linear:
+        h = fused_linear_act(x, getattr(m, fam.linear), parts["linear_cls"], act, parts["name"], fam.transposed)
+    elif fam.gate:
+        h = fused_linear_glu(x, getattr(m, fam.gate), getattr(m, fam.up), parts["linear_cls"], parts["name"])
+    else:
+        proj = getattr(m, fam.gate_up)
+        if not dropin.plain_module(proj, parts["linear_cls"]) or not dropin.fusable_input(x, proj.weight):
+            return NotImplemented
+        gate_w, up_w = proj.weight.chunk(2, dim=0)
+        gate_b, up_b = (None, None) if proj.bias is None else proj.bias.chunk(2)
+        h = linear_glu(x, gate_w, up_w, gate_b, up_b, parts["name"])
+    if h is NotImplemented:
+        return h
+    return fam.rest(m, h)
+
+
+def _fused_encoder_layer(call, *args, **kwargs):
+    if len(args) != 1 or kwargs:
+        return NotImplemented
+    return fused_ff_block(call.module, args[0])
+
+
+def _sequential_activation(act) -> Optional[str]:
+    if not isinstance(act, nn.Module):
+        return None
+    name = activation_name(act)
+    return None if name == "identity" else name
+
+
+def _fused_sequential(call, *args, **kwargs):
+    """nn.Sequential.forward with each plain Linear + known activation module run as one op."""
+    if len(args) != 1 or kwargs:
+        return NotImplemented
+    x = args[0]
+    mods = list(call.module._modules.values())
+    i = 0
+    while i < len(mods):
+        if i + 1 < len(mods) and type(mods[i]) is nn.Linear:
+            act = mods[i + 1]
+            h = fused_linear_act(x, mods[i], nn.Linear, act, _sequential_activation(act))
+            if h is not NotImplemented:
+                x, i = h, i + 2
+                continue
+        x = mods[i](x)
+        i += 1
+    return x
+
+
+def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
+    kind = type(module).__name__
+    if isinstance(module, TransformerEncoderLayer):
+        return  # fastnn's own layer: fused by its class
+    if isinstance(module, nn.TransformerEncoderLayer):
+        if type(module)._ff_block is not nn.TransformerEncoderLayer._ff_block:
+            records.append(FuseRecord(path, kind, False, "its class overrides _ff_block"))
+            return
+        if dropin.installed(module, "_ff_block"):
+            return
+        name = activation_name(module.activation)
         if name is None:
-            records.append(FuseRecord(path, cls, False, f"unknown activation {type(module.intermediate_act_fn).__name__}"))
-            return None
-        records.append(FuseRecord(path, cls, True, f"dense + {name} fused"))
-        return _BertIntermediate(module, name)
-    if cls.endswith("MLP") and all(hasattr(module, a) for a in ("c_fc", "c_proj", "act", "dropout")) \
-            and type(module.c_fc).__name__ == "Conv1D":
-        name = _hf_activation_name(module.act)
+            records.append(FuseRecord(path, kind, False, f"activation {module.activation!r} has no fastnn equivalent"))
+            return
+        dropin.install(module, "_ff_block", _fused_encoder_layer, {}, f"linear1 + {name}")
+        records.append(FuseRecord(path, kind, True, f"linear1 + {name} fused in _ff_block (attention is torch's)"))
+        return
+    if isinstance(module, nn.Sequential):
+        _fuse_sequential(path, module, records)
+        return
+    for fam in _FAMILIES:
+        if not fam.matches(module):
+            continue
+        if dropin.installed(module, fam.method):
+            return
+        act = getattr(module, fam.act)
+        name = _activation_name(act)
+        if name is not None and not fam.linear:
+            name = _GATED_BY_GATE.get(name)
         if name is None:
-            records.append(FuseRecord(path, cls, False, f"unknown activation {type(module.act).__name__}"))
-            return None
-        records.append(FuseRecord(path, cls, True, f"c_fc + {name} fused (Conv1D weights read transposed)"))
-        return _GPT2MLP(module, name)
-    if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) and all(
-            isinstance(getattr(module, a), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
-        gate = _hf_activation_name(module.act_fn)
-        gated = _GATED_BY_GATE.get(gate)
-        if gated is None or module.gate_proj.weight.shape != module.up_proj.weight.shape:
-            records.append(FuseRecord(path, cls, False, f"gate activation {type(module.act_fn).__name__} not fusable"))
-            return None
-        records.append(FuseRecord(path, cls, True, f"gate_proj + up_proj as one {gated} unit"))
-        return _GatedMLP(module, gated)
-    return None
+            records.append(FuseRecord(path, kind, False, f"{fam.name}: activation {type(act).__name__} "
+                                      "has no fastnn equivalent"))
+            return
+        first = getattr(module, fam.linear or fam.gate or fam.gate_up)
+        parts = {"family": fam, "act": act, "name": name, "linear_cls": _linear_class(first)}
+        detail = f"{fam.name}: {fam.linear or fam.gate_up or fam.gate + ' + ' + fam.up} + {name} fused"
+        if fam.method != "forward":
+            detail += f" (in {fam.method})"
+        dropin.install(module, fam.method, _fused_family, parts, detail)
+        wrapped = type(first) is not parts["linear_cls"]
+        records.append(FuseRecord(path, kind, True, detail + (
+            f"; runs unfused while {fam.linear or fam.gate or fam.gate_up} is a {type(first).__name__}"
+            if wrapped else "")))
+        return
+    if all(hasattr(module, a) for a in ("fc1", "fc2", "activation_fn")) and len(module._modules) > 3:
+        records.append(FuseRecord(path, kind, False, "fc1 -> activation_fn -> fc2 inside a layer's own forward "
+                                  "(OPT/BART/Whisper style): fusing it would replace the whole layer"))
 
 
 def _fuse_sequential(path: str, seq: nn.Sequential, records: List[FuseRecord]) -> None:
+    if type(seq).forward is not nn.Sequential.forward or dropin.installed(seq, "forward"):
+        return
     names = list(seq._modules.keys())
+    pairs = 0
     for i in range(len(names) - 1):
         lin, act = seq._modules[names[i]], seq._modules[names[i + 1]]
         if type(lin) is not nn.Linear:
             continue
         where = f"{path}.{names[i]}" if path else names[i]
-        name = activation_name(act)
-        if name is None or isinstance(act, nn.Identity):
+        name = _sequential_activation(act)
+        if name is None:
             if isinstance(act, nn.Module) and type(act).__module__.startswith("torch.nn.modules.activation"):
                 why = (f"LeakyReLU slope {act.negative_slope} (fastnn's is {activations.LEAKY_SLOPE})"
                        if isinstance(act, nn.LeakyReLU) else f"{type(act).__name__} has no fastnn activation")
                 records.append(FuseRecord(where, "Linear", False, why))
             continue
-        seq._modules[names[i]] = FusedLinear.from_linear(lin, name)
-        seq._modules[names[i + 1]] = nn.Identity()
-        records.append(FuseRecord(where, "Linear", True, f"Linear + {type(act).__name__} -> FusedLinear({name})"))
+        pairs += 1
+        records.append(FuseRecord(where, "Linear", True, f"Linear + {type(act).__name__} run as one op ({name})"))
+    if pairs:
+        dropin.install(seq, "forward", _fused_sequential, {}, f"{pairs} Linear + activation pair(s)")
 
 
 def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Swap, in place, the Linear + activation patterns fastnn knows for fused modules; returns
-    the model. What was swapped and what was left alone is logged (logger "fastnn"), printed
-    with verbose=True, and kept as a list of FuseRecord in `model.fastnn_fuse_report`."""
+    """Fuse, in place, the Linear + activation patterns fastnn knows; returns the model.
+
+    What was fused and what was left alone (and why) is logged (logger "fastnn"), printed with
+    verbose=True, and kept as a list of FuseRecord in `model.fastnn_fuse_report`. Fusing twice
+    changes nothing more."""
     records: List[FuseRecord] = []
-
-    def visit(path: str, module: nn.Module) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            child_path = f"{path}.{name}" if path else name
-            fused = _fuse_module(child_path, child, records)
-            if fused is not None:
-                module._modules[name] = fused
-                continue
-            visit(child_path, child)
-        if isinstance(module, nn.Sequential):
-            _fuse_sequential(path, module, records)
-
-    root = _fuse_module("", model, records)
-    if root is not None:
-        raise ValueError("fastnn.fuse swaps submodules in place; wrap a bare "
-                         f"{type(model).__name__} in a container (or use the fastnn module directly)")
-    visit("", model)
+    for path, module in model.named_modules():
+        _fuse_one(path, module, records)
     model.fastnn_fuse_report = records
     for r in records:
         log.info("%s", r)
@@ -188,4 +304,12 @@ def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
             print(r)
     if not records and verbose:
         print("fastnn.fuse: no known pattern found")
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Remove what fastnn.fuse installed (e.g. before torch.jit.script, which compiles class
+    methods only); returns the model."""
+    for module in model.modules():
+        dropin.uninstall(module)
     return model

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import activations
+from .dropin import fusable_input, plain_callable, plain_module
 from .functional import linear_act, linear_glu
 
 
@@ -51,6 +52,8 @@ class GatedLinear(nn.Module):
 
     Layout: submodules `gate_proj` and `up_proj` (nn.Linear, in_features -> out_features), so the
     state_dict keys are gate_proj.weight, up_proj.weight (and .bias), as in LLaMA-style MLPs.
+    While either projection is not a plain nn.Linear (LoRA, hooks, ...: see fastnn.dropin), the
+    unit runs unfused through the projections themselves.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "swiglu",
@@ -62,31 +65,46 @@ class GatedLinear(nn.Module):
         self.activation = activation
         self.backend = backend
 
-    @classmethod
-    def from_linears(cls, gate_proj: nn.Linear, up_proj: nn.Linear, activation: str,
-                     backend: str = "auto") -> "GatedLinear":
-        """A GatedLinear that shares the two given projections (and so their parameters)."""
-        activations.get_gated(activation)
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.gate_proj, fused.up_proj = gate_proj, up_proj
-        fused.activation, fused.backend = activation, backend
-        return fused
-
     def forward(self, x: Tensor) -> Tensor:
-        return linear_glu(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias,
-                          self.activation, backend=self.backend)
+        y = fused_linear_glu(x, self.gate_proj, self.up_proj, nn.Linear, self.activation, backend=self.backend)
+        if y is NotImplemented:
+            y = activations.get_gated(self.activation).fn(self.gate_proj(x)) * self.up_proj(x)
+        return y
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
+
+
+def fused_linear_act(x, linear: nn.Module, linear_cls: type, act, act_name: Optional[str],
+                     transposed: bool = False, backend: str = "auto"):
+    """act(linear(x)) as one fused op, or NotImplemented when that would not be exactly what
+    calling them gives (see fastnn.dropin). transposed: the weight is stored (in, out), as in
+    transformers' Conv1D."""
+    if act_name is None or not plain_module(linear, linear_cls) or not plain_callable(act):
+        return NotImplemented
+    weight = linear.weight.t() if transposed else linear.weight
+    if not fusable_input(x, weight):
+        return NotImplemented
+    return linear_act(x, weight, linear.bias, act_name, backend=backend)
+
+
+def fused_linear_glu(x, gate: nn.Module, up: nn.Module, linear_cls: type, glu_name: str, backend: str = "auto"):
+    """act(gate(x)) * up(x) as one fused op, or NotImplemented (see fused_linear_act)."""
+    if not (plain_module(gate, linear_cls) and plain_module(up, linear_cls)):
+        return NotImplemented
+    if not fusable_input(x, gate.weight, up.weight) or gate.weight.shape != up.weight.shape:
+        return NotImplemented
+    return linear_glu(x, gate.weight, up.weight, gate.bias, up.bias, glu_name, backend=backend)
 
 
 class FusedMLP(nn.Module):
     """fc1 -> activation -> dropout -> fc2, with fc1 and its activation fused.
 
     With a gated activation (swiglu, geglu, geglu_tanh, reglu), fc1 is a GatedLinear: keys
-    fc1.gate_proj.* and fc1.up_proj.*; otherwise fc1 is a FusedLinear: keys fc1.weight, fc1.bias.
-    fc2 is an nn.Linear (fc2.weight, fc2.bias).
+    fc1.gate_proj.* and fc1.up_proj.*; otherwise fc1 is an nn.Linear: keys fc1.weight, fc1.bias.
+    fc2 is an nn.Linear (fc2.weight, fc2.bias). A projection a user wraps (LoRA) or hooks runs
+    through the wrapper, unfused: fc1's own output is always the pre-activation, as in an
+    unfused MLP.
 
     recompute=True keeps only the block input for backward and recomputes fc1 and the activation
     there (activation checkpointing of the block). Per token that saves what the block would
@@ -104,14 +122,22 @@ class FusedMLP(nn.Module):
         if activation in activations.GATED:
             self.fc1 = GatedLinear(in_features, hidden_features, bias, activation, device, dtype, backend)
         else:
-            self.fc1 = FusedLinear(in_features, hidden_features, bias, activation, device, dtype, backend)
+            activations.get(activation)
+            self.fc1 = nn.Linear(in_features, hidden_features, bias, device, dtype)
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
         self.recompute = recompute
+        self.backend = backend
+
+    def _hidden(self, x: Tensor) -> Tensor:
+        if isinstance(self.fc1, GatedLinear) or self.activation in activations.GATED:
+            return self.fc1(x)
+        h = fused_linear_act(x, self.fc1, nn.Linear, None, self.activation, backend=self.backend)
+        return h if h is not NotImplemented else activations.get(self.activation).fn(self.fc1(x))
 
     def _block(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.fc1(x)))
+        return self.fc2(self.dropout(self._hidden(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.recompute and torch.is_grad_enabled() and self.training:
@@ -122,118 +148,52 @@ class FusedMLP(nn.Module):
         return f"activation={self.activation}, recompute={self.recompute}"
 
 
-# torch.nn activation callables and modules that have a fastnn name
+# torch.nn activation functions and module classes that have a fastnn name. Module classes are
+# matched exactly: a subclass may compute something else.
+_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.sigmoid: "sigmoid",
+              F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh"}
+_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
+
+
 def activation_name(act) -> Optional[str]:
     """fastnn's name for a torch activation given as a string, function or module; None if unknown."""
     if isinstance(act, str):
         return act if act in activations.ACTIVATIONS else None
-    if act is F.relu or act is torch.relu or isinstance(act, nn.ReLU):
-        return "relu"
-    if act is F.gelu:
-        return "gelu"
-    if isinstance(act, nn.GELU):
+    if not isinstance(act, nn.Module):
+        try:
+            return _FUNCTIONS.get(act)
+        except TypeError:  # unhashable callables
+            return None
+    if type(act) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    if act is F.silu or isinstance(act, nn.SiLU):
-        return "silu"
-    if act is torch.sigmoid or act is F.sigmoid or isinstance(act, nn.Sigmoid):
-        return "sigmoid"
-    if act is torch.tanh or act is F.tanh or isinstance(act, nn.Tanh):
-        return "tanh"
-    if isinstance(act, nn.LeakyReLU) and math.isclose(act.negative_slope, activations.LEAKY_SLOPE):
-        return "leaky_relu"
-    if isinstance(act, nn.Identity):
-        return "identity"
-    return None
+    if type(act) is nn.LeakyReLU:
+        return "leaky_relu" if math.isclose(act.negative_slope, activations.LEAKY_SLOPE) else None
+    return _MODULES.get(type(act))
 
 
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
-    """torch.nn.TransformerEncoderLayer with the same signature, defaults and state_dict keys,
-    attention through F.scaled_dot_product_attention and the feed-forward block fused
-    (linear1 + activation in one op). A state_dict of torch's layer loads into it and gives the
-    same outputs and gradients; it stacks inside torch.nn.TransformerEncoder. An activation that
-    fastnn does not know (a custom callable) runs unfused, exactly as in torch's layer.
+    """torch.nn.TransformerEncoderLayer with the feed-forward block's linear1 + activation fused.
+
+    Everything else is torch's own layer: the signature, defaults and state_dict keys, forward with
+    its masks, is_causal, unbatched input, nested tensors and the native fast path in inference,
+    self_attn (called as a module, so hooks and replacements work) and errors. Only _ff_block,
+    which torch's forward calls, is fastnn's; it runs unfused (torch's code) while linear1 or the
+    activation is not plain (LoRA, hooks; see fastnn.dropin) or the activation is a callable
+    fastnn does not know. Under torch.jit.script the layer is torch's, unfused.
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
-                 dtype=None) -> None:
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                         norm_first, bias, device, dtype)
-        self._setup_fused(activation)
-
-    def _setup_fused(self, activation) -> None:
-        self.fused_activation = activation_name(activation)
-        # torch's fast paths (the native encoder kernel, nested tensors in TransformerEncoder)
-        # would bypass this forward: this flag is what they check first
-        self.activation_relu_or_gelu = False
-
-    @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
-        """A fastnn layer sharing `layer`'s submodules (and so its parameters)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        for name, child in layer.named_children():
-            setattr(fused, name, child)
-        fused.norm_first = layer.norm_first
-        fused.activation = layer.activation
-        fused._setup_fused(layer.activation)
-        return fused
-
-    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        x = src
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-            x = self.norm2(x + self._ff_block(x))
-        return x
-
-    def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  is_causal: bool = False) -> Tensor:
-        attn = self.self_attn
-        if not self.self_attn.batch_first:
-            x = x.transpose(0, 1)
-        batch, length, d_model = x.shape
-        heads = attn.num_heads
-        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(batch, length, heads, d_model // heads).transpose(1, 2) for t in (q, k, v))
-        mask = _sdpa_mask(attn_mask, key_padding_mask, batch, heads, length, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None)
-        out = out.transpose(1, 2).reshape(batch, length, d_model)
-        out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
-        if not self.self_attn.batch_first:
-            out = out.transpose(0, 1)
-        return self.dropout1(out)
-
     def _ff_block(self, x: Tensor) -> Tensor:
-        if self.fused_activation is None:
-            h = self.activation(self.linear1(x))
-        else:
-            h = linear_act(x, self.linear1.weight, self.linear1.bias, self.fused_activation)
-        return self.dropout2(self.linear2(self.dropout(h)))
+        if not torch.jit.is_scripting():
+            out = fused_ff_block(self, x)
+            if out is not NotImplemented:
+                return out
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-def _sdpa_mask(attn_mask, key_padding_mask, batch, heads, length, dtype) -> Optional[Tensor]:
-    """nn.MultiheadAttention's masks (True or -inf = do not attend) as one additive float mask
-    for scaled_dot_product_attention, shaped (batch, heads, L, S)."""
-    if attn_mask is None and key_padding_mask is None:
-        return None
-    mask = torch.zeros((batch, heads, length, length), dtype=dtype, device=(
-        attn_mask if attn_mask is not None else key_padding_mask).device)
-    if attn_mask is not None:
-        m = attn_mask
-        if m.dtype == torch.bool:
-            m = torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf"))
-        m = m.to(dtype)
-        mask = mask + (m.reshape(batch, heads, length, length) if m.dim() == 3 else m)
-    if key_padding_mask is not None:
-        k = key_padding_mask
-        if k.dtype == torch.bool:
-            k = torch.zeros_like(k, dtype=dtype).masked_fill(k, float("-inf"))
-        mask = mask + k.to(dtype)[:, None, None, :]
-    return mask
+@torch.jit.unused
+def fused_ff_block(layer: nn.TransformerEncoderLayer, x: Tensor):
+    """torch's TransformerEncoderLayer._ff_block with linear1 + activation fused, or NotImplemented."""
+    h = fused_linear_act(x, layer.linear1, nn.Linear, layer.activation, activation_name(layer.activation))
+    if h is NotImplemented:
+        return h
+    return layer.dropout2(layer.linear2(layer.dropout(h)))

@@ -20,9 +20,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import activations
+from .dropin import batched, functorch_active
 from .backends import BACKENDS
 from .backends.base import empty_like_nothing as _nothing
 from .backends.base import or_nothing as _or_nothing
@@ -95,6 +97,8 @@ def linear_act_autograd(fwd_call, bwd_call):
         tail = (None, *([None] * len(ctx.extra)), None)
         if dy is None or not (need_dx or need_dw or need_db):
             return (None, None, None) + tail
+        if functorch_active() or batched(dy):
+            return _composite_act_backward(dy, x, weight, bias, ctx.activation, need_dx, need_dw, need_db) + tail
         if ctx.recompute:
             with torch.no_grad():
                 _, saved = fwd_call(x, weight, bias, ctx.activation, ctx.extra, True)
@@ -106,6 +110,26 @@ def linear_act_autograd(fwd_call, bwd_call):
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + tail
 
     return setup_context, backward
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):
+    """linear_act's backward in PyTorch ops, z recomputed from the inputs: for a backward that runs
+    under a torch.func transform although its forward did not (autograd.functional.jacobian with
+    vectorize=True, autograd.grad with is_grads_batched=True vmap over the grad outputs), where
+    fastnn's kernels cannot read the batched tensors."""
+    if (need_dx or need_dw or need_db) and (x is None or weight is None):
+        raise RuntimeError(
+            "fastnn.linear_act: a backward vmapped over its grad outputs (jacobian(vectorize=True), "
+            "is_grads_batched=True) needs x and weight, which this forward did not keep because only one "
+            "of them needs a gradient; use vectorize=False or backend='torch' for this call")
+    ct = _compute_dtype(dy.dtype)
+    dz = (dy.to(ct) * activations.get(activation).grad(F.linear(x, weight, bias).to(ct))).to(dy.dtype)
+    return (dz @ weight if need_dx else None, dz.t() @ x if need_dw else None,
+            dz.sum(0) if need_db else None)
 
 
 def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
@@ -219,6 +243,9 @@ def linear_glu_autograd(fwd_call, bwd_call):
         none_tail = (None, *([None] * len(ctx.extra)), None)
         if dy is None or not any(needs):
             return (None,) * 5 + none_tail
+        if functorch_active() or batched(dy):
+            return _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
+                                           needs) + none_tail
         if ctx.recompute:
             with torch.no_grad():
                 _, z_gate, z_up = fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
@@ -228,6 +255,20 @@ def linear_glu_autograd(fwd_call, bwd_call):
         return tuple(g if need else None for g, need in zip(grads, needs)) + none_tail
 
     return setup_context, backward
+
+
+def _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, activation, needs):
+    """linear_glu's backward in PyTorch ops (see _composite_act_backward)."""
+    act = activations.get_gated(activation)
+    ct = _compute_dtype(dy.dtype)
+    z_gate = F.linear(x, gate_weight, gate_bias).to(ct)
+    z_up = F.linear(x, up_weight, up_bias).to(ct)
+    dz_gate = (dy.to(ct) * z_up * act.grad(z_gate)).to(dy.dtype)
+    dz_up = (dy.to(ct) * act.fn(z_gate)).to(dy.dtype)
+    grads = (dz_gate @ gate_weight + dz_up @ up_weight if needs[0] else None,
+             dz_gate.t() @ x if needs[1] else None, dz_up.t() @ x if needs[2] else None,
+             dz_gate.sum(0) if needs[3] else None, dz_up.sum(0) if needs[4] else None)
+    return grads
 
 
 def register_linear_glu_autograd(fwd_op: str, fwd_call, bwd_call) -> None:

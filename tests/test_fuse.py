@@ -1,5 +1,7 @@
-"""fastnn.fuse: the patterns it swaps, what it leaves alone, and that nothing else changes."""
+"""fastnn.fuse: the patterns it fuses, what it leaves alone, and that the fused model is the same
+model to everything around it (train/eval, hooks, wrappers such as LoRA, offloading, pickling)."""
 import copy
+import io
 
 import pytest
 import torch
@@ -7,21 +9,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnn
-from fastnn.modules import FusedLinear
+from fastnn.dropin import FusedCall
+from fused_calls import fused_calls  # noqa: F401  (fixture)
 
 
-def _outputs_and_grads(model, x):
+def _outputs_and_grads(model, *inputs, **kwargs):
     model.zero_grad(set_to_none=True)
-    y = model(x)
+    y = model(*inputs, **kwargs)
     y = y if isinstance(y, torch.Tensor) else y[0]
     y.float().square().sum().backward()
     return y.detach(), [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
 
 
-def _assert_same(model, fused, x, atol=2e-5):
-    y1, g1 = _outputs_and_grads(model, x)
-    y2, g2 = _outputs_and_grads(fused, x)
+def _assert_same(reference, fused, *inputs, atol=2e-5, **kwargs):
+    y1, g1 = _outputs_and_grads(reference, *inputs, **kwargs)
+    y2, g2 = _outputs_and_grads(fused, *inputs, **kwargs)
     torch.testing.assert_close(y2, y1, atol=atol, rtol=atol)
+    assert len(g1) == len(g2)
     for a, b in zip(g1, g2):
         if a is None:
             assert b is None
@@ -33,102 +37,316 @@ ACT_MODULES = [nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.
 
 
 @pytest.mark.parametrize("act", ACT_MODULES, ids=lambda m: repr(m))
-def test_sequential_patterns(act):
-    torch.manual_seed(0)
+def test_sequential_patterns(act, fused_calls):
     model = nn.Sequential(nn.Linear(12, 20), act, nn.Linear(20, 6))
     reference = copy.deepcopy(model)
+    children = list(model.children())
     keys = list(model.state_dict())
-    params = [id(p) for p in model.parameters()]
     fastnn.fuse(model)
-    assert isinstance(model[0], FusedLinear) and isinstance(model[1], nn.Identity)
-    assert type(model[2]) is nn.Linear  # not followed by an activation
+    assert list(model.children()) == children and type(model[0]) is nn.Linear  # nothing swapped
     assert list(model.state_dict()) == keys
-    assert [id(p) for p in model.parameters()] == params  # shared, not copied
     _assert_same(reference, model, torch.randn(5, 12))
+    assert fused_calls["linear_act"] == 1
     assert any(r.fused and r.path == "0" for r in model.fastnn_fuse_report)
+    assert model[0](torch.ones(1, 12)).shape == (1, 20)  # the Linear alone is still a Linear
 
 
 def test_left_alone():
     model = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4),
                           nn.Dropout(0.1), nn.ReLU())
     fastnn.fuse(model)
-    assert all(type(m) is nn.Linear for m in (model[0], model[2], model[4]))
+    assert "forward" not in model.__dict__  # no pair to fuse: nothing installed
     left = {r.path: r.detail for r in model.fastnn_fuse_report if not r.fused}
     assert "slope 0.2" in left["0"] and "Softplus" in left["2"]
 
 
 def test_optimizer_and_tied_weights_keep_working():
-    torch.manual_seed(0)
     shared = nn.Linear(8, 8)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Tanh())  # the same Linear twice (tied)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before fuse
     fastnn.fuse(model)
-    assert model[0].weight is model[2].weight is shared.weight
     before = shared.weight.detach().clone()
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
     assert not torch.equal(shared.weight, before)  # the optimiser still updates the shared parameter
 
 
-def test_transformer_encoder_layer_swapped():
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, activation="gelu")
-    model = nn.ModuleDict({"enc": layer})
-    reference = copy.deepcopy(layer)
+def test_hooks_on_inner_modules_fire_and_disable_fusion(fused_calls):
+    model = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 3))
+    reference = copy.deepcopy(model)
     fastnn.fuse(model)
-    assert isinstance(model["enc"], fastnn.TransformerEncoderLayer)
-    assert model["enc"].linear1.weight is layer.linear1.weight
-    _assert_same(reference, model["enc"], torch.randn(2, 5, 16))
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    x = torch.randn(4, 6)
+    _assert_same(reference, model, x)
+    assert len(seen) == 1 and fused_calls["linear_act"] == 0  # pre-activation captured: ran unfused
+    torch.testing.assert_close(seen[0], reference[0](x))
+    handle.remove()
+    model(x)
+    assert fused_calls["linear_act"] == 1  # fused again once the hook is gone
+    act_hook = model[1].register_forward_pre_hook(lambda m, i: None)
+    model(x)
+    assert fused_calls["linear_act"] == 1
+    act_hook.remove()
+    outer = []
+    model.register_forward_hook(lambda m, i, o: outer.append(o))  # on the fused module itself: fires, fused
+    model(x)
+    assert len(outer) == 1 and fused_calls["linear_act"] == 2
 
 
-def test_fuse_rejects_a_bare_pattern():
-    with pytest.raises(ValueError, match="in place"):
-        fastnn.fuse(nn.TransformerEncoderLayer(8, 2))
+def test_global_hooks_disable_fusion(fused_calls):
+    model = fastnn.fuse(nn.Sequential(nn.Linear(6, 10), nn.SiLU()))
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        model(torch.randn(2, 6))
+    finally:
+        handle.remove()
+    assert seen == ["Linear", "SiLU", "Sequential"] and fused_calls["linear_act"] == 0
+
+
+def test_bad_inputs_give_torchs_errors():
+    model = fastnn.fuse(nn.Sequential(nn.Linear(6, 10), nn.ReLU()))
+    reference = nn.Sequential(nn.Linear(6, 10), nn.ReLU())
+    for bad in (torch.randn(2, 5), torch.randn(2, 6, dtype=torch.float64), torch.tensor(1.0)):
+        with pytest.raises(RuntimeError) as theirs:
+            reference(bad)
+        with pytest.raises(RuntimeError) as ours:
+            model(bad)
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_fuse_root_twice_unfuse_pickle(fused_calls):
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, activation="gelu")
+    reference = copy.deepcopy(layer)
+    assert fastnn.fuse(layer) is layer  # a bare pattern is fused in place too
+    assert isinstance(layer.__dict__["_ff_block"], FusedCall)
+    fastnn.fuse(layer)
+    assert not layer.fastnn_fuse_report  # nothing more the second time
+    x = torch.randn(2, 5, 16)
+    _assert_same(reference, layer, x)
+    assert fused_calls["linear_act"] == 1
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # whole-module pickling, as torch.save(model) users do
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for clone in (loaded, copy.deepcopy(layer)):
+        assert clone.__dict__["_ff_block"].module is clone
+        _assert_same(reference, clone, x)
+    assert fused_calls["linear_act"] == 3
+    fastnn.unfuse(layer)
+    assert "_ff_block" not in layer.__dict__
+    torch.jit.script(layer)  # torch's own layer again
+
+
+def test_encoder_layer_eval_dropout_and_hooks(fused_calls):
+    """fuse on a model in eval keeps it in eval (no attention dropout at inference) and keeps the
+    layer's hooks; train() later switches dropout on as in torch."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.3, batch_first=True,
+                                                           activation="gelu"), 2, enable_nested_tensor=False)
+    enc.eval()
+    reference = copy.deepcopy(enc)
+    seen = []
+    enc.layers[0].register_forward_hook(lambda m, i, o: seen.append(1))
+    fastnn.fuse(enc)
+    assert not any(m.training for m in enc.modules())
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y1, y2 = enc(x), enc(x)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(y1, reference(x), atol=2e-5, rtol=2e-5)
+    assert len(seen) == 2 and fused_calls["linear_act"] == 4
+    enc.train()
+    assert not torch.equal(enc(x), enc(x))
+
+
+def test_fused_model_compiles_fullgraph():
+    """torch.compile traces through the installed methods: one graph, with fastnn's op in it."""
+    torch._dynamo.reset()
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, activation="gelu")
+    model = nn.Sequential(nn.Linear(16, 16), nn.SiLU(), layer)
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    _assert_same(reference, compiled, torch.randn(2, 5, 16))
+    assert sum("fastnn" in t for t in targets) == 2, [t for t in targets if "fastnn" in t or "linear" in t]
 
 
 # ---- Hugging Face transformers (random weights from small configs: nothing is downloaded) -------
 transformers = pytest.importorskip("transformers")
 
-
-def _eval(model):
-    model.eval()
-    return model
+_COMMON = dict(vocab_size=100)
 
 
-def test_bert_intermediate():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+def _causal(model_cls, cfg):
     torch.manual_seed(0)
-    model = _eval(transformers.BertForSequenceClassification(cfg))
-    reference = copy.deepcopy(model)
-    fastnn.fuse(model)
-    swapped = [r for r in model.fastnn_fuse_report if r.fused]
-    assert len(swapped) == 2 and all("Intermediate" in r.kind for r in swapped)
-    ids = torch.randint(0, 100, (2, 7))
-    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-    assert list(model.state_dict()) == list(reference.state_dict())
+    return model_cls(cfg).eval()
 
 
-def test_gpt2_mlp_conv1d_layout():
-    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0)
+# name -> (model constructor, calls of each fused op per forward, fused blocks, is a causal LM)
+def _families():
+    t = transformers
+    bert_kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    llama_kw = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "bert": (lambda: t.BertForSequenceClassification(t.BertConfig(**bert_kw)), "linear_act", False),
+        "roberta": (lambda: t.RobertaForSequenceClassification(t.RobertaConfig(**bert_kw, pad_token_id=1)),
+                    "linear_act", False),
+        "deberta-v2": (lambda: t.DebertaV2ForSequenceClassification(t.DebertaV2Config(**bert_kw)), "linear_act",
+                       False),
+        "electra": (lambda: t.ElectraForSequenceClassification(t.ElectraConfig(**bert_kw, embedding_size=32)),
+                    "linear_act", False),
+        "distilbert": (lambda: t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64)), "linear_act", False),
+        "gpt2": (lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=64)), "linear_act", True),
+        "gpt-neox": (lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                                  num_attention_heads=2, intermediate_size=64)),
+                     "linear_act", True),
+        "falcon": (lambda: t.FalconForCausalLM(t.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                              num_attention_heads=2, bias=True)), "linear_act", True),
+        "t5": (lambda: t.T5ForConditionalGeneration(t.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64,
+                                                               num_layers=2, num_heads=2, decoder_start_token_id=0)),
+               "linear_act", False),
+        "t5-gated-gelu": (lambda: t.T5ForConditionalGeneration(t.T5Config(
+            vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0)), "linear_glu", False),
+        "clip-text": (lambda: t.CLIPTextModel(t.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                               num_hidden_layers=2, num_attention_heads=2,
+                                                               hidden_act="gelu")), "linear_act", False),
+        "llama": (lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_kw)), "linear_glu", True),
+        "mistral": (lambda: t.MistralForCausalLM(t.MistralConfig(**llama_kw)), "linear_glu", True),
+        "qwen2": (lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama_kw)), "linear_glu", True),
+        "qwen3": (lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**llama_kw, head_dim=16)), "linear_glu", True),
+        "gemma": (lambda: t.GemmaForCausalLM(t.GemmaConfig(**llama_kw, head_dim=16)), "linear_glu", True),
+        "phi3": (lambda: t.Phi3ForCausalLM(t.Phi3Config(**llama_kw, pad_token_id=0)), "linear_glu", True),
+    }
+
+
+FAMILIES = _families()
+
+
+def _inputs(name):
+    ids = torch.randint(3, 100, (2, 9))
+    if name.startswith("t5"):
+        return dict(input_ids=ids, decoder_input_ids=torch.randint(3, 100, (2, 5)))
+    return dict(input_ids=ids)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_hugging_face_family(name, fused_calls):
+    """Logits and every gradient as the unfused model's, in train mode (dropout seeded alike) and in
+    eval; the fused op really runs; greedy generation gives the same tokens."""
+    build, op, causal = FAMILIES[name]
     torch.manual_seed(0)
-    model = _eval(transformers.GPT2LMHeadModel(cfg))
-    reference = copy.deepcopy(model)
-    fastnn.fuse(model)
-    assert sum(r.fused for r in model.fastnn_fuse_report) == 2
-    ids = torch.randint(0, 100, (2, 9))
-    _assert_same(reference, model, ids, atol=1e-4)
-
-
-def test_llama_gated_mlp():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = _eval(transformers.LlamaForCausalLM(cfg))
+    model = build()
     reference = copy.deepcopy(model)
     fastnn.fuse(model)
     fused = [r for r in model.fastnn_fuse_report if r.fused]
-    assert len(fused) == 2 and "swiglu" in fused[0].detail
-    ids = torch.randint(0, 100, (2, 9))
-    _assert_same(reference, model, ids, atol=1e-4)
+    assert len(fused) in (2, 4), model.fastnn_fuse_report  # one block per layer (encoder + decoder for T5)
+    inputs = _inputs(name)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        reference.train(mode == "train")
+        torch.manual_seed(5)
+        y1, g1 = _outputs_and_grads(reference, **inputs)
+        torch.manual_seed(5)
+        y2, g2 = _outputs_and_grads(model, **inputs)
+        torch.testing.assert_close(y2, y1, atol=1e-4, rtol=1e-4)
+        for a, b in zip(g1, g2):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=4e-4, rtol=4e-4)
+    assert fused_calls[op] == 2 * len(fused)
+    if causal:
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            torch.testing.assert_close(model.generate(inputs["input_ids"], **kw),
+                                       reference.generate(inputs["input_ids"], **kw), rtol=0, atol=0)
+
+
+def test_unknown_hf_activation_left_with_reason():
+    cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, hidden_act="quick_gelu")
+    model = fastnn.fuse(transformers.CLIPTextModel(cfg))
+    left = [r for r in model.fastnn_fuse_report if not r.fused]
+    assert len(left) == 1 and "QuickGELUActivation has no fastnn equivalent" in left[0].detail
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                             ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32))
+    report = fastnn.fuse(opt).fastnn_fuse_report
+    assert any(not r.fused and "inside a layer's own forward" in r.detail for r in report)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_hooks_on_inner_projection_fire(fused_calls):
+    model = _llama()
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    captured = []
+    model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: captured.append(o))
+    ids = torch.randint(0, 100, (1, 5))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert len(captured) == 1 and fused_calls["linear_glu"] == 1  # layer 0 unfused, layer 1 fused
+
+
+peft = pytest.importorskip("peft")
+
+
+def _lora(model):
+    torch.manual_seed(7)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"], init_lora_weights=False)
+    return peft.get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("order", ["fuse-then-lora", "lora-then-fuse"])
+def test_lora_is_never_bypassed(order, fused_calls):
+    """The usual order (load, fuse, fine-tune with LoRA) and the other: the adapters count, the
+    gradients reach them, and merging the adapters brings the fused path back."""
+    ids = torch.randint(0, 100, (2, 7))
+    reference = _lora(_llama())
+    if order == "fuse-then-lora":
+        model = _lora(fastnn.fuse(_llama()))
+    else:
+        model = fastnn.fuse(_lora(_llama()))
+        assert all("runs unfused while gate_proj is a" in r.detail for r in model.fastnn_fuse_report if r.fused)
+    y1, g1 = _outputs_and_grads(reference, ids)
+    y2, g2 = _outputs_and_grads(model, ids)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert fused_calls["linear_glu"] == 0
+    merged, merged_ref = model.merge_and_unload(), reference.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, merged_ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert fused_calls["linear_glu"] == 2
+
+
+accelerate = pytest.importorskip("accelerate")
+
+
+def test_accelerate_cpu_offload(fused_calls):
+    """Weights offloaded to meta, brought in by accelerate's hooks on each Linear: the fused block
+    sees hooked projections and runs them, right."""
+    model = _llama()
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.gate_proj.weight.is_meta
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)

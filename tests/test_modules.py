@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnn
+from fused_calls import fused_calls  # noqa: F401  (fixture)
 from numerics import assert_within_2x
 
 
@@ -170,22 +171,63 @@ def test_encoder_layer_masks_and_causal():
         torch.testing.assert_close(y1, y2, atol=2e-5, rtol=2e-5)
 
 
-def test_encoder_stack_and_eval():
+def test_encoder_stack_eval_and_nested_tensors(fused_calls):
+    """In a TransformerEncoder with nested tensors (torch's default) in eval, torch's own fast
+    path runs, as with torch's layer; in training the fused feed-forward runs with live dropout."""
     layer = fastnn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
-    with pytest.warns(UserWarning, match="enable_nested_tensor"):
-        enc = nn.TransformerEncoder(layer, num_layers=2)
+    enc = nn.TransformerEncoder(layer, num_layers=2)
     ref_layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
-    ref = nn.TransformerEncoder(ref_layer, num_layers=2, enable_nested_tensor=False)
+    ref = nn.TransformerEncoder(ref_layer, num_layers=2)
     ref.load_state_dict(enc.state_dict())
-    enc.eval()
-    ref.eval()
+    ref_layer.load_state_dict(layer.state_dict())
+    for m in (enc, ref, layer, ref_layer):
+        m.eval()
     x = torch.randn(2, 5, 32)
     padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
     with torch.no_grad():
-        torch.testing.assert_close(enc(x, src_key_padding_mask=padding)[:, :3], ref(x, src_key_padding_mask=padding)[:, :3],
+        torch.testing.assert_close(enc(x, src_key_padding_mask=padding), ref(x, src_key_padding_mask=padding),
                                    atol=2e-5, rtol=2e-5)
+        nested = torch.nested.nested_tensor([torch.randn(3, 32), torch.randn(5, 32)])
+        for a, b in zip(layer(nested).unbind(), ref_layer(nested).unbind()):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     enc.train()
     assert not torch.equal(enc(x), enc(x))  # dropout is live in training
+    assert fused_calls["linear_act"] == 4
+
+
+def test_encoder_layer_is_torchs_around_the_feed_forward():
+    ours, ref = _layers(batch_first=True, activation="gelu")
+    x = torch.randn(2, 6, 32)
+    # hooks on self_attn fire, and a replaced self_attn is the one that runs
+    seen = []
+    ours.self_attn.register_forward_hook(lambda m, i, o: seen.append(1))
+    torch.testing.assert_close(ours(x), ref(x), atol=2e-5, rtol=2e-5)
+    assert seen == [1]
+    ours.self_attn = ref.self_attn = nn.MultiheadAttention(32, 2, batch_first=True)
+    torch.testing.assert_close(ours(x), ref(x), atol=2e-5, rtol=2e-5)
+    # unbatched (S, E) input, documented by torch
+    torch.testing.assert_close(ours(x[0]), ref(x[0]), atol=2e-5, rtol=2e-5)
+    # masks: torch's rules and torch's errors
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    torch.testing.assert_close(ours(x, src_mask=causal, is_causal=True), ref(x, src_mask=causal, is_causal=True),
+                               atol=2e-5, rtol=2e-5)
+    for kwargs in (dict(src_key_padding_mask=torch.zeros(2, 6, dtype=torch.int64)),
+                   dict(src_key_padding_mask=torch.zeros(2, 6, dtype=torch.uint8)), dict(is_causal=True)):
+        try:
+            expected = ref(x, **kwargs)
+        except Exception as e:  # noqa: BLE001  (whatever torch raises, fastnn raises the same)
+            with pytest.raises(type(e)) as ours_error:
+                ours(x, **kwargs)
+            assert str(ours_error.value) == str(e)
+        else:
+            torch.testing.assert_close(ours(x, **kwargs), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_encoder_layer_scripts():
+    ours, ref = _layers(batch_first=True, activation="gelu")
+    scripted = torch.jit.script(ours)
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(scripted(x), ref(x), atol=2e-5, rtol=2e-5)
 
 
 def test_encoder_layer_compile_fullgraph():
@@ -217,3 +259,37 @@ def test_modules_on_meta_and_under_autocast():
         ref = mlp.fc2(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)))
     assert y.dtype == torch.bfloat16 == ref.dtype
     torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_mlp_projections_wrapped_or_hooked_run_unfused(activation, fused_calls):
+    """A hook on a projection sees what it would see unfused (the pre-activation), and a LoRA
+    adapter on it counts: the block runs through the projection modules then."""
+    mlp = fastnn.FusedMLP(8, 16, activation=activation)
+    op = "linear_glu" if activation == "swiglu" else "linear_act"
+    proj = mlp.fc1.gate_proj if activation == "swiglu" else mlp.fc1
+    x = torch.randn(3, 8)
+
+    def unfused(m):
+        if activation == "swiglu":
+            return m.fc2(F.silu(m.fc1.gate_proj(x)) * m.fc1.up_proj(x))
+        return m.fc2(F.gelu(m.fc1(x)))
+
+    expected = unfused(mlp).detach()
+    assert fused_calls[op] == 0
+    torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+    assert fused_calls[op] == 1
+    captured = []
+    handle = proj.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+    assert fused_calls[op] == 1 and len(captured) == 1
+    torch.testing.assert_close(captured[0], F.linear(x, proj.weight, proj.bias))
+    handle.remove()
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    target = ["gate_proj"] if activation == "swiglu" else ["fc1"]
+    lora = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=target, init_lora_weights=False),
+                                        copy.deepcopy(mlp))
+    torch.testing.assert_close(lora(x), unfused(lora), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lora(x), expected, atol=1e-4)  # the adapter changes the result
+    assert fused_calls[op] == 1

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..activations import Activation
+from ..dropin import functorch_active
 from .base import Backend, BackendUnavailableError
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -43,6 +44,13 @@ def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Te
     """The backend that serves this call: `requested` itself, or for `auto` the first that can."""
     if requested not in NAMES:
         raise ValueError(f"fastnn.{op}: unknown backend {requested!r}; valid backends: {', '.join(NAMES)}")
+    if functorch_active():
+        # fastnn's kernels read raw pointers, which torch.func's wrapped tensors do not have
+        if requested in ("auto", "torch"):
+            return "torch"
+        raise BackendUnavailableError(
+            f"fastnn.{op}: backend {requested!r} cannot run under torch.func transforms (vmap, grad, jvp, "
+            "jacrev, jacfwd) or forward-mode AD; backend='auto' runs PyTorch's composite there")
     if requested == "auto":
         for name in auto_order(x.device.type, act):
             backend = BACKENDS.get(name)

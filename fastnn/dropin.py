@@ -1,0 +1,135 @@
+"""What keeps a fused module indistinguishable from what it replaces.
+
+fastnn fuses a projection and its activation only while calling them would run nothing but their
+classes' own forward. Anything else a user or a library put there (LoRA and other wrappers,
+quantised or parametrised layers, FSDP2, forward or backward hooks on the module or global ones,
+accelerate's offloading hooks, an instance-level forward) makes the call do more, and then fastnn
+calls the modules themselves, unfused but right. The checks are a few attribute reads per call.
+
+`FusedCall` is what fastnn.fuse installs on a module instance in place of one of its methods
+(forward, or _ff_block / ff_chunk where the model's own forward calls those): the module keeps
+its class, children, parameters, hooks and train/eval state, so everything around it sees the
+module it had. `fastnn.unfuse` takes it away again.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.modules.module as _torch_module
+from torch import Tensor, nn
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def global_hooks_present() -> bool:
+    """Whether hooks registered for every module (register_module_forward_hook, ...) exist: they
+    would fire for the inner modules of an unfused model, so nothing is fused while they do."""
+    return any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def plain_module(module, cls) -> bool:
+    """Whether calling `module` runs exactly `cls.forward`: its type is `cls` itself (not a
+    wrapper, subclass or parametrised class), it has no hooks and no instance-level forward."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and not module._backward_hooks and not module._backward_pre_hooks
+            and "forward" not in module.__dict__)
+
+
+def plain_callable(fn) -> bool:
+    """An activation given as a function is plain; as a module, when plain_module of its own type."""
+    return not isinstance(fn, nn.Module) or plain_module(fn, type(fn))
+
+
+def fusable_input(x, *weights) -> bool:
+    """Inputs the fused op takes exactly as F.linear would; anything else (a dtype or device
+    mismatch, wrong in_features, a non-tensor) goes to the module itself, whose error is the one
+    the user would have seen without fastnn."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        return False
+    return all(isinstance(w, Tensor) and w.dim() == 2 and w.dtype == x.dtype and w.device == x.device
+               and w.shape[1] == x.shape[-1] for w in weights)
+
+
+class FusedCall:
+    """A fused method installed on one module instance (as `module.<method>`).
+
+    Calls `fused(self, *args, **kwargs)`, a module-level function that returns NotImplemented when
+    some part is no longer plain (see the module docstring); then the module's own method runs.
+    `parts` holds what `fused` needs that the module does not (the activation's fastnn name, the
+    activation object and projection classes seen when fusing). Picklable and deep-copyable with
+    the module.
+    """
+
+    def __init__(self, module: nn.Module, method: str, fused, parts: dict, detail: str):
+        self.module = module
+        self.method = method
+        self.fused = fused
+        self.parts = parts
+        self.detail = detail
+        # an instance-level override already there (another library's hook): kept and called
+        self.original = module.__dict__.get(method)
+
+    def unfused(self, *args, **kwargs):
+        if self.original is not None:
+            return self.original(*args, **kwargs)
+        return getattr(type(self.module), self.method)(self.module, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not global_hooks_present():
+            out = self.fused(self, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return self.unfused(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        # the original method's, for code that inspects it (Trainer drops unused columns by it)
+        sig = inspect.signature(getattr(type(self.module), self.method))
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __repr__(self):
+        return f"<fastnn fused {type(self.module).__name__}.{self.method}: {self.detail}>"
+
+
+def install(module: nn.Module, method: str, fused, parts: dict, detail: str) -> FusedCall:
+    call = FusedCall(module, method, fused, parts, detail)
+    module.__dict__[method] = call
+    return call
+
+
+def installed(module: nn.Module, method: str) -> bool:
+    return isinstance(module.__dict__.get(method), FusedCall)
+
+
+def uninstall(module: nn.Module) -> int:
+    """Remove every FusedCall from `module` itself (restoring overrides that were there); returns
+    how many there were."""
+    removed = 0
+    for name, value in list(module.__dict__.items()):
+        if isinstance(value, FusedCall):
+            if value.original is not None:
+                module.__dict__[name] = value.original
+            else:
+                del module.__dict__[name]
+            removed += 1
+    return removed
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, jacrev, jacfwd, functional per-sample
+    gradients) or forward-mode AD is running: fastnn's ops read raw pointers, so under those the
+    composite of PyTorch ops runs instead, which every transform understands. (While torch.compile
+    traces, the interpreter stack reads as non-empty whatever runs: the ops are traced then.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
+def batched(t) -> bool:
+    """Whether `t` is a functorch or legacy-vmap wrapper (no storage of its own): what a backward
+    vmapped over its grad outputs receives (jacobian(vectorize=True), is_grads_batched=True)."""
+    f = torch._C._functorch
+    return t is not None and (f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t))
