@@ -350,3 +350,13 @@ def test_accelerate_cpu_offload(fused_calls):
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = fastnn.fuse(_llama())
+    model.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert "forward" not in loaded.model.layers[0].mlp.__dict__  # a plain model: fuse it when wanted
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(fastnn.fuse(loaded)(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
