@@ -8,21 +8,22 @@ under TRITON_INTERPRET=1 on CPU tensors.
 import triton
 import triton.language as tl
 
-IDENTITY: tl.constexpr = 0
-RELU: tl.constexpr = 1
-GELU: tl.constexpr = 2
-GELU_TANH: tl.constexpr = 3
-SILU: tl.constexpr = 4
-SIGMOID: tl.constexpr = 5
-TANH: tl.constexpr = 6
-LEAKY_RELU: tl.constexpr = 7
-SQUARED_RELU: tl.constexpr = 8
+# globals a kernel reads must be tl.constexpr objects (an annotation "X: tl.constexpr = 1" does not compile)
+IDENTITY = tl.constexpr(0)
+RELU = tl.constexpr(1)
+GELU = tl.constexpr(2)
+GELU_TANH = tl.constexpr(3)
+SILU = tl.constexpr(4)
+SIGMOID = tl.constexpr(5)
+TANH = tl.constexpr(6)
+LEAKY_RELU = tl.constexpr(7)
+SQUARED_RELU = tl.constexpr(8)
 
-LEAKY_SLOPE: tl.constexpr = 0.01
-SQRT1_2: tl.constexpr = 0.7071067811865476
-INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
-TWO_SQRT_2_PI: tl.constexpr = 1.5957691216057308  # 2 sqrt(2 / pi)
-GELU_K1: tl.constexpr = 0.044715
+LEAKY_SLOPE = tl.constexpr(0.01)
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+TWO_SQRT_2_PI = tl.constexpr(1.5957691216057308)  # 2 sqrt(2 / pi)
+GELU_K1 = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -60,14 +61,15 @@ def tanh(z):
 
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
-    """act(z) for float32 z."""
+    """act(z) for float32 z. (Tensor operands come first in products with the constexpr globals: the
+    interpreter cannot make a constexpr of constexpr * tensor.)"""
     if ACT == RELU:
         out = tl.where(z < 0, 0.0, z)  # tl.maximum would turn NaN into 0
     elif ACT == GELU:
         out = 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACT == GELU_TANH:
         # 0.5 z (1 + tanh(u)) = z sigmoid(2u): no cancellation for negative z
-        s, _ = sigmoid_pair(TWO_SQRT_2_PI * (z + GELU_K1 * z * z * z))
+        s, _ = sigmoid_pair((z + z * z * z * GELU_K1) * TWO_SQRT_2_PI)
         out = z * s
     elif ACT == SILU:
         s, _ = sigmoid_pair(z)
@@ -78,7 +80,7 @@ def act_fwd(z, ACT: tl.constexpr):
     elif ACT == TANH:
         out = tanh(z)
     elif ACT == LEAKY_RELU:
-        out = tl.where(z > 0, z, LEAKY_SLOPE * z)
+        out = tl.where(z > 0, z, z * LEAKY_SLOPE)
     elif ACT == SQUARED_RELU:
         out = tl.where(z < 0, 0.0, z * z)
     else:
@@ -95,8 +97,8 @@ def act_grad(z, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
         out = cdf + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
     elif ACT == GELU_TANH:
-        s, sc = sigmoid_pair(TWO_SQRT_2_PI * (z + GELU_K1 * z * z * z))
-        out = s + z * s * sc * TWO_SQRT_2_PI * (1.0 + 3.0 * GELU_K1 * z * z)
+        s, sc = sigmoid_pair((z + z * z * z * GELU_K1) * TWO_SQRT_2_PI)
+        out = s + z * s * sc * TWO_SQRT_2_PI * (1.0 + z * z * (3.0 * GELU_K1))
     elif ACT == SILU:
         s, sc = sigmoid_pair(z)
         out = s * (1.0 + z * sc)

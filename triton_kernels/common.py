@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.base import tf32_allowed
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -30,7 +32,7 @@ def dot_precision(dtype: torch.dtype):
     "ieee" there could only steer a compiler away from the tensor cores)."""
     if dtype != torch.float32:
         return None
-    if not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    if not interpreting() and tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -55,20 +57,45 @@ def shared_memory_limit(device) -> int:
 
 
 def prune_by_shared_memory(configs, named_args, **kwargs):
-    """Drops configs whose pipelined tiles would not fit in shared memory (at least one stays)."""
-    x = named_args.get("x_ptr", named_args.get("dy_ptr"))
-    if x is None or not hasattr(x, "device"):
+    """The configs whose pipelined tiles fit in shared memory. A config that does not fit is
+    shrunk until it does (fewer stages down to 2, then half the K tile), never launched as is:
+    float32 operands need twice the bytes of the 16-bit ones the configs were sized for.
+
+    What each kernel streams per stage: forward x [BM, BK] and W [BN, BK] (two weights in the gated
+    kernel); dgrad dY [BM, BN], the saved D [BM, BN] and W [BN, BK] (the gated form a second D and
+    W); wgrad dY and D [BM, BN] and x [BM, BK]."""
+    first = next((named_args[k] for k in ("x_ptr", "dy_ptr") if k in named_args), None)
+    if first is None or not hasattr(first, "device"):
         return configs
-    limit = shared_memory_limit(x.device)
-    es = x.element_size()
-    b_operands = 2 if "wu_ptr" in named_args else 1  # the gated kernel streams two weights
-    kept = []
-    for c in configs:
-        kw = c.kwargs
+    limit = shared_memory_limit(first.device) - 1024  # the compiler's own scratch (barriers, reductions)
+    es = first.element_size()
+    save = kwargs.get("SAVE", named_args.get("SAVE", 0))
+    saved_es = 0 if save == 0 else (es if save == 2 else 1)
+
+    def need(kw, stages):
         bm, bn, bk = kw.get("BLOCK_M", 64), kw.get("BLOCK_N", 64), kw.get("BLOCK_K", 32)
-        tiles = (bm * bk + bn * bk * b_operands) * es
-        if tiles * max(1, c.num_stages) <= limit:
-            kept.append(c)
+        if "x_ptr" in named_args and "w_ptr" in named_args or "wg_ptr" in named_args:  # forward
+            per_stage = (bm * bk + bn * bk * (2 if "wu_ptr" in named_args else 1)) * es
+        elif "w_ptr" in named_args:  # dgrad
+            per_stage = bm * bn * (es + saved_es) + bn * bk * es
+            if kwargs.get("DUAL", named_args.get("DUAL", False)):
+                per_stage += bm * bn * es + bn * bk * es
+        else:  # wgrad
+            per_stage = bm * bn * (es + saved_es) + bm * bk * es
+        return per_stage * max(1, stages)
+
+    kept, seen = [], set()
+    for c in configs:
+        kw, stages = dict(c.kwargs), c.num_stages
+        while need(kw, stages) > limit and (stages > 2 or kw.get("BLOCK_K", 32) > 16):
+            if stages > 2:
+                stages -= 1
+            else:
+                kw["BLOCK_K"] = kw.get("BLOCK_K", 32) // 2
+        key = (tuple(sorted(kw.items())), stages, c.num_warps)
+        if need(kw, stages) <= limit and key not in seen:
+            seen.add(key)
+            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
     return kept or configs[-1:]
 
 

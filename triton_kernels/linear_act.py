@@ -132,7 +132,8 @@ def splitk_epilogue_kernel(ws_ptr, b_ptr, y_ptr, s_ptr, M, N, SPLIT_K, stride_ym
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(SPLIT_K):
-        acc += load_tile(ws_ptr + s * M.to(tl.int64) * N, offs_m, offs_n, M, N, N)
+        # tl.cast, not M.to(): an integer argument equal to 1 arrives as a constexpr, which has no .to()
+        acc += load_tile(ws_ptr + s * tl.cast(M, tl.int64) * N, offs_m, offs_n, M, N, N)
     fwd_epilogue(acc, offs_m, offs_n, pid_n, M, N, b_ptr, y_ptr, s_ptr, stride_ym, stride_sm, ACT, HAS_BIAS, SAVE,
                  BLOCK_M, BLOCK_N)
 
@@ -270,22 +271,24 @@ def _identity(k):
 def _tma_ok(x, w, force):
     if force is not None:
         return force
-    if interpreting() or capability(x.device)[0] < 9:
+    # while torch.compile traces, pointers are not real (FunctionalTensor refuses data_ptr, fake
+    # tensors give 0): the pointer kernel, which takes any alignment, is traced instead
+    if interpreting() or torch.compiler.is_compiling() or capability(x.device)[0] < 9:
         return False
     es = x.element_size()
     return (x.stride(1) == 1 and w.stride(1) == 1 and (x.stride(0) * es) % 16 == 0 and (w.stride(0) * es) % 16 == 0
             and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and x.shape[1] * es >= 16)
 
 
-_allocator_set = False
+def _tma_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _ensure_allocator():
-    """Device-side tensor descriptors need scratch memory: take it from torch's caching allocator."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
+    """Device-side tensor descriptors need scratch memory: take it from torch's caching allocator.
+    Set before every TMA launch: Triton keeps the allocator per thread, and backward runs on
+    autograd's threads (and servers call from many)."""
+    triton.set_allocator(_tma_scratch)
 
 
 def _split_k(m, n, k, device, force):

@@ -62,3 +62,18 @@ def empty_like_nothing(x: torch.Tensor) -> torch.Tensor:
 
 def or_nothing(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return empty_like_nothing(like) if t is None else t
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32. torch >= 2.9 keeps the setting in
+    torch.backends.cuda.matmul.fp32_precision ("tf32", "ieee", or "none": inherit the global
+    torch.backends.fp32_precision), which also reflects the legacy allow_tf32 and
+    set_float32_matmul_precision; reading allow_tf32 itself there warns on every call and raises
+    once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"

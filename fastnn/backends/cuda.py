@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .base import Backend, empty_like_nothing
+from .base import Backend, empty_like_nothing, tf32_allowed
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,7 +66,7 @@ class _Call:
         self.device = like.device.index if like.device.index is not None else torch.cuda.current_device()
         self.stream = torch.cuda.current_stream(like.device).cuda_stream
         self.dtype = _native.DTYPE_CODES[like.dtype]
-        self.tf32 = like.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        self.tf32 = like.dtype == torch.float32 and tf32_allowed()
         self.ws = _workspace(like.device)
 
     def gemm(self, m, n, k, a, lda, trans_a, b, ldb, trans_b, d, ldd, accumulate=False, epilogue=NONE, bias=None,

@@ -18,6 +18,7 @@ CPU tensors, set TRITON_INTERPRET=1 before importing fastnn.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -66,18 +67,30 @@ class TritonBackend(Backend):
 
     # Backend methods, used by the eager path of the op layer (same kernels, no dispatcher)
     def linear_act_fwd(self, x, weight, bias, act, save):
-        return K_act.forward(x, weight, bias, act.code, _save_mode(act, save))
+        with _device_of(x):
+            return K_act.forward(x, weight, bias, act.code, _save_mode(act, save))
 
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
-        return _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, lambda k: k)
+        with _device_of(dy):
+            return _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, lambda k: k)
 
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
-        return K_glu.forward(x, gate_weight, up_weight, gate_bias, up_bias, gate_act.code, save)
+        with _device_of(x):
+            return K_glu.forward(x, gate_weight, up_weight, gate_bias, up_bias, gate_act.code, save)
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, a, b, gate_act,
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
-        return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu, need_dbg,
-                              need_dbu)
+        with _device_of(dy):
+            return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
+                                  need_dbg, need_dbu)
+
+
+def _device_of(t):
+    """Triton launches on the current device and its current stream: make that the tensors' device
+    (cuda:1 tensors otherwise get a kernel on cuda:0)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap):
