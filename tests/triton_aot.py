@@ -159,9 +159,13 @@ def run(arch, quick=False):
     from fastnn.triton_kernels import linear_glu as G
 
     # the launchers see the target's GPU (its capability, SMs and shared memory) in CPU tensors
-    common.capability = lambda device: (arch // 10, arch % 10)
-    common.num_sms = lambda device: TARGETS[arch]["sms"]
-    common.shared_memory_limit = lambda device: TARGETS[arch]["smem"]
+    target = {"capability": lambda device: (arch // 10, arch % 10),
+              "num_sms": lambda device: TARGETS[arch]["sms"],
+              "shared_memory_limit": lambda device: TARGETS[arch]["smem"]}
+    for module in (common, K, G):  # the launchers import these names, so each module's binding is replaced
+        for name, fake in target.items():
+            if hasattr(module, name):
+                setattr(module, name, fake)
     comp = Compiler(arch)
     dtypes = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
               "fp32-tf32": (torch.float32, True)}
