@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1 (set in conftest.py before fastnn is imported), in float32 (ieee dot) and
 float16 only: the interpreter's bf16 dot multiplies raw bit patterns. Tier 4 (a GPU): the same
 tests on CUDA tensors, bfloat16 included, plus larger shapes and torch.compile."""
+import inspect
 import os
 
 import pytest
@@ -158,3 +159,40 @@ def test_backend_errors():
     x, w, b = make_inputs((4, 8), 8, torch.float64, DEVICE, requires_grad=False)
     with pytest.raises(fastnn.BackendUnavailableError, match="triton.*float64"):
         _act(x, w, b, "gelu")
+
+
+def test_autotune_key_separates_kernel_variants():
+    """A tuned choice is reused only for the same compiled variant: every constexpr argument but the
+    tile shape is in the key (one choice shared by gelu-with-derivative and identity would pick a
+    spilling or oversized config for one of them)."""
+    from fastnn.triton_kernels import linear_act, linear_glu
+    tile = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "NUM_SMS"}
+    tuned = [linear_act.fwd_tuned, linear_act.fwd_tma_tuned, linear_act.splitk_tuned, linear_act.dgrad_tuned,
+             linear_act.wgrad_tuned, linear_glu.glu_tuned]
+    for kernel in tuned:
+        signature = inspect.signature(kernel.fn.fn)  # the Python function (JIT or interpreted)
+        variants = {n for n, p in signature.parameters.items() if "constexpr" in str(p.annotation)} - tile
+        assert variants <= set(kernel.keys), (kernel.fn.fn.__name__, variants - set(kernel.keys))
+        assert {"M_BUCKET", "N", "K"} <= set(kernel.keys)
+
+
+def test_pruner_fits_shared_memory_and_registers(monkeypatch):
+    """Configs are shrunk to the GPU's shared memory, and a forward whose epilogue would spill (gelu's
+    z and derivative beside a 128x256 accumulator on 8 warps) is dropped while a smaller one is left."""
+    from fastnn.triton_kernels import common, linear_act, linear_glu
+    monkeypatch.setattr(common, "shared_memory_limit", lambda device: 232448)
+    x, w = torch.zeros(256, 1024), torch.zeros(1024, 1024)
+
+    def shapes(configs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs}
+
+    named = {"x_ptr": x, "w_ptr": w}
+    plain = common.prune_configs(linear_act.FWD_CONFIGS, named, ACT=0, SAVE=0)
+    gelu = common.prune_configs(linear_act.FWD_CONFIGS, named, ACT=2, SAVE=2)
+    assert (128, 256, 8) in shapes(plain) and (128, 256, 8) not in shapes(gelu) and (128, 128, 8) in shapes(gelu)
+    glu = common.prune_configs(linear_glu.GLU_CONFIGS, {"x_ptr": x, "wg_ptr": w, "wu_ptr": w}, ACT=4, SAVE=True)
+    assert (128, 128, 8) not in shapes(glu) and glu
+    for weights, configs in ((1, plain), (1, gelu), (2, glu)):  # float32 tiles: stages and K tiles were cut
+        for c in configs:
+            bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+            assert (bm * bk + bn * bk * weights) * 4 * c.num_stages <= 232448

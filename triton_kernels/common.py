@@ -56,10 +56,30 @@ def shared_memory_limit(device) -> int:
     return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
 
 
-def prune_by_shared_memory(configs, named_args, **kwargs):
-    """The configs whose pipelined tiles fit in shared memory. A config that does not fit is
-    shrunk until it does (fewer stages down to 2, then half the K tile), never launched as is:
-    float32 operands need twice the bytes of the 16-bit ones the configs were sized for.
+# An accumulator tile costs BLOCK_M * BLOCK_N / (32 * num_warps) float32 registers per thread. Past
+# this many live tile values the compiler spills (ptxas -v on sm_90a and sm_80, tests/triton_aot.py):
+# one 128x256 tile over 8 warps is fine for a plain or relu epilogue, not for gelu's z and h (or
+# its derivative) side by side, nor for the gated kernel's two accumulators.
+TILE_REGISTERS_PER_THREAD = 128
+
+
+def _tile_values_per_thread(kw, warps, named_args, kwargs):
+    """Float32 values of full tiles that each thread keeps live through the forward's epilogue."""
+    if "wg_ptr" in named_args:  # gated: two accumulators, then act(gate) and up side by side
+        tiles = 4
+    elif "x_ptr" in named_args and "w_ptr" in named_args:  # forward: transcendental epilogues double it
+        tiles = 2 if kwargs.get("ACT", named_args.get("ACT", 0)) not in (0, 1, 7) else 1
+    else:  # backward kernels accumulate one tile; their loads stream through
+        tiles = 1
+    return tiles * kw.get("BLOCK_M", 64) * kw.get("BLOCK_N", 64) // (32 * warps)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """The configs that fit the GPU: their pipelined tiles fit in shared memory and their epilogue
+    in registers. A config over shared memory is shrunk until it fits (fewer stages down to 2, then
+    half the K tile), never launched as is: float32 operands need twice the bytes of the 16-bit ones
+    the configs were sized for. A config whose epilogue would spill is dropped while a smaller one
+    is left.
 
     What each kernel streams per stage: forward x [BM, BK] and W [BN, BK] (two weights in the gated
     kernel); dgrad dY [BM, BN], the saved D [BM, BN] and W [BN, BK] (the gated form a second D and
@@ -84,7 +104,7 @@ def prune_by_shared_memory(configs, named_args, **kwargs):
             per_stage = bm * bn * (es + saved_es) + bm * bk * es
         return per_stage * max(1, stages)
 
-    kept, seen = [], set()
+    kept, spilling, seen = [], [], set()
     for c in configs:
         kw, stages = dict(c.kwargs), c.num_stages
         while need(kw, stages) > limit and (stages > 2 or kw.get("BLOCK_K", 32) > 16):
@@ -95,8 +115,22 @@ def prune_by_shared_memory(configs, named_args, **kwargs):
         key = (tuple(sorted(kw.items())), stages, c.num_warps)
         if need(kw, stages) <= limit and key not in seen:
             seen.add(key)
-            kept.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
-    return kept or configs[-1:]
+            fitted = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
+            fits_registers = (_tile_values_per_thread(kw, c.num_warps, named_args, kwargs)
+                              <= TILE_REGISTERS_PER_THREAD)
+            (kept if fits_registers else spilling).append(fitted)
+    return kept or spilling or configs[-1:]
+
+
+# Kernel arguments that pick a different compiled kernel (and so different register and shared
+# memory needs): an autotuned choice is only reused within the same variant.
+VARIANT_ARGS = ("ACT", "SAVE", "HAS_BIAS", "HAS_BG", "HAS_BU", "DOT", "DUAL", "LEAKY", "COMPUTE_DW", "COMPUTE_DB")
+
+
+def tuned(kernel, configs):
+    """The kernel autotuned over configs (pruned to fit), keyed on the M bucket, N, K and its variant."""
+    key = ["M_BUCKET", "N", "K"] + [a for a in VARIANT_ARGS if a in kernel.arg_names]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune_configs})(kernel)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .activations import LEAKY_SLOPE, act_fwd, act_grad
 from .common import (autotuning, capability, dot_precision, grouped_tile, interpreting, load_sign_mask,
-                     load_tile, m_bucket, num_sms, prune_by_shared_memory, store_sign_mask, store_tile)
+                     load_tile, m_bucket, num_sms, store_sign_mask, store_tile, tuned)
 
 SAVE_NOTHING, SAVE_MASK, SAVE_DERIV = 0, 1, 2
 
@@ -227,7 +227,7 @@ def _cfg(bm, bn, bk, stages, warps, group=8):
 
 # Small pruned sets (autotuning compiles every config of every kernel variant it meets): the
 # large tiles Hopper and Ampere like for bf16 / fp16, a middle tile, and narrow-M tiles for
-# decode-sized batches. Each kernel is tuned per (M bucket, N, K).
+# decode-sized batches. Each kernel is tuned per (M bucket, N, K) and variant (common.tuned).
 FWD_CONFIGS = [_cfg(128, 256, 64, 3, 8), _cfg(128, 128, 64, 4, 8), _cfg(64, 128, 64, 4, 4), _cfg(16, 128, 128, 3, 4)]
 TMA_CONFIGS = [_cfg(128, 256, 64, 3, 8), _cfg(128, 128, 64, 4, 8)]
 SPLITK_CONFIGS = [_cfg(16, 128, 128, 3, 4), _cfg(32, 64, 128, 4, 4)]
@@ -238,19 +238,11 @@ WGRAD_CONFIGS = [_cfg(64, 128, 128, 3, 8), _cfg(64, 64, 128, 4, 4)]
 FIXED = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 FIXED_GPU = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
-_KEY = ["M_BUCKET", "N", "K"]
-_PRUNE = {"early_config_prune": prune_by_shared_memory}
-
-
-def _tuned(kernel, configs):
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by=_PRUNE)(kernel)
-
-
-fwd_tuned = _tuned(linear_act_fwd_kernel, FWD_CONFIGS)
-fwd_tma_tuned = _tuned(linear_act_fwd_tma_kernel, TMA_CONFIGS)
-splitk_tuned = _tuned(linear_splitk_kernel, SPLITK_CONFIGS)
-dgrad_tuned = _tuned(linear_act_dgrad_kernel, DGRAD_CONFIGS)
-wgrad_tuned = _tuned(linear_act_wgrad_kernel, WGRAD_CONFIGS)
+fwd_tuned = tuned(linear_act_fwd_kernel, FWD_CONFIGS)
+fwd_tma_tuned = tuned(linear_act_fwd_tma_kernel, TMA_CONFIGS)
+splitk_tuned = tuned(linear_splitk_kernel, SPLITK_CONFIGS)
+dgrad_tuned = tuned(linear_act_dgrad_kernel, DGRAD_CONFIGS)
+wgrad_tuned = tuned(linear_act_wgrad_kernel, WGRAD_CONFIGS)
 
 
 def pick(kernel, tuned):

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .activations import act_fwd, act_grad
-from .common import dot_precision, grouped_tile, m_bucket, store_tile
-from .linear_act import SAVE_DERIV, _cfg, _identity, _KEY, _PRUNE, dgrad, pick, wgrad
+from .common import dot_precision, grouped_tile, m_bucket, store_tile, tuned
+from .linear_act import SAVE_DERIV, _cfg, _identity, dgrad, pick, wgrad
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def linear_glu_fwd_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, y_ptr, a_ptr, b
 
 # two accumulators: tiles half as wide as linear_act's
 GLU_CONFIGS = [_cfg(128, 128, 64, 3, 8), _cfg(128, 64, 64, 4, 8), _cfg(16, 64, 128, 4, 4)]
-glu_tuned = triton.autotune(configs=GLU_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(linear_glu_fwd_kernel)
+glu_tuned = tuned(linear_glu_fwd_kernel, GLU_CONFIGS)
 
 
 def forward(x, wg, wu, bg, bu, act_code, save, wrap=_identity):
