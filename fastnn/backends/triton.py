@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import activations
+from ..autograd import register_linear_act_autograd, register_linear_glu_autograd
 from .base import Backend, or_nothing
 
 try:
@@ -106,8 +107,6 @@ def register_ops():
     """Defines the fastnn::triton_* ops and their autograd (once, when triton is importable)."""
     from torch.library import triton_op, wrap_triton
 
-    from .. import ops
-
     @triton_op("fastnn::triton_linear_act_fwd", mutates_args=())
     def triton_linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                               save: bool) -> tuple[Tensor, Tensor]:
@@ -137,13 +136,13 @@ def register_ops():
                                need_dbg, need_dbu, wrap=wrap_triton)
         return tuple(or_nothing(g, dy) for g in grads)
 
-    ops.register_linear_act_autograd(
+    register_linear_act_autograd(
         "fastnn::triton_linear_act_fwd",
         lambda x, w, b, act, extra, save: torch.ops.fastnn.triton_linear_act_fwd(x, w, b, act, save),
         lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb: torch.ops.fastnn.triton_linear_act_bwd(
             dy, x, w, b, saved, act, ndx, ndw, ndb),
     )
-    ops.register_linear_glu_autograd(
+    register_linear_glu_autograd(
         "fastnn::triton_linear_glu_fwd",
         lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.triton_linear_glu_fwd(x, wg, wu, bg, bu, act,
                                                                                             save),

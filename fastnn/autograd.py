@@ -1,0 +1,146 @@
+"""The autograd rules of fastnn's linear ops, shared by every op that computes them: fastnn::linear_*
+(fastnn/ops.py, any backend) and the Triton backend's own triton_op ops (fastnn/backends/triton.py).
+They call the ops through the functions they are given and import no backend, so both can use them.
+
+Backward keeps only what it uses, recomputes what a forward run without `save` did not keep, and
+runs a PyTorch composite where fastnn's kernels cannot read the tensors (a torch.func transform, or
+a backward vmapped over its grad outputs)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import activations
+from .dropin import batched, functorch_active
+
+
+def linear_act_autograd(fwd_call, bwd_call):
+    """(setup_context, backward) for a linear_act forward whose inputs are
+    (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved).
+
+    fwd_call(x, weight, bias, activation, extra, save) -> (y, saved) runs the forward op;
+    bwd_call(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db) -> (dx, dw, db).
+    Backward keeps only what it will use: x for dW, weight for dX, the bias (a parameter, already
+    alive) and the backend's `saved`.
+    A forward run with save=False (fastnn's recompute mode, or a raw call of the op) keeps the
+    inputs instead and recomputes `saved` in backward.
+    """
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, activation = inputs[:4]
+        save = inputs[-1]
+        ctx.activation, ctx.extra = activation, tuple(inputs[4:-1])
+        ctx.has_bias = bias is not None
+        ctx.recompute = not save and activations.get(activation).saves != "nothing"
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        keep_x, keep_w = need_dw or ctx.recompute, need_dx or ctx.recompute
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
+        ctx.save_for_backward(x if keep_x else None, weight if keep_w else None, bias, output[1])
+
+    def backward(ctx, dy, _dsaved):
+        x, weight, bias, saved = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = ctx.has_bias and ctx.needs_input_grad[2]
+        tail = (None, *([None] * len(ctx.extra)), None)
+        if dy is None or not (need_dx or need_dw or need_db):
+            return (None, None, None) + tail
+        if functorch_active() or batched(dy):
+            return _composite_act_backward(dy, x, weight, bias, ctx.activation, need_dx, need_dw, need_db) + tail
+        if ctx.recompute:
+            with torch.no_grad():
+                _, saved = fwd_call(x, weight, bias, ctx.activation, ctx.extra, True)
+        # empty stand-ins (the ops' "nothing") for the inputs that were not kept: backends read x
+        # only for dW and weight only for dX. Not backends.base's helper: importing the backends
+        # package registers the Triton ops, which import this module.
+        x = x if x is not None else dy.new_empty((0,))
+        weight = weight if weight is not None else dy.new_empty((0,))
+        dx, dw, db = bwd_call(dy, x, weight, bias, saved, ctx.activation, ctx.extra, need_dx, need_dw, need_db)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + tail
+
+    return setup_context, backward
+
+
+def _compute_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):
+    """linear_act's backward in PyTorch ops, z recomputed from the inputs: for a backward that runs
+    under a torch.func transform although its forward did not (autograd.functional.jacobian with
+    vectorize=True, autograd.grad with is_grads_batched=True vmap over the grad outputs), where
+    fastnn's kernels cannot read the batched tensors."""
+    if (need_dx or need_dw or need_db) and (x is None or weight is None):
+        raise RuntimeError(
+            "fastnn.linear_act: a backward vmapped over its grad outputs (jacobian(vectorize=True), "
+            "is_grads_batched=True) needs x and weight, which this forward did not keep because only one "
+            "of them needs a gradient; use vectorize=False or backend='torch' for this call")
+    ct = _compute_dtype(dy.dtype)
+    dz = (dy.to(ct) * activations.get(activation).grad(F.linear(x, weight, bias).to(ct))).to(dy.dtype)
+    return (dz @ weight if need_dx else None, dz.t() @ x if need_dw else None,
+            dz.sum(0) if need_db else None)
+
+
+def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
+    setup_context, backward = linear_act_autograd(fwd_call, bwd_call)
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+def linear_glu_autograd(fwd_call, bwd_call):
+    """(setup_context, backward) for a linear_glu forward whose inputs are
+    (x, gate_weight, up_weight, gate_bias, up_bias, activation, *extra, save).
+
+    fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, activation, extra, save) runs the op;
+    bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, activation, extra,
+             needs) -> 5 grads,
+    needs = (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias). With save=False the
+    pre-activations are recomputed in backward from the kept inputs.
+    """
+
+    def setup_context(ctx, inputs, output):
+        x, gate_weight, up_weight, gate_bias, up_bias, activation = inputs[:6]
+        ctx.activation, ctx.extra = activation, tuple(inputs[6:-1])
+        ctx.has_bias = (gate_bias is not None, up_bias is not None)
+        ctx.recompute = not inputs[-1]
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, output[1], output[2])
+
+    def backward(ctx, dy, _dzg, _dzu):
+        x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[2], ctx.has_bias[0] and n[3], ctx.has_bias[1] and n[4])
+        none_tail = (None, *([None] * len(ctx.extra)), None)
+        if dy is None or not any(needs):
+            return (None,) * 5 + none_tail
+        if functorch_active() or batched(dy):
+            return _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
+                                           needs) + none_tail
+        if ctx.recompute:
+            with torch.no_grad():
+                _, z_gate, z_up = fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
+                                           ctx.extra, True)
+        grads = bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, ctx.activation,
+                         ctx.extra, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + none_tail
+
+    return setup_context, backward
+
+
+def _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, activation, needs):
+    """linear_glu's backward in PyTorch ops (see _composite_act_backward)."""
+    act = activations.get_gated(activation)
+    ct = _compute_dtype(dy.dtype)
+    z_gate = F.linear(x, gate_weight, gate_bias).to(ct)
+    z_up = F.linear(x, up_weight, up_bias).to(ct)
+    dz_gate = (dy.to(ct) * z_up * act.grad(z_gate)).to(dy.dtype)
+    dz_up = (dy.to(ct) * act.fn(z_gate)).to(dy.dtype)
+    grads = (dz_gate @ gate_weight + dz_up @ up_weight if needs[0] else None,
+             dz_gate.t() @ x if needs[1] else None, dz_up.t() @ x if needs[2] else None,
+             dz_gate.sum(0) if needs[3] else None, dz_up.sum(0) if needs[4] else None)
+    return grads
+
+
+def register_linear_glu_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
+    setup_context, backward = linear_glu_autograd(fwd_call, bwd_call)
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
