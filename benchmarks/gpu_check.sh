@@ -3,13 +3,16 @@
 # (no build isolation, no package index needed: pybind11, cmake and ninja must be installed),
 # run the GPU test tier, one compute-sanitizer memcheck pass over the CUDA kernels, and the
 # benchmark's GPU set. Everything lands in the output folder:
-#   build.log info.txt tests.log sanitizer.log bench.log gpu_bench.json gpu_bench.png summary.txt
+#   env.txt build.log info.txt tests.log paths.txt sanitizer.log bench.log gpu_bench.json
+#   gpu_bench.png summary.txt
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_out)
 #
 # Environment: FASTNN_CUDA_ARCHS (default 90, the H100/H200; e.g. "80;90"), CHECK_JOBS (pytest
-# workers, default 8), BENCH_SECONDS (time allowed to the benchmark, default 240). Each stage has
-# its own time limit and the script stops at the first failing stage, saying which in summary.txt.
+# workers, default 8), CHECK_SECONDS (the whole run's budget, default 420: every stage's limit is
+# cut to what is left of it). The script stops at the first failing stage and summary.txt names
+# it ("first failing stage: NAME"). GPU_CHECK_DRY_RUN=1 prints each stage's command instead of
+# running it (tests/test_gpu_check_script.py; GPU_CHECK_FAIL_AT=NAME makes that stage fail there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check_out}}"
@@ -18,20 +21,36 @@ out="$(cd "$out" && pwd)"
 summary="$out/summary.txt"
 : >"$summary"
 python="${PYTHON:-python3}"
+dry="${GPU_CHECK_DRY_RUN:-0}"
 export PYTHONUNBUFFERED=1 FASTNN_CUDA=1 FASTNN_CUDA_ARCHS="${FASTNN_CUDA_ARCHS:-90}"
 unset TRITON_INTERPRET
+deadline=$((SECONDS + ${CHECK_SECONDS:-420}))
 
 stage() {  # stage NAME SECONDS LOG COMMAND...
   local name=$1 secs=$2 log=$3
   shift 3
-  local t0=$SECONDS
+  local left=$((deadline - SECONDS))
+  [ "$secs" -gt "$left" ] && secs=$left
+  if [ "$secs" -le 0 ]; then
+    echo "   $name: no time left of the ${CHECK_SECONDS:-420}s budget" | tee -a "$summary"
+    echo "first failing stage: $name (out of time)" | tee -a "$summary"
+    return 1
+  fi
+  local t0=$SECONDS rc
   echo "== $name (limit ${secs}s) $(date -u +%H:%M:%S)" | tee -a "$summary"
-  timeout --signal=INT --kill-after=20 "$secs" "$@" >"$log" 2>&1
-  local rc=$?
+  if [ "$dry" = 1 ]; then
+    echo "$*" >"$log"
+    rc=0
+    [ "${GPU_CHECK_FAIL_AT:-}" = "$name" ] && rc=1
+  else
+    timeout --signal=INT --kill-after=20 "$secs" "$@" >"$log" 2>&1
+    rc=$?
+  fi
   echo "   $name: exit $rc after $((SECONDS - t0))s (log: $(basename "$log"))" | tee -a "$summary"
   if [ $rc -ne 0 ]; then
     echo "--- last lines of $(basename "$log"):" | tee -a "$summary"
     tail -n 40 "$log" | tee -a "$summary"
+    echo "first failing stage: $name" | tee -a "$summary"
   fi
   return $rc
 }
@@ -39,35 +58,41 @@ stage() {  # stage NAME SECONDS LOG COMMAND...
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
-  "$python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
-  nvcc --version | tail -1
+  "$python" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$python" -c "import triton; print('triton', triton.__version__)" 2>&1
+  nvcc --version 2>&1 | tail -1
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt" >>"$summary"
 
-stage build 420 "$out/build.log" "$python" setup.py build_ext --inplace || exit 1
+stage build 240 "$out/build.log" "$python" setup.py build_ext --inplace || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# fastnn.info on a GPU also runs each dtype and activation once and says which path served it
 stage info 60 "$out/info.txt" "$python" -m fastnn.info || exit 1
 
 # Tier 4 (and the rest of the suite, which the GPU machine runs too). Triton autotuning is off in
-# tests: one config per kernel keeps compilation to a few minutes.
+# tests: one config per kernel keeps compilation to a few minutes. Each worker appends which path
+# served its cuda-backend calls to paths.txt.
 workers="${CHECK_JOBS:-8}"
 xdist=""
 "$python" -c "import xdist" 2>/dev/null && xdist="-n $workers"
-stage tests 420 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 "$python" -m pytest -q $xdist -p no:cacheprovider \
+: >"$out/paths.txt"
+stage tests 200 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
+  "$python" -m pytest -q $xdist -p no:cacheprovider -rs \
   tests/test_cuda.py tests/test_triton.py tests/test_linear_act.py tests/test_linear_glu.py tests/test_compile.py \
   tests/test_errors.py || exit 1
+echo "cuda backend paths (tests): $(sort -u "$out/paths.txt" | grep -c .) lines in paths.txt" | tee -a "$summary"
+sed -E 's/^\[[^]]*\] //' "$out/paths.txt" | sort | uniq | grep probe | tee -a "$summary"
 
-# One compute-sanitizer memcheck pass over the CUDA backend's kernels and cuBLASLt calls.
-if command -v compute-sanitizer >/dev/null; then
-  stage sanitizer 240 "$out/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$python" benchmarks/sanitize_cuda.py || exit 1
+# One compute-sanitizer memcheck pass over the CUDA backend's kernels and cuBLASLt calls, with
+# torch's caching allocator off: inside its pooled segments an overrun is invisible to memcheck.
+if [ "$dry" = 1 ] || command -v compute-sanitizer >/dev/null; then
+  stage sanitizer 90 "$out/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    --error-exitcode 1 "$python" benchmarks/sanitize_cuda.py || exit 1
 else
   echo "   sanitizer: compute-sanitizer not found, skipped" | tee -a "$summary"
 fi
 
-stage bench "${BENCH_SECONDS:-240}" "$out/bench.log" "$python" benchmarks/fused_linear.py --device cuda \
+stage bench 150 "$out/bench.log" "$python" benchmarks/fused_linear.py --device cuda \
   --shapes bert-base llama-7b 16x4096x11008 --dtype bfloat16 --activation gelu relu --mode fwd fwd+bwd \
-  --compile-modes default --out "$out/gpu_bench.json" --plot "$out/gpu_bench.png"
-rc=$?
-echo "gpu_check finished (benchmark exit $rc); results in $out" | tee -a "$summary"
-exit $rc
+  --compile-modes default --out "$out/gpu_bench.json" --plot "$out/gpu_bench.png" || exit 1
+echo "gpu_check finished: every stage passed; results in $out" | tee -a "$summary"

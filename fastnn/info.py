@@ -77,6 +77,34 @@ def _backend_status(devices):
     return status
 
 
+def _cuda_paths():
+    """On a GPU: one small training call of the cuda backend per dtype and activation, and which
+    path served each (cuBLASLt's epilogue or fastnn's own kernels, as counted by the backend), with
+    what the epilogue probes decided."""
+    if not torch.cuda.is_available() or _native.cuda_module() is None:
+        return None
+    from . import functional
+    from .backends import cuda as cuda_backend
+
+    cuda_backend.reset_paths()
+    try:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(64, 128, dtype=dtype, device="cuda", requires_grad=True)
+            w = torch.randn(192, 128, dtype=dtype, device="cuda", requires_grad=True)
+            b = torch.randn(192, dtype=dtype, device="cuda", requires_grad=True)
+            for act in activations.ACTIVATIONS:
+                functional.linear_act(x, w, b, act, backend="cuda").sum().backward()
+                with torch.no_grad():
+                    functional.linear_act(x, w, b, act, backend="cuda")
+            for gated in activations.GATED:
+                functional.linear_glu(x, w, w, b, b, gated, backend="cuda").sum().backward()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 -- report, do not hide, what failed
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"paths": {" ".join(k): v for k, v in sorted(cuda_backend.paths().items())},
+            "epilogue_trust": {" ".join(map(str, k)): v for k, v in sorted(cuda_backend.epilogue_trust().items())}}
+
+
 def collect() -> dict:
     native = {"cpu": None, "cuda": None}
     if _native._C is not None:
@@ -96,6 +124,7 @@ def collect() -> dict:
         "devices": devices,
         "backends": _backend_status(devices),
         "auto_picks_for_gelu": _auto_choices(devices),
+        "cuda_paths": _cuda_paths(),
         "activations": list(activations.ACTIVATIONS),
         "gated_activations": list(activations.GATED),
     }
@@ -129,6 +158,17 @@ def main(argv=None) -> int:
     print("auto picks (linear_act, gelu):")
     for key, name in info["auto_picks_for_gelu"].items():
         print(f"  {key:18s} -> {name}")
+    cuda_paths = info["cuda_paths"]
+    if cuda_paths is not None:
+        print("cuda backend, the path that served each call (op dtype activation: path calls):")
+        if "error" in cuda_paths:
+            print(f"  failed: {cuda_paths['error']}")
+        else:
+            for key, served in cuda_paths["paths"].items():
+                print(f"  {key}: " + "; ".join(f"{path} x{n}" for path, n in served.items()))
+            print("cuBLASLt activation epilogues, as probed (device dtype epilogue: trusted):")
+            for key, ok in cuda_paths["epilogue_trust"].items():
+                print(f"  {key}: {ok}")
     print("activations: " + ", ".join(info["activations"]))
     print("gated (linear_glu): " + ", ".join(info["gated_activations"]))
     return 0

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -35,3 +36,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_sessionfinish(session):
+    """On a GPU, FASTNN_PATHS_LOG names a file that gets which path served each cuda-backend call
+    of this run (each xdist worker appends its own lines): the GPU tier's summary of what cuBLASLt's
+    epilogues served and what fastnn's kernels did, and what the epilogue probes decided."""
+    log = os.environ.get("FASTNN_PATHS_LOG")
+    cuda_backend = sys.modules.get("fastnn.backends.cuda")
+    if not log or cuda_backend is None or not cuda_backend.paths():
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(log, "a") as f:
+        for key, served in sorted(cuda_backend.paths().items()):
+            f.write(f"[{worker}] {' '.join(key)}: " + "; ".join(f"{p} x{n}" for p, n in served.items()) + "\n")
+        for key, ok in sorted(cuda_backend.epilogue_trust().items()):
+            f.write(f"[{worker}] probe {' '.join(map(str, key))}: {'trusted' if ok else 'not used'}\n")

@@ -48,18 +48,151 @@ def test_linear_glu_llama_shape(activation, dtype):
         lambda x, wg, wu, bg, bu: torch_linear_glu(x, wg, wu, bg, bu, activation), list(inputs), what=activation)
 
 
-def test_other_device_and_stream():
-    """The tensor's own device and torch's current stream are used."""
-    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+def test_current_stream_is_used():
+    """Work is queued on torch's current stream: inputs made on the default stream are handed to a
+    side stream after it waits for them, and the results are read after the side stream is done."""
+    x, w, b = make_inputs((64, 32), 48, torch.bfloat16, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = fastnn.linear_act(x, w, b, "silu", backend="cuda")
+        y.float().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    ref = torch_linear_act(x.detach().float(), w.detach().float(), b.detach().float(), "silu")
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU here: the other-device case needs two")
+def test_other_device():
+    """Tensors on cuda:1 run on cuda:1 (and its current stream) whatever the current device."""
+    dev = torch.device("cuda", 1)
     x, w, b = make_inputs((64, 32), 48, torch.bfloat16, dev)
-    s = torch.cuda.Stream(device=dev)
-    with torch.cuda.stream(s):
+    with torch.cuda.device(0):
         y = fastnn.linear_act(x, w, b, "silu", backend="cuda")
         y.float().sum().backward()
     torch.cuda.synchronize(dev)
     assert y.device == dev and x.grad.device == dev
     ref = torch_linear_act(x.detach().float(), w.detach().float(), b.detach().float(), "silu")
     torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu"])
+def test_bias_grad_with_no_input_features(activation):
+    """in_features == 0: y = act(b) and db = sum of dZ over rows, which does not depend on K."""
+    x = torch.zeros(8, 0, device="cuda", requires_grad=True)
+    w = torch.zeros(16, 0, device="cuda", requires_grad=True)
+    b = torch.randn(16, device="cuda", requires_grad=True)
+    check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cuda"),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b], what="K = 0")
+    dy = torch.randn(8, 16, device="cuda")
+    b.grad = None
+    fastnn.linear_act(x, w, b, activation, backend="cuda").backward(dy)
+    assert b.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sliced_bias_after_aligned_bias(activation, dtype):
+    """A plan chosen for a 256-byte-aligned bias is not reused for a bias 2 or 4 bytes off: the
+    bias alignment is part of the plan's key (cuBLASLt picks algorithms from it)."""
+    x, w, _ = make_inputs((256, 128), 96, dtype, "cuda")
+    aligned = torch.randn(96, dtype=dtype, device="cuda", requires_grad=True)
+    check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cuda"),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, aligned],
+                            what="aligned bias")
+    sliced = torch.randn(97, dtype=dtype, device="cuda")[1:].detach().requires_grad_()
+    assert sliced.data_ptr() % 16 != 0
+    check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cuda"),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, sliced],
+                            what="sliced bias")
+
+
+def test_plan_cache_is_bounded():
+    """One plan per distinct M (dynamic shapes) never grows the cache past its limit."""
+    from fastnn import _native
+    native = _native.cuda_module()
+    limit = native.plan_cache_limit()
+    w = torch.randn(16, 32, device="cuda", dtype=torch.bfloat16)
+    for m in range(1, limit + 40):
+        x = torch.randn(m, 32, device="cuda", dtype=torch.bfloat16)
+        fastnn.linear_act(x, w, None, "identity", backend="cuda")
+        assert native.plan_cache_size() <= limit
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_activation_epilogue_probe_decides(dtype, activation):
+    """Open question: do cuBLASLt's RELU and GELU epilogues meet fastnn's definitions (relu(NaN) =
+    NaN, relu'(0) = 0, the kept z exact; its tanh GELU within the numerics rule, in float32 too)?
+    The probe decides per dtype, and either way the results follow the rule: exact zeros in z,
+    a NaN row, training and inference."""
+    from fastnn.backends import cuda as cuda_backend
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randint(-2, 3, (64, 16), generator=gen).double() / 4)
+    w = (torch.randint(-2, 3, (128, 16), generator=gen).double() / 4)
+    b = (torch.randint(-2, 3, (128,), generator=gen).double() / 4)
+    x[5, 0] = float("nan")
+    xd, wd, bd = (t.to(dtype=dtype, device="cuda") for t in (x, w, b))
+    for grad in (False, True):
+        for t in (xd, wd, bd):
+            t.requires_grad_(grad)
+        y = fastnn.linear_act(xd, wd, bd, activation, backend="cuda")
+        ref = torch_linear_act(x.cuda(), w.cuda(), b.cuda(), activation)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), "NaN must propagate"
+        finite = ~torch.isnan(ref)
+        if activation == "relu":
+            assert torch.equal(y[finite].double(), ref[finite].to(dtype).double())
+        if grad:
+            dy = torch.ones_like(y)
+            y.backward(dy)
+            z = x.cuda() @ w.cuda().t() + b.cuda()
+            dz = activations_grad(activation, z)
+            rows = torch.isfinite(z).all(1)
+            expect_dx = (dz[rows] @ w.cuda())
+            assert torch.allclose(xd.grad[rows].double(), expect_dx, atol=0.05, rtol=0.02)
+    print(f"{activation} {dtype}: {cuda_backend.epilogue_trust()}")
+
+
+def activations_grad(name, z):
+    return fastnn.activations.get(name).grad(z)
+
+
+@pytest.mark.parametrize("m", [4096, 65536])
+def test_float32_bias_grad_summation(m):
+    """Open question: the float32 bias gradient over many rows (fastnn's column sum; cuBLASLt's
+    BGRADB is used for 16-bit only) against the numerics rule."""
+    x, w, b = make_inputs((m, 64), 256, torch.float32, "cuda")
+    check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, "identity", backend="cuda"),
+                            lambda x, w, b: torch_linear_act(x, w, b, "identity"), [x, w, b], what=f"M={m}")
+
+
+@pytest.mark.parametrize("case", ["odd-n", "sliced-bias", "fp32", "fp32-tf32", "bf16", "fp16"])
+def test_which_path_serves(case, monkeypatch):
+    """Open question: which epilogues cuBLASLt's heuristic accepts per dtype and alignment. Each case
+    must give the rule's results; the path that served is printed (and in the GPU summary)."""
+    from fastnn.backends import cuda as cuda_backend
+    dtype = {"fp32": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16)
+    n = 127 if case == "odd-n" else 256
+    if case == "fp32-tf32":
+        monkeypatch.setattr(cuda_backend, "tf32_allowed", lambda: True)
+    before = cuda_backend.paths()
+    for activation in ("identity", "relu", "gelu_tanh", "gelu"):
+        x, w, b = make_inputs((192, 96), n, dtype, "cuda")
+        if case == "sliced-bias":
+            b = torch.randn(n + 1, dtype=dtype, device="cuda")[1:].detach().requires_grad_()
+        if case != "fp32-tf32":  # TF32 products are outside the float32 rule by design
+            check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cuda"),
+                                    lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b], what=case)
+        else:
+            fastnn.linear_act(x, w, b, activation, backend="cuda").sum().backward()
+    served_now = {key: {p: n - before.get(key, {}).get(p, 0) for p, n in served.items()}
+                  for key, served in cuda_backend.paths().items()}
+    served_now = {key: {p: n for p, n in served.items() if n} for key, served in served_now.items()}
+    for key, served in sorted(served_now.items()):
+        if served:
+            print(f"PATH {case}: {key} -> {served}")
+    assert any(key[0] == "linear_act_fwd" and served for key, served in served_now.items())
 
 
 def test_cuda_backend_refuses_float64_and_cpu():

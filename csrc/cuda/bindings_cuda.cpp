@@ -110,6 +110,8 @@ PYBIND11_MODULE(_cuda, m) {
         });
 
   m.def("bias_grad_scratch_elems", &fc::bias_grad_scratch_elems);
+  m.def("plan_cache_size", &fc::plan_cache_size, "cuBLASLt plans cached by the calling thread");
+  m.def("plan_cache_limit", &fc::plan_cache_limit, "the most plans one thread keeps");
 
   m.def("build_info", []() {
     py::dict info;

@@ -36,11 +36,15 @@ void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, 
                   const void* z_gate, const void* z_up, void* dz_gate, void* dz_up, float* bias_grad_gate,
                   float* bias_grad_up, float* partial_gate, float* partial_up);
 
-// Rows per bias-gradient partial sum: 64, or a multiple of 64 that keeps the grid's row blocks
-// within CUDA's 65535. A function of the shape alone, so the reduction order never depends on the GPU.
+// Rows per bias-gradient partial sum: 16, or a multiple of 16 that keeps the row blocks within
+// kMaxGradRowBlocks (so the partial sums stay small and the grid within CUDA's limits). Short row
+// blocks give the backward kernels enough blocks to fill a GPU at transformer shapes (M = 4096,
+// N = 768: 256 row blocks, where 64-row blocks gave 64). A function of the shape alone, so the
+// reduction order never depends on the GPU.
+constexpr int64_t kMaxGradRowBlocks = 1024;
 inline int64_t grad_rows_per_block(int64_t rows) {
-  const int64_t blocks64 = (rows + 63) / 64;
-  return 64 * ((blocks64 + 65534) / 65535 > 0 ? (blocks64 + 65534) / 65535 : 1);
+  const int64_t per_block = (rows + kMaxGradRowBlocks - 1) / kMaxGradRowBlocks;
+  return 16 * (per_block > 16 ? (per_block + 15) / 16 : 1);
 }
 inline int64_t grad_row_blocks(int64_t rows) {
   const int64_t rpb = grad_rows_per_block(rows);

@@ -131,13 +131,24 @@ __global__ void act_backward_kernel(const T* dy, int64_t ld_dy, const T* z, int6
   }
 }
 
-// bias_grad[c] = sum over row blocks of partial[., c], in block order: deterministic.
+// bias_grad[c] = sum of partial[., c] over the row blocks. A block covers 32 columns with 8 lanes
+// each: lane l sums row blocks l, l + 8, ... in order, then lane 0 adds the 8 lane sums in order.
+// The order is fixed by the shape: deterministic.
+constexpr int kSumCols = 32, kSumLanes = 8;
 __global__ void column_sum_kernel(const float* partial, int64_t row_blocks, int64_t cols, float* out) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= cols) return;
+  __shared__ float lane_sums[kSumLanes][kSumCols];
+  const int64_t c = blockIdx.x * int64_t(kSumCols) + threadIdx.x;
   float s = 0.0f;
-  for (int64_t b = 0; b < row_blocks; ++b) s += partial[b * cols + c];
-  out[c] = s;
+  if (c < cols)
+    for (int64_t b = threadIdx.y; b < row_blocks; b += kSumLanes) s += partial[b * cols + c];
+  lane_sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.0f;
+#pragma unroll
+    for (int l = 0; l < kSumLanes; ++l) total += lane_sums[l][threadIdx.x];
+    out[c] = total;
+  }
 }
 
 // ---- gated unit ----------------------------------------------------------------------------------
@@ -223,8 +234,22 @@ unsigned grid_for(int64_t work) {
   return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
 }
 
+// Threads per block of the backward kernels, one per VEC-column group of a row: a whole number of
+// warps, at most kThreads (N = 768 in bf16 is 96 groups: 96 threads, not 256 with 160 idle).
+unsigned threads_for_columns(int64_t col_groups) {
+  const int64_t warps = (col_groups + 31) / 32;
+  return static_cast<unsigned>(warps * 32 < kThreads ? warps * 32 : kThreads);
+}
+
+// Grid of the backward kernels: (column-group blocks, row blocks).
+dim3 backward_grid(int64_t col_groups, unsigned threads, int64_t rows) {
+  return dim3(static_cast<unsigned>((col_groups + threads - 1) / threads), static_cast<unsigned>(grad_row_blocks(rows)));
+}
+
 void reduce_bias_grad(cudaStream_t stream, const float* partial, int64_t rows, int64_t cols, float* out) {
-  column_sum_kernel<<<grid_for(cols), kThreads, 0, stream>>>(partial, grad_row_blocks(rows), cols, out);
+  const dim3 block(kSumCols, kSumLanes);
+  column_sum_kernel<<<static_cast<unsigned>((cols + kSumCols - 1) / kSumCols), block, 0, stream>>>(
+      partial, grad_row_blocks(rows), cols, out);
   FASTNN_CUDA_CHECK_LAUNCH("column_sum_kernel");
 }
 
@@ -279,19 +304,18 @@ void act_backward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64
       constexpr Source S = saved_for(A) == Saved::kNothing ? Source::kNone
                            : saved_for(A) == Saved::kSignMask ? Source::kMask
                                                               : Source::kPreact;
-      const dim3 block(kThreads);
-      const int64_t row_blocks = grad_row_blocks(rows), rpb = grad_rows_per_block(rows);
+      const int64_t rpb = grad_rows_per_block(rows);
       const int vec = vec_width<T>(cols, {ld_dy, S == Source::kPreact ? ld_z : 0, S == Source::kNone ? 0 : ld_dz},
                                    {dy, S == Source::kPreact ? z : nullptr, S == Source::kNone ? nullptr : dz});
       if (vec > 1) {
         constexpr int V = 16 / sizeof(T);
-        const dim3 grid(static_cast<unsigned>((cols / V + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
-        act_backward_kernel<T, A, S, V><<<grid, block, 0, stream>>>(g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz,
-                                                                    rows, cols, rpb, part);
+        const unsigned threads = threads_for_columns(cols / V);
+        act_backward_kernel<T, A, S, V><<<backward_grid(cols / V, threads, rows), threads, 0, stream>>>(
+            g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz, rows, cols, rpb, part);
       } else {
-        const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
-        act_backward_kernel<T, A, S, 1><<<grid, block, 0, stream>>>(g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz,
-                                                                    rows, cols, rpb, part);
+        const unsigned threads = threads_for_columns(cols);
+        act_backward_kernel<T, A, S, 1><<<backward_grid(cols, threads, rows), threads, 0, stream>>>(
+            g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz, rows, cols, rpb, part);
       }
       FASTNN_CUDA_CHECK_LAUNCH("act_backward_kernel");
     });
@@ -334,7 +358,7 @@ void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, 
     using T = decltype(tv);
     dispatch_activation(gate_act, [&](auto at) {
       constexpr Act A = decltype(at)::value;
-      const int64_t row_blocks = grad_row_blocks(rows), rpb = grad_rows_per_block(rows);
+      const int64_t rpb = grad_rows_per_block(rows);
       const T* g = static_cast<const T*>(dy);
       const T* zg = static_cast<const T*>(z_gate);
       const T* zu = static_cast<const T*>(z_up);
@@ -344,11 +368,13 @@ void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, 
       float* pu = bias_grad_up ? partial_up : nullptr;
       if (vec_width<T>(cols, {}, {dy, z_gate, z_up, dz_gate, dz_up}) > 1) {
         constexpr int V = 16 / sizeof(T);
-        const dim3 grid(static_cast<unsigned>((cols / V + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
-        glu_backward_kernel<T, A, V><<<grid, kThreads, 0, stream>>>(g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
+        const unsigned threads = threads_for_columns(cols / V);
+        glu_backward_kernel<T, A, V><<<backward_grid(cols / V, threads, rows), threads, 0, stream>>>(
+            g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
       } else {
-        const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
-        glu_backward_kernel<T, A, 1><<<grid, kThreads, 0, stream>>>(g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
+        const unsigned threads = threads_for_columns(cols);
+        glu_backward_kernel<T, A, 1><<<backward_grid(cols, threads, rows), threads, 0, stream>>>(
+            g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
       }
       FASTNN_CUDA_CHECK_LAUNCH("glu_backward_kernel");
     });

@@ -4,6 +4,7 @@
 #include <cublasLt.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <tuple>
 #include <unordered_map>
@@ -60,24 +61,34 @@ int alignment(const void* p, int64_t ld_bytes) {
   return static_cast<int>(v & (~v + 1));
 }
 
-// Everything the plan depends on except the data pointers.
+// Everything the plan depends on except the data pointers. cuBLASLt's heuristic reads the bias and
+// aux pointers for their alignment (cublasLt.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER), so their
+// alignments are part of the key like A's, B's and D's. Compared and hashed field by field.
 struct PlanKey {
   int device, dtype, epilogue;
   bool tf32, trans_a, trans_b, accumulate;
   int64_t m, n, k, lda, ldb, ldd, aux_ld;
-  int align_a, align_b, align_d;
+  int align_a, align_b, align_d, align_bias, align_aux;
   size_t workspace;
-  bool operator==(const PlanKey& o) const { return std::memcmp(this, &o, sizeof(PlanKey)) == 0; }
+  auto fields() const {
+    return std::tie(device, dtype, epilogue, tf32, trans_a, trans_b, accumulate, m, n, k, lda, ldb, ldd, aux_ld,
+                    align_a, align_b, align_d, align_bias, align_aux, workspace);
+  }
+  bool operator==(const PlanKey& o) const { return fields() == o.fields(); }
 };
 
 struct PlanKeyHash {
   size_t operator()(const PlanKey& k) const {
-    const unsigned char* p = reinterpret_cast<const unsigned char*>(&k);
     size_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < sizeof(PlanKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    auto mix = [&h](int64_t v) { h = (h ^ static_cast<size_t>(v)) * 1099511628211ull; };
+    std::apply([&mix](auto... v) { (mix(static_cast<int64_t>(v)), ...); }, k.fields());
     return h;
   }
 };
+
+// Plans kept per thread. Dynamic shapes make one plan per distinct M; past this many the cache
+// starts over (a new plan costs one heuristic query, tens of microseconds).
+constexpr size_t kMaxPlans = 1024;
 
 // A matmul descriptor, layouts and the heuristic's algorithm; pointers are set per call.
 struct Plan {
@@ -182,14 +193,16 @@ bool lt_gemm(const GemmArgs& g) {
   if ((g.epilogue == Epilogue::kBias || g.epilogue == Epilogue::kReluBias || g.epilogue == Epilogue::kReluAuxBias ||
        g.epilogue == Epilogue::kGeluBias || g.epilogue == Epilogue::kGeluAuxBias) && !g.bias)
     throw std::invalid_argument("fastnn cuBLASLt: this epilogue needs a bias (use the epilogue without _BIAS)");
-  if (g.m == 0 || g.n == 0) return true;
-  if (g.k == 0) return false;  // an empty product: the caller fills the output itself
+  // Nothing to launch. An empty D whose bias gradient is still wanted (BGRADB with no columns: the
+  // sums over the reduction do not depend on them) and an empty reduction (k == 0) are the
+  // caller's to fill: false.
+  if (g.m == 0 || g.n == 0) return !(uses_bias_grad(g.epilogue) && g.m > 0);
+  if (g.k == 0) return false;
 
   FASTNN_CUDA_CHECK(cudaSetDevice(g.device));
   cublasLtHandle_t handle = handle_for(g.device);
   const size_t es = elem_size(g.dtype);
   PlanKey key;
-  std::memset(&key, 0, sizeof key);  // the key is hashed and compared bytewise, padding included
   key.device = g.device;
   key.dtype = static_cast<int>(g.dtype);
   key.epilogue = static_cast<int>(g.epilogue);
@@ -202,11 +215,17 @@ bool lt_gemm(const GemmArgs& g) {
   key.align_a = alignment(g.a, g.lda * static_cast<int64_t>(es));
   key.align_b = alignment(g.b, g.ldb * static_cast<int64_t>(es));
   key.align_d = alignment(g.d, g.ldd * static_cast<int64_t>(es));
+  const void* bias_ptr = g.bias ? g.bias : g.bias_grad;
+  key.align_bias = bias_ptr ? alignment(bias_ptr, 0) : 0;
+  key.align_aux = uses_aux(g.epilogue) ? alignment(g.aux, g.aux_ld * static_cast<int64_t>(es)) : 0;
   key.workspace = g.workspace_bytes;
 
   auto& plans = cache().plans;
   auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, make_plan(g, key, handle)).first;
+  if (it == plans.end()) {
+    if (plans.size() >= kMaxPlans) plans.clear();
+    it = plans.emplace(key, make_plan(g, key, handle)).first;
+  }
   Plan& plan = *it->second;
   if (!plan.supported) return false;
 
@@ -214,10 +233,18 @@ bool lt_gemm(const GemmArgs& g) {
   if (g.bias_grad) set_attr(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias_grad);
   if (g.aux) set_attr(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
   const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
-  FASTNN_CUBLAS_CHECK(cublasLtMatmul(handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, g.d, plan.d, g.d,
-                                     plan.d, &plan.algo, g.workspace, g.workspace_bytes, g.stream));
+  const cublasStatus_t st = cublasLtMatmul(handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, g.d, plan.d,
+                                           g.d, plan.d, &plan.algo, g.workspace, g.workspace_bytes, g.stream);
+  // A refusal at run time (the algorithm does not take these pointers after all) launches nothing:
+  // the caller takes its own path, as for a refusal by the heuristic.
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) return false;
+  FASTNN_CUBLAS_CHECK(st);
   return true;
 }
+
+size_t plan_cache_size() { return cache().plans.size(); }
+
+size_t plan_cache_limit() { return kMaxPlans; }
 
 size_t cublaslt_version() { return cublasLtGetVersion(); }
 

@@ -2,7 +2,8 @@
 //
 // Row-major C[M, N] = A[M, K] @ B[K, N] is column-major C^T = B^T A^T, so each call below is
 // phrased in row-major terms and mapped onto cuBLASLt's column-major view inside lt_gemm.cpp.
-// Handles and heuristic results are cached per (device, shape, leading dims, dtype, epilogue);
+// Handles and heuristic results are cached per thread and (device, shape, leading dims, dtype,
+// epilogue, alignments), a bounded number of them;
 // the workspace comes from the caller (torch's caching allocator) and the stream is the caller's
 // (torch's current stream).
 #pragma once
@@ -64,6 +65,10 @@ struct GemmArgs {
 // epilogue with these shapes and alignments, so that the caller can take its own path; throws
 // std::runtime_error on any other failure.
 bool lt_gemm(const GemmArgs& args);
+
+// Plans cached by the calling thread, and the most it keeps.
+size_t plan_cache_size();
+size_t plan_cache_limit();
 
 // The cuBLASLt version this module runs with (cublasLtGetVersion).
 size_t cublaslt_version();

@@ -16,8 +16,18 @@ Backward
   wgrad GEMM's BGRADB epilogue reduces the bias gradient.
 Saved layouts: the sign mask is cuBLASLt's (rows of relu_aux_ld(N) bits); gelu_tanh's z has rows
 of gelu_aux_ld(N) elements (cuBLASLt's aux leading dimension); other activations keep z [M, N].
+
+Trust, then use: before an activation epilogue (RELU*, GELU*) first serves a (device, dtype), one
+small probe GEMM with exact inputs (zeros and a NaN row in z) runs it and compares with fastnn's
+definition: relu(NaN) = NaN, relu'(0) = 0, the kept z exact, gelu_tanh within the numerics rule.
+An epilogue that disagrees is not used there; fastnn's own kernel runs instead
+(`epilogue_trust()` says what was decided). The float32 bias gradient is always fastnn's
+deterministic column sum (BGRADB's summation order is cuBLASLt's); 16-bit ones may use BGRADB.
+`paths()` counts which path served each (op, dtype, activation): `python -m fastnn.info` prints it.
 """
 from __future__ import annotations
+
+import collections
 
 import torch
 
@@ -29,6 +39,26 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # fastnn::cuda::Epilogue codes (csrc/cuda/lt_gemm.h)
 (NONE, BIAS, RELU_BIAS, RELU_AUX_BIAS, GELU_BIAS, GELU_AUX_BIAS, DRELU_BGRAD, DGELU_BGRAD, BGRADB, RELU, RELU_AUX, GELU,
  GELU_AUX) = range(13)
+
+
+EPILOGUE_NAMES = ("DEFAULT", "BIAS", "RELU_BIAS", "RELU_AUX_BIAS", "GELU_BIAS", "GELU_AUX_BIAS", "DRELU_BGRAD",
+                  "DGELU_BGRAD", "BGRADB", "RELU", "RELU_AUX", "GELU", "GELU_AUX")
+
+# (op, dtype, activation) -> Counter of the paths that served it
+_PATHS: dict = collections.defaultdict(collections.Counter)
+
+
+def _record(op, dtype, act_name, path):
+    _PATHS[(op, str(dtype).replace("torch.", ""), act_name)][path] += 1
+
+
+def paths() -> dict:
+    """{(op, dtype, activation): {path: calls}} for the calls this process made."""
+    return {key: dict(counter) for key, counter in _PATHS.items()}
+
+
+def reset_paths() -> None:
+    _PATHS.clear()
 
 
 def relu_aux_ld(n: int) -> int:
@@ -99,6 +129,84 @@ class _Call:
         return True
 
 
+# ---- trust in cuBLASLt's activation epilogues ----------------------------------------------------
+_TRUST: dict = {}  # (device index, dtype, epilogue) -> bool
+
+
+def epilogue_trust() -> dict:
+    """{(device, dtype, epilogue name): trusted} as the probes decided in this process."""
+    return {(dev, str(dt).replace("torch.", ""), EPILOGUE_NAMES[e]): ok for (dev, dt, e), ok in _TRUST.items()}
+
+
+def epilogue_agrees(act, dtype, z, y, aux) -> bool:
+    """Whether an epilogue's output y (and its aux: the sign mask's bytes or the kept z) matches
+    fastnn's definition of act on the exact pre-activation z (float64, NaN where the input was).
+    relu must be exact, NaN included (NaN propagates, relu'(0) = relu'(NaN) = 0 as act.grad says);
+    gelu_tanh within the numerics rule against PyTorch's own gelu in the same dtype."""
+    ref = act.fn(z)
+    y = y.double().cpu()
+    if not torch.equal(torch.isnan(y), torch.isnan(ref)):
+        return False
+    finite = ~torch.isnan(ref)
+    if act.name == "relu":
+        if not torch.equal(y[finite], ref.to(dtype).double()[finite]):
+            return False
+    else:
+        theirs = act.fn(z.to(dtype)).double()
+        e_ours = (y[finite] - ref[finite]).abs().max().item()
+        e_theirs = (theirs[finite] - ref[finite]).abs().max().item()
+        scale = ref[finite].abs().max().item()
+        if not e_ours <= 2 * e_theirs + 2 * torch.finfo(dtype).eps * scale:
+            return False
+    if aux is None:
+        return True
+    n = z.shape[1]
+    aux = aux.cpu()
+    if act.saves == "mask":
+        shifts = torch.arange(8, dtype=torch.uint8)
+        bits = ((aux.unsqueeze(-1) >> shifts) & 1).reshape(aux.shape[0], -1)[:, :n].bool()
+        return torch.equal(bits, act.grad(z) != 0)
+    kept = aux[:, :n].double()
+    return torch.equal(torch.isnan(kept), torch.isnan(z)) and torch.equal(kept[finite], z.to(dtype).double()[finite])
+
+
+def _probe(call, act, epilogue, dtype, device) -> bool:
+    """Runs `epilogue` once on exact inputs: multiples of 1/4 with |x|, |w|, |b| <= 1/2 and K = 16,
+    so that every z is a multiple of 1/16 below 5 in magnitude (exact in every dtype, zeros
+    included), and row 5 of x holds a NaN."""
+    m, k, n = 64, 16, 128
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (m, k), generator=gen).double() / 4
+    w = torch.randint(-2, 3, (n, k), generator=gen).double() / 4
+    b = torch.randint(-2, 3, (n,), generator=gen).double() / 4
+    x[5, 0] = float("nan")
+    with_bias = EPILOGUE_NAMES[epilogue].endswith("_BIAS")
+    z = x @ w.t() + (b if with_bias else 0)
+    xd, wd, bd = (t.to(dtype=dtype, device=device) for t in (x, w, b))
+    y = torch.empty((m, n), dtype=dtype, device=device)
+    aux, aux_ld = None, 0
+    if "AUX" in EPILOGUE_NAMES[epilogue]:
+        if act.saves == "mask":
+            aux_ld = relu_aux_ld(n)
+            aux = torch.empty((m, aux_ld // 8), dtype=torch.uint8, device=device)
+        else:
+            aux_ld = gelu_aux_ld(n)
+            aux = torch.empty((m, aux_ld), dtype=dtype, device=device)
+    if not call.gemm(m, n, k, xd, k, False, wd, k, True, y, n, epilogue=epilogue, bias=bd if with_bias else None,
+                     aux=aux, aux_ld=aux_ld):
+        return False
+    return epilogue_agrees(act, dtype, z, y, aux)
+
+
+def _trusted(call, act, epilogue, dtype, device) -> bool:
+    key = (call.device, dtype, epilogue)
+    if key not in _TRUST:
+        if torch.cuda.is_current_stream_capturing():  # a probe synchronises: not while capturing a graph
+            return False
+        _TRUST[key] = _probe(call, act, epilogue, dtype, device)
+    return _TRUST[key]
+
+
 class CudaBackend(Backend):
     name = "cuda"
 
@@ -132,8 +240,11 @@ class CudaBackend(Backend):
         with torch.cuda.device(x.device):
             call = _Call(x)
             if act.name in ("relu", "gelu_tanh", "identity"):
-                if self._lt_epilogue_forward(call, x, weight, bias, act, saves, y, saved):
+                epilogue = self._lt_epilogue_forward(call, x, weight, bias, act, saves, y, saved)
+                if epilogue is not None:
+                    _record("linear_act_fwd", x.dtype, act.name, f"cuBLASLt {EPILOGUE_NAMES[epilogue]}")
                     return y, saved
+            _record("linear_act_fwd", x.dtype, act.name, "cuBLASLt GEMM + fastnn epilogue kernel")
             # GEMM (+ bias) into z, then fastnn's epilogue kernel
             if saves == "preact":
                 z, ld_z = saved, saved.shape[1]
@@ -148,20 +259,26 @@ class CudaBackend(Backend):
 
     @staticmethod
     def _lt_epilogue_forward(call, x, weight, bias, act, saves, y, saved):
-        """The whole forward in one cuBLASLt call, where an epilogue exists for it."""
+        """The whole forward in one cuBLASLt call, where an epilogue exists for it and is trusted:
+        the epilogue that served, or None."""
         n = weight.shape[0]
         b = bias is not None
+        aux, aux_ld = None, 0
         if act.name == "identity":
-            return call.linear(x, weight, y, n, bias=bias)
-        if act.name == "relu":
-            if saves == "mask":
-                return call.linear(x, weight, y, n, bias=bias, epilogue=RELU_AUX_BIAS if b else RELU_AUX, aux=saved,
-                                   aux_ld=relu_aux_ld(n))
-            return call.linear(x, weight, y, n, bias=bias, epilogue=RELU_BIAS if b else RELU)
-        if saves == "preact":  # gelu_tanh
-            return call.linear(x, weight, y, n, bias=bias, epilogue=GELU_AUX_BIAS if b else GELU_AUX, aux=saved,
-                               aux_ld=gelu_aux_ld(n))
-        return call.linear(x, weight, y, n, bias=bias, epilogue=GELU_BIAS if b else GELU)
+            epilogue = BIAS if b else NONE
+        elif act.name == "relu" and saves == "mask":
+            epilogue, aux, aux_ld = (RELU_AUX_BIAS if b else RELU_AUX), saved, relu_aux_ld(n)
+        elif act.name == "relu":
+            epilogue = RELU_BIAS if b else RELU
+        elif saves == "preact":  # gelu_tanh
+            epilogue, aux, aux_ld = (GELU_AUX_BIAS if b else GELU_AUX), saved, gelu_aux_ld(n)
+        else:
+            epilogue = GELU_BIAS if b else GELU
+        if act.name != "identity" and not _trusted(call, act, epilogue, x.dtype, x.device):
+            return None
+        if act.name == "identity":
+            return epilogue if call.linear(x, weight, y, n, bias=bias) else None
+        return epilogue if call.linear(x, weight, y, n, bias=bias, epilogue=epilogue, aux=aux, aux_ld=aux_ld) else None
 
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
         dy = dy.contiguous()
@@ -171,13 +288,19 @@ class CudaBackend(Backend):
             db = None
             if act.saves == "nothing":
                 dz = dy
-                if need_dw and need_db:
+                # float32 bias gradients are fastnn's deterministic column sums; BGRADB's order is
+                # cuBLASLt's, and only 16-bit sums (rounded at the end anyway) take it
+                if need_dw and need_db and dy.dtype != torch.float32:
                     dw, db = self._wgrad(call, dz, x, with_bias_grad=True)
                 else:
                     dw = self._wgrad(call, dz, x)[0] if need_dw else None
                 if need_db and db is None:
                     db = self._bias_grad_only(call, dy, act)
+                    _record("linear_act_bwd", dy.dtype, act.name, "fastnn column sum (db)")
+                elif need_db:
+                    _record("linear_act_bwd", dy.dtype, act.name, "cuBLASLt BGRADB (dW and db)")
             else:
+                _record("linear_act_bwd", dy.dtype, act.name, "fastnn act_backward kernel (dZ and db)")
                 dz = torch.empty_like(dy)
                 bias_grad = torch.empty(n, dtype=torch.float32, device=dy.device) if need_db else None
                 partial = torch.empty(call.C.bias_grad_scratch_elems(m, n), dtype=torch.float32,
@@ -223,7 +346,9 @@ class CudaBackend(Backend):
         m, n = dz.shape
         k = x.shape[1]
         dw = torch.empty((n, k), dtype=dz.dtype, device=dz.device)
-        if n == 0 or k == 0:
+        if k == 0:  # no dW to compute; db = dZ.sum(0) does not depend on K: the caller's column sum
+            return dw, None
+        if n == 0:
             return dw, (torch.zeros(n, dtype=dz.dtype, device=dz.device) if with_bias_grad else None)
         if m == 0:
             return dw.zero_(), (torch.zeros(n, dtype=dz.dtype, device=dz.device) if with_bias_grad else None)
@@ -245,6 +370,7 @@ class CudaBackend(Backend):
         z_up = torch.empty((m, n), dtype=x.dtype, device=x.device)
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m and n:
+            _record("linear_glu_fwd", x.dtype, gate_act.name, "cuBLASLt GEMMs + fastnn glu kernel")
             with torch.cuda.device(x.device):
                 call = _Call(x)
                 call.linear(x, gate_weight, z_gate, n, bias=gate_bias)
@@ -259,6 +385,7 @@ class CudaBackend(Backend):
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
         dy = dy.contiguous()
         m, n = dy.shape
+        _record("linear_glu_bwd", dy.dtype, gate_act.name, "fastnn glu backward kernel + cuBLASLt GEMMs")
         with torch.cuda.device(dy.device):
             call = _Call(dy)
             dz_gate, dz_up = torch.empty_like(dy), torch.empty_like(dy)

@@ -1,0 +1,104 @@
+"""Tier 1 for the CUDA backend's Python side (fastnn/backends/cuda.py), the parts that decide what
+runs without running it: the judge of cuBLASLt's activation epilogues (its probe on a GPU is
+tests/test_cuda.py), the bias gradient of an input with no features, and the TF32 policy read
+through both of torch's APIs."""
+import warnings
+
+import pytest
+import torch
+
+from fastnn import activations
+from fastnn.backends import cuda as cuda_backend
+from fastnn.backends.base import tf32_allowed
+
+
+def _exact_z(dtype):
+    """What the probe computes: multiples of 1/16 (zeros included) and a NaN row."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (64, 16), generator=gen).double() / 4
+    w = torch.randint(-2, 3, (128, 16), generator=gen).double() / 4
+    x[5, 0] = float("nan")
+    return x @ w.t()
+
+
+def _mask_bytes(bits):
+    """cuBLASLt's sign-mask layout: bit c % 8 of byte c // 8, rows padded to 128 bits."""
+    m, n = bits.shape
+    padded = torch.zeros(m, cuda_backend.relu_aux_ld(n), dtype=torch.uint8)
+    padded[:, :n] = bits.to(torch.uint8)
+    return (padded.reshape(m, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_relu_epilogue_judge(dtype):
+    relu = activations.get("relu")
+    z = _exact_z(dtype)
+    assert (z == 0).any() and torch.isnan(z).any()
+    y = torch.relu(z).to(dtype)
+    mask = _mask_bytes(z > 0)
+    assert cuda_backend.epilogue_agrees(relu, dtype, z, y, None)
+    assert cuda_backend.epilogue_agrees(relu, dtype, z, y, mask)
+    assert not cuda_backend.epilogue_agrees(relu, dtype, z, torch.nan_to_num(y, nan=0.0), None)  # fmax(NaN, 0)
+    assert not cuda_backend.epilogue_agrees(relu, dtype, z, y, _mask_bytes(z >= 0))  # relu'(0) = 1
+    assert not cuda_backend.epilogue_agrees(relu, dtype, z, y, _mask_bytes(~(z <= 0)))  # relu'(NaN) = 1
+    off = y.clone()
+    off[0, 0] += 1
+    assert not cuda_backend.epilogue_agrees(relu, dtype, z, off, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_tanh_epilogue_judge(dtype):
+    gelu = activations.get("gelu_tanh")
+    z = _exact_z(dtype)
+    exact = torch.nn.functional.gelu(z, approximate="tanh")
+    kept = torch.zeros(64, cuda_backend.gelu_aux_ld(128), dtype=dtype)
+    kept[:, :128] = z.to(dtype)
+    assert cuda_backend.epilogue_agrees(gelu, dtype, z, exact.to(dtype), kept)
+    # a cruder tanh (or the erf form): outside the rule in float32, where PyTorch is near exact
+    # (in bfloat16 both are within the rule: its rounding is far coarser than their differences)
+    crude = (exact + 1e-4 * torch.sign(z)).to(dtype)
+    assert cuda_backend.epilogue_agrees(gelu, dtype, z, crude, None) == (dtype == torch.bfloat16)
+    erf_form = torch.nn.functional.gelu(z).to(dtype)
+    assert cuda_backend.epilogue_agrees(gelu, dtype, z, erf_form, None) == (dtype == torch.bfloat16)
+    assert not cuda_backend.epilogue_agrees(gelu, dtype, z, (exact * 1.05).to(dtype), None)
+    wrong_kept = kept.clone()
+    wrong_kept[1, 1] += 1
+    assert not cuda_backend.epilogue_agrees(gelu, dtype, z, exact.to(dtype), wrong_kept)
+
+
+def test_identity_bias_grad_with_no_input_features():
+    """dW of an input with no features is empty, but db = dY.sum(0) is not: _wgrad leaves it to the
+    column sum (it used to return zeros) and asks cuBLASLt for nothing."""
+    class NoGpu:
+        def gemm(self, *args, **kwargs):
+            raise AssertionError("no GEMM is needed for K = 0")
+
+    dz, x = torch.randn(8, 16), torch.randn(8, 0)
+    dw, db = cuda_backend.CudaBackend._wgrad(NoGpu(), dz, x, with_bias_grad=True)
+    assert dw.shape == (16, 0) and db is None
+
+
+def test_tf32_policy_through_both_apis():
+    """fp32_precision (torch >= 2.9) and the legacy flag both decide; reading never warns or raises."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only allow_tf32")
+    before = (matmul.fp32_precision, torch.backends.fp32_precision)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            matmul.fp32_precision = "tf32"
+            assert tf32_allowed()
+            matmul.fp32_precision = "ieee"
+            assert not tf32_allowed()
+            torch.backends.fp32_precision = "tf32"
+            matmul.fp32_precision = "none"  # inherit the global setting
+            assert tf32_allowed()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matmul.allow_tf32 = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not tf32_allowed()
+    finally:
+        matmul.fp32_precision, torch.backends.fp32_precision = before[0], before[1]

@@ -1,0 +1,42 @@
+"""The prepared GPU script's own logic, dry-run on any machine (its GPU stages print their command
+instead of running): the stages in order, within the run's budget, the caching allocator off under
+the sanitizer, and a summary that names the first failing stage and stops there."""
+import os
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def _run(tmp_path, **env):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, GPU_CHECK_DRY_RUN="1", PATH=os.environ["PATH"], **env))
+    return proc, out
+
+
+def test_dry_run_runs_every_stage_in_order(tmp_path):
+    proc, out = _run(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    stages = [line.split()[1] for line in summary.splitlines() if line.startswith("== ")]
+    assert stages == ["build", "info", "tests", "sanitizer", "bench"]
+    assert "CHECK_SECONDS:-420" in SCRIPT.read_text()  # the whole check ends well inside 8 minutes
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer" in (out / "sanitizer.log").read_text()
+    assert "FASTNN_PATHS_LOG=" in (out / "tests.log").read_text()
+    assert "every stage passed" in summary
+
+
+def test_stage_limits_are_cut_to_the_budget(tmp_path):
+    proc, out = _run(tmp_path, CHECK_SECONDS="100")
+    summary = (out / "summary.txt").read_text()
+    limits = [int(line.split("limit ")[1].split("s)")[0]) for line in summary.splitlines() if line.startswith("== ")]
+    assert len(limits) == 5 and max(limits) <= 100
+
+
+def test_first_failing_stage_is_named_and_stops_the_run(tmp_path):
+    proc, out = _run(tmp_path, GPU_CHECK_FAIL_AT="tests")
+    assert proc.returncode != 0
+    summary = (out / "summary.txt").read_text()
+    assert "first failing stage: tests" in summary
+    assert "== sanitizer" not in summary and "== bench" not in summary
