@@ -43,6 +43,18 @@ def _silu_grad(z):
     return s * (1 + z * (1 - s))
 
 
+QUICK_GELU_SCALE = 1.702  # quick_gelu(z) = z sigmoid(1.702 z): CLIP's activation
+
+
+def _quick_gelu(z):
+    return z * torch.sigmoid(QUICK_GELU_SCALE * z)
+
+
+def _quick_gelu_grad(z):
+    s = torch.sigmoid(QUICK_GELU_SCALE * z)
+    return s * (1 + QUICK_GELU_SCALE * z * (1 - s))
+
+
 def _sigmoid_grad(z):
     s = torch.sigmoid(z)
     return s * (1 - s)
@@ -63,6 +75,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda z: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, LEAKY_SLOPE)), "mask",
         ),
         Activation("squared_relu", 8, lambda z: torch.square(F.relu(z)), lambda z: 2 * F.relu(z), "preact"),
+        Activation("quick_gelu", 9, _quick_gelu, _quick_gelu_grad, "preact"),
     ]
 }
 

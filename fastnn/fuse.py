@@ -47,7 +47,7 @@ class FuseRecord:
 _HF_ACTIVATIONS = {
     "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
     "FastGELUActivation": "gelu_tanh", "SiLUActivation": "silu", "ReLUSquaredActivation": "squared_relu",
-    "LinearActivation": "identity",
+    "LinearActivation": "identity", "QuickGELUActivation": "quick_gelu",
 }
 
 

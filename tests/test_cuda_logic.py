@@ -102,3 +102,21 @@ def test_tf32_policy_through_both_apis():
             assert not tf32_allowed()
     finally:
         matmul.fp32_precision, torch.backends.fp32_precision = before[0], before[1]
+
+
+def test_auto_leaves_triton_out_for_exact_float32():
+    """auto on CUDA tensors: Triton serves 16-bit and TF32 float32, not exact float32 (CUDA cores)."""
+    from fastnn.backends import auto_order
+    gelu = activations.get("gelu")
+    matmul = torch.backends.cuda.matmul
+    assert auto_order("cuda", gelu, torch.bfloat16) == ["cuda", "triton", "torch"]
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert auto_order("cuda", gelu, torch.float32) == ["cuda", "torch"]
+        matmul.fp32_precision = "tf32"
+        assert auto_order("cuda", gelu, torch.float32) == ["cuda", "triton", "torch"]
+    finally:
+        matmul.fp32_precision = before

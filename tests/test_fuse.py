@@ -221,6 +221,9 @@ def _families():
         "clip-text": (lambda: t.CLIPTextModel(t.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
                                                                num_hidden_layers=2, num_attention_heads=2,
                                                                hidden_act="gelu")), "linear_act", False),
+        "clip-text-quick-gelu": (lambda: t.CLIPTextModel(t.CLIPTextConfig(  # CLIP's default activation
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)),
+            "linear_act", False),
         "llama": (lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_kw)), "linear_glu", True),
         "mistral": (lambda: t.MistralForCausalLM(t.MistralConfig(**llama_kw)), "linear_glu", True),
         "qwen2": (lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama_kw)), "linear_glu", True),
@@ -274,10 +277,10 @@ def test_hugging_face_family(name, fused_calls):
 
 def test_unknown_hf_activation_left_with_reason():
     cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, hidden_act="quick_gelu")
+                                      num_attention_heads=2, hidden_act="mish")
     model = fastnn.fuse(transformers.CLIPTextModel(cfg))
     left = [r for r in model.fastnn_fuse_report if not r.fused]
-    assert len(left) == 1 and "QuickGELUActivation has no fastnn equivalent" in left[0].detail
+    assert len(left) == 1 and "has no fastnn equivalent" in left[0].detail, left
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
                                                              ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32))
     report = fastnn.fuse(opt).fastnn_fuse_report

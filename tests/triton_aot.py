@@ -170,7 +170,8 @@ def run(arch, quick=False):
     dtypes = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
               "fp32-tf32": (torch.float32, True)}
     acts = {"identity": (0, 0), "relu": (1, 1), "gelu": (2, 2), "gelu_tanh": (3, 2), "silu": (4, 2),
-            "sigmoid": (5, 2), "tanh": (6, 2), "leaky_relu": (7, 1), "squared_relu": (8, 2)}
+            "sigmoid": (5, 2), "tanh": (6, 2), "leaky_relu": (7, 1), "squared_relu": (8, 2),
+            "quick_gelu": (9, 2)}
     classes = ["identity", "relu", "leaky_relu", "gelu"]  # one of each kind of saved tensor / epilogue
     shapes = {"train": (256, 768, 1024), "decode": (1, 4096, 1024), "odd": (33, 1000, 1000)}
     if quick:  # what CI compiles: each kernel, in 16-bit and in float32 (TF32, the widest tiles)

@@ -18,6 +18,8 @@ SIGMOID = tl.constexpr(5)
 TANH = tl.constexpr(6)
 LEAKY_RELU = tl.constexpr(7)
 SQUARED_RELU = tl.constexpr(8)
+QUICK_GELU = tl.constexpr(9)
+QUICK_GELU_SCALE = tl.constexpr(1.702)
 
 LEAKY_SLOPE = tl.constexpr(0.01)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -83,6 +85,9 @@ def act_fwd(z, ACT: tl.constexpr):
         out = tl.where(z > 0, z, z * LEAKY_SLOPE)
     elif ACT == SQUARED_RELU:
         out = tl.where(z < 0, 0.0, z * z)
+    elif ACT == QUICK_GELU:
+        s, _ = sigmoid_pair(z * QUICK_GELU_SCALE)
+        out = z * s
     else:
         out = z
     return out
@@ -112,6 +117,9 @@ def act_grad(z, ACT: tl.constexpr):
         out = tl.where(z > 0, 1.0, LEAKY_SLOPE)
     elif ACT == SQUARED_RELU:
         out = tl.where(z > 0, 2.0 * z, 0.0)
+    elif ACT == QUICK_GELU:
+        s, sc = sigmoid_pair(z * QUICK_GELU_SCALE)
+        out = s * (1.0 + z * sc * QUICK_GELU_SCALE)
     else:
         out = tl.full(z.shape, 1.0, tl.float32)
     return out

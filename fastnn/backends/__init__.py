@@ -12,7 +12,7 @@ import torch
 
 from ..activations import Activation
 from ..dropin import functorch_active
-from .base import Backend, BackendUnavailableError
+from .base import Backend, BackendUnavailableError, tf32_allowed
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .torch_backend import TorchBackend
@@ -30,11 +30,15 @@ def register(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
 
-def auto_order(device_type: str, act: Activation) -> list[str]:
-    """The backends `auto` tries, fastest first, for a device type and activation."""
+def auto_order(device_type: str, act: Activation, dtype: torch.dtype = None) -> list[str]:
+    """The backends `auto` tries, fastest first, for a device type, activation and dtype. Triton
+    is left out for float32 without TF32: its exact (ieee) float32 dot runs on CUDA cores, behind
+    cuBLAS's own float32 GEMM that the torch composite calls."""
     if device_type == "cpu":
         return ["cpu", "torch"]
     if device_type == "cuda":
+        if dtype == torch.float32 and not tf32_allowed():
+            return ["cuda", "torch"]
         return ["cuda", "triton", "torch"]
     return ["torch"]
 
@@ -52,7 +56,7 @@ def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Te
             f"fastnn.{op}: backend {requested!r} cannot run under torch.func transforms (vmap, grad, jvp, "
             "jacrev, jacfwd) or forward-mode AD; backend='auto' runs PyTorch's composite there")
     if requested == "auto":
-        for name in auto_order(x.device.type, act):
+        for name in auto_order(x.device.type, act, x.dtype):
             backend = BACKENDS.get(name)
             if backend is not None and backend.unsupported_reason(op, x, weights, act) is None:
                 return name

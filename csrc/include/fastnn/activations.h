@@ -37,8 +37,10 @@ enum class Act : int32_t {
   kTanh = 6,
   kLeakyRelu = 7,
   kSquaredRelu = 8,
+  kQuickGelu = 9,
 };
-constexpr int32_t kNumActs = 9;
+constexpr int32_t kNumActs = 10;
+constexpr double kQuickGeluScale = 1.702;  // quick_gelu(z) = z sigmoid(1.702 z) (CLIP's activation)
 constexpr double kLeakySlope = 0.01;  // used as T(kLeakySlope): 0.01f in float
 
 // What backward needs besides dY: nothing, the sign of Z (1 bit per element), or Z itself.
@@ -288,6 +290,16 @@ struct Activation<Act::kSilu> {
 };
 
 template <>
+struct Activation<Act::kQuickGelu> {
+  template <typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid(T(kQuickGeluScale) * z); }
+  template <typename T> static FASTNN_HD T df(T z) {
+    T s, sc;
+    math::sigmoid_pair(T(kQuickGeluScale) * z, s, sc);
+    return s * (T(1) + T(kQuickGeluScale) * z * sc);
+  }
+};
+
+template <>
 struct Activation<Act::kSigmoid> {
   template <typename T> static FASTNN_HD T f(T z) { return math::sigmoid(z); }
   template <typename T> static FASTNN_HD T df(T z) {
@@ -324,6 +336,7 @@ inline bool dispatch_act(Act a, Fn&& fn) {
     case Act::kTanh: fn(ActTag<Act::kTanh>{}); return true;
     case Act::kLeakyRelu: fn(ActTag<Act::kLeakyRelu>{}); return true;
     case Act::kSquaredRelu: fn(ActTag<Act::kSquaredRelu>{}); return true;
+    case Act::kQuickGelu: fn(ActTag<Act::kQuickGelu>{}); return true;
   }
   return false;
 }
