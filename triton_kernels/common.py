@@ -79,7 +79,7 @@ def prune_configs(configs, named_args, **kwargs):
     in registers. A config over shared memory is shrunk until it fits (fewer stages down to 2, then
     half the K tile), never launched as is: float32 operands need twice the bytes of the 16-bit ones
     the configs were sized for. A config whose epilogue would spill is dropped while a smaller one
-    is left.
+    is left. Decode-sized M (<= 64) keeps only tiles of at most 64 rows where there are some.
 
     What each kernel streams per stage: forward x [BM, BK] and W [BN, BK] (two weights in the gated
     kernel); dgrad dY [BM, BN], the saved D [BM, BN] and W [BN, BK] (the gated form a second D and
@@ -119,7 +119,13 @@ def prune_configs(configs, named_args, **kwargs):
             fits_registers = (_tile_values_per_thread(kw, c.num_warps, named_args, kwargs)
                               <= TILE_REGISTERS_PER_THREAD)
             (kept if fits_registers else spilling).append(fitted)
-    return kept or spilling or configs[-1:]
+    kept = kept or spilling or configs[-1:]
+    # decode-sized M (forward and dgrad, where M is the rows of the output): tiles of at most 64
+    # rows, where a config has them; a 128-row tile would be mostly padding
+    rows = named_args.get("M")
+    if isinstance(rows, int) and rows <= 64 and ("w_ptr" in named_args or "wg_ptr" in named_args):
+        kept = [c for c in kept if c.kwargs.get("BLOCK_M", 64) <= 64] or kept
+    return kept
 
 
 # Kernel arguments that pick a different compiled kernel (and so different register and shared
@@ -174,8 +180,11 @@ def store_sign_mask(mask_ptr, z, offs_m, pid_n, M, N, stride_m, BLOCK_M: tl.cons
 
 
 @triton.jit
-def load_sign_mask(mask_ptr, offs_m, offs_n, M, N, stride_m):
-    """The sign bits of a [BM, BN] tile as float32 0/1."""
-    ptrs = mask_ptr + offs_m.to(tl.int64)[:, None] * stride_m + (offs_n // 8)[None, :]
-    byte = tl.load(ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0).to(tl.int32)
-    return ((byte >> (offs_n % 8)[None, :]) & 1).to(tl.float32)
+def load_sign_mask(mask_ptr, offs_m, n_start, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The sign bits of the [BM, BN] tile whose columns start at n_start (a multiple of 8) as float32
+    0/1: its BN / 8 bytes per row loaded once and expanded, not one byte load per element."""
+    offs_b = n_start // 8 + tl.arange(0, BLOCK_N // 8)
+    ptrs = mask_ptr + offs_m.to(tl.int64)[:, None] * stride_m + offs_b[None, :]
+    packed = tl.load(ptrs, mask=(offs_m[:, None] < M) & (offs_b[None, :] < (N + 7) // 8), other=0).to(tl.int32)
+    bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N)).to(tl.float32)

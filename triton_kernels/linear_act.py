@@ -142,10 +142,12 @@ def splitk_epilogue_kernel(ws_ptr, b_ptr, y_ptr, s_ptr, M, N, SPLIT_K, stride_ym
 # backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def grad_factor(s_ptr, offs_m, offs_n, M, N, stride_sm, SAVE: tl.constexpr, LEAKY: tl.constexpr):
-    """D = act'(z) for a [BM, BN] tile, from what forward stored (float32)."""
+def grad_factor(s_ptr, offs_m, offs_n, n_start, M, N, stride_sm, SAVE: tl.constexpr, LEAKY: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """D = act'(z) for a [BM, BN] tile (columns offs_n = n_start + arange(BN)), from what forward
+    stored (float32)."""
     if SAVE == 1:
-        bits = load_sign_mask(s_ptr, offs_m, offs_n, M, N, stride_sm)
+        bits = load_sign_mask(s_ptr, offs_m, n_start, M, N, stride_sm, BLOCK_M, BLOCK_N)
         if LEAKY:
             d = bits + (1.0 - bits) * LEAKY_SLOPE
         else:
@@ -175,7 +177,7 @@ def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, dx_ptr, M, N, 
                     mask=w_mask, other=0.0)
         dz = g
         if SAVE != 0:
-            dz = g * grad_factor(s_ptr, offs_m, offs_n, M, N, stride_sm, SAVE, LEAKY)
+            dz = g * grad_factor(s_ptr, offs_m, offs_n, n0, M, N, stride_sm, SAVE, LEAKY, BLOCK_M, BLOCK_N)
         acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT)
         if DUAL:
             w2 = tl.load(w2_ptr + offs_n.to(tl.int64)[:, None] * stride_w2n + offs_k.to(tl.int64)[None, :] * stride_w2k,
@@ -203,9 +205,11 @@ def linear_act_wgrad_kernel(dy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, M_BUC
         offs_m = m0 + offs_m0
         dz = load_tile(dy_ptr, offs_m, offs_n, M, N, stride_dym)
         if SAVE != 0:
-            dz = dz * grad_factor(s_ptr, offs_m, offs_n, M, N, stride_sm, SAVE, LEAKY)
+            dz = dz * grad_factor(s_ptr, offs_m, offs_n, pid_n * BLOCK_N, M, N, stride_sm, SAVE, LEAKY, BLOCK_M,
+                                  BLOCK_N)
         if COMPUTE_DB:
-            db += tl.sum(dz, axis=0)
+            if pid_k == 0:  # one program per column block sums the bias gradient; the others skip it
+                db += tl.sum(dz, axis=0)
         if COMPUTE_DW:
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
                          mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -322,7 +326,9 @@ def forward(x, w, b, act_code, save_mode, wrap=_identity, force_tma=None, force_
         bk = meta.get("BLOCK_K", 128)
         k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk
         split = max(1, triton.cdiv(K, k_per_split)) if K else 1
-        ws = torch.zeros((split, M, N), dtype=torch.float32, device=x.device)
+        # every split writes its whole [M, N] slice (no split's K range is empty): no zero fill
+        # unless nothing is launched (K == 0)
+        ws = (torch.empty if K else torch.zeros)((split, M, N), dtype=torch.float32, device=x.device)
         if K:
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), split)  # noqa: E731
             wrap(kernel)[grid](x, w, ws, M, N, K, k_per_split, m_bucket(M), x.stride(0), x.stride(1), w.stride(0),
