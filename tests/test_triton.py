@@ -198,3 +198,22 @@ def test_pruner_fits_shared_memory_and_registers(monkeypatch):
         for c in configs:
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
             assert (bm * bk + bn * bk * weights) * 4 * c.num_stages <= 232448
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="runs the kernels directly under the interpreter")
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+def test_wgrad_split_over_m(activation):
+    """wgrad split over M (for few N x K tiles) gives the unsplit dW and db: each split sums its rows
+    into a float32 slice, added in split order; row ranges that do not end on a tile are masked."""
+    from fastnn.triton_kernels import linear_act as K
+    act = activations.get(activation)
+    save = {"nothing": 0, "mask": 1, "preact": 2}[act.saves]
+    torch.manual_seed(0)
+    x, w, b = torch.randn(300, 24), torch.randn(40, 24) / 5, torch.randn(40)
+    _, saved = K.forward(x, w, b, act.code, save)
+    dy = torch.randn(300, 40)
+    dz = dy * act.grad(x @ w.t() + b)
+    for split in (1, 3):
+        dw, db = K.wgrad(dy, saved, save, activation == "leaky_relu", x, True, True, force_split_m=split)
+        torch.testing.assert_close(dw, dz.t() @ x, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(db, dz.sum(0), atol=1e-4, rtol=1e-4)

@@ -1,9 +1,9 @@
 """Tier 3 for Triton: every kernel variant the backend launches (bf16 and float32 with TF32, relu's
-mask and gelu's derivative, training and decode shapes, split-K, the TMA path on sm_90) compiled
-ahead of time for sm_90a and sm_80 with no GPU, in every autotune config the pruner keeps: no
-compile error, no config over the target's shared memory (tests/triton_aot.py; its report lists
-registers and spills). The two targets compile in parallel subprocesses (the interpreter is off
-there).
+mask and gelu's derivative, training and decode shapes, split-K, wgrad split over M, the TMA path
+on sm_90) compiled ahead of time for sm_90a and sm_80 with no GPU, in every autotune config the
+pruner keeps: no compile error, no config over the target's shared memory (tests/triton_aot.py; its
+report lists registers and spills). The two targets compile in parallel subprocesses (the
+interpreter is off there).
 
 It runs with the Triton installed here (the newest pip gives) and with the oldest one fastnn supports
 on a GPU, Triton 3.6 (torch 2.11's): FASTNN_TRITON_OLDEST names a directory holding it
@@ -58,7 +58,7 @@ def test_every_kernel_compiles_for_sm90a_and_sm80(tmp_path, which):
             assert report["triton"] == OLDEST, report["triton"]
         kernels = {k["kernel"] for k in report["kernels"]}
         expected = {"linear_act_fwd_kernel", "linear_splitk_kernel", "splitk_epilogue_kernel",
-                    "linear_act_dgrad_kernel", "linear_act_wgrad_kernel", "linear_glu_fwd_kernel"}
+                    "linear_act_dgrad_kernel", "linear_act_wgrad_kernel", "linear_glu_fwd_kernel", "sum_splits_kernel"}
         if arch == 90:
             expected.add("linear_act_fwd_tma_kernel")
         assert expected <= kernels, (arch, kernels)

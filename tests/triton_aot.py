@@ -205,6 +205,8 @@ def run(arch, quick=False):
                 for need_dw, need_db in ((True, True), (True, False), (False, True)):
                     K.wgrad(dy, saved, save, act_name == "leaky_relu", x if need_dw else x.new_empty((0,)),
                             need_dw, need_db, wrap=comp)
+                comp.variant = f"bwd {dname} {act_name} {sname} split-m"
+                K.wgrad(dy, saved, save, act_name == "leaky_relu", x, True, True, wrap=comp, force_split_m=4)
         for sname, (m, k, n) in shapes.items():
             if quick and dname != "bf16" and sname != "train":
                 continue

@@ -188,37 +188,53 @@ def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, dx_ptr, M, N, 
 
 
 @triton.jit
-def linear_act_wgrad_kernel(dy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, M_BUCKET, stride_dym, stride_sm, stride_xm,
-                            stride_xk, stride_dwn, SAVE: tl.constexpr, LEAKY: tl.constexpr,
+def linear_act_wgrad_kernel(dy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, M_PER_SPLIT, M_BUCKET, stride_dym,
+                            stride_sm, stride_xm, stride_xk, stride_dwn, SAVE: tl.constexpr, LEAKY: tl.constexpr,
                             COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr):
-    """dW[N, K] = (dY * D)^T @ X; the programs of the first K block also write db = sum_m dY * D
-    (fp32 sums of the unrounded dZ, added in row order: deterministic)."""
+    """dW[N, K] = (dY * D)^T @ X over rows [split * M_PER_SPLIT, ...) of split = program_id(1); the
+    programs of the first K block also write db = sum_m dY * D (fp32 sums of the unrounded dZ, added
+    in row order: deterministic). With more than one split, dw_ptr / db_ptr are float32 workspaces
+    [splits, N, K] / [splits, N] that sum_splits_kernel adds up in split order."""
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
+    split = tl.program_id(1)
+    m_lo = split * M_PER_SPLIT
+    m_hi = tl.minimum(M, m_lo + M_PER_SPLIT)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m0 = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + offs_m0
-        dz = load_tile(dy_ptr, offs_m, offs_n, M, N, stride_dym)
+        dz = load_tile(dy_ptr, offs_m, offs_n, m_hi, N, stride_dym)
         if SAVE != 0:
-            dz = dz * grad_factor(s_ptr, offs_m, offs_n, pid_n * BLOCK_N, M, N, stride_sm, SAVE, LEAKY, BLOCK_M,
+            dz = dz * grad_factor(s_ptr, offs_m, offs_n, pid_n * BLOCK_N, m_hi, N, stride_sm, SAVE, LEAKY, BLOCK_M,
                                   BLOCK_N)
         if COMPUTE_DB:
             if pid_k == 0:  # one program per column block sums the bias gradient; the others skip it
                 db += tl.sum(dz, axis=0)
         if COMPUTE_DW:
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
-                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+                         mask=(offs_m[:, None] < m_hi) & (offs_k[None, :] < K), other=0.0)
             acc = tl.dot(tl.trans(dz.to(xt.dtype)), xt, acc, input_precision=DOT)
     if COMPUTE_DW:
-        store_tile(dw_ptr, acc, offs_n, offs_k, N, K, stride_dwn)
+        store_tile(dw_ptr + split.to(tl.int64) * tl.cast(N, tl.int64) * K, acc, offs_n, offs_k, N, K, stride_dwn)
     if COMPUTE_DB:
         if pid_k == 0:
-            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
+            tl.store(db_ptr + split.to(tl.int64) * N + offs_n, db.to(db_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def sum_splits_kernel(ws_ptr, out_ptr, TOTAL, SPLITS, BLOCK: tl.constexpr):
+    """out[i] = sum over s of ws[s, i], in split order (deterministic), rounded once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(ws_ptr + s * tl.cast(TOTAL, tl.int64) + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +389,22 @@ def dgrad(dy, saved, save_mode, leaky, w, saved2=None, w2=None, wrap=_identity):
     return dx
 
 
-def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity):
+def _split_m(m, n, k, device, force):
+    """Splits of M for wgrad when its N x K output tiles fill fewer than two waves of the GPU
+    (BERT-base's 768 x 768 dW is 36 tiles of 128 x 128 on 132 SMs). A function of the shape and
+    the GPU's SM count: the summation order is the same on every run."""
+    if force is not None:
+        return force
+    if m < 2048:
+        return 1
+    tiles = triton.cdiv(n, 128) * triton.cdiv(max(k, 1), 128)
+    sms = num_sms(device)
+    if tiles * 2 >= sms:
+        return 1
+    return max(1, min(8, triton.cdiv(2 * sms, tiles), m // 1024))
+
+
+def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity, force_split_m=None):
     """(dW = (dY * D)^T @ X or None, db = column sums of dY * D or None); dy contiguous."""
     M, N = dy.shape
     K = x.shape[1] if need_dw else 0  # x is an empty stand-in when dW is not asked for
@@ -385,13 +416,22 @@ def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity):
         return (dw.zero_() if need_dw else None), (db.zero_() if need_db else None)
     compute_dw = need_dw and K > 0
     s = saved if save_mode != SAVE_NOTHING else dy
+    split = _split_m(M, N, K, dy.device, force_split_m) if compute_dw else 1
+    m_per_split = triton.cdiv(triton.cdiv(M, split), 128) * 128 if split > 1 else M
+    split = triton.cdiv(M, m_per_split)
+    f32 = dict(dtype=torch.float32, device=dy.device)
+    dw_arg = (torch.empty((split, N, K), **f32) if split > 1 else dw) if compute_dw else dy
+    db_arg = (torch.empty((split, N), **f32) if split > 1 else db) if need_db else dy
     kernel, meta = pick(linear_act_wgrad_kernel, wgrad_tuned)
     k_blocks = (lambda META: triton.cdiv(K, META["BLOCK_K"])) if compute_dw else (lambda META: 1)
-    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]) * k_blocks(META),)  # noqa: E731
-    dw_arg = dw if compute_dw else dy
-    db_arg = db if need_db else dy
-    wrap(kernel)[grid](dy, s, x, dw_arg, db_arg, M, N, max(K, 1) if compute_dw else 1, m_bucket(M), dy.stride(0),
-                       s.stride(0) if s.dim() == 2 else 0, x.stride(0) if x.dim() == 2 else 0,
-                       x.stride(1) if x.dim() == 2 else 0, dw_arg.stride(0), SAVE=save_mode, LEAKY=leaky,
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]) * k_blocks(META), split)  # noqa: E731
+    wrap(kernel)[grid](dy, s, x, dw_arg, db_arg, M, N, max(K, 1) if compute_dw else 1, m_per_split, m_bucket(M),
+                       dy.stride(0), s.stride(0) if s.dim() == 2 else 0, x.stride(0) if x.dim() == 2 else 0,
+                       x.stride(1) if x.dim() == 2 else 0, K if compute_dw else 0, SAVE=save_mode, LEAKY=leaky,
                        COMPUTE_DW=compute_dw, COMPUTE_DB=need_db, DOT=dot_precision(dy.dtype), **meta)
+    if split > 1:
+        for ws, out in ((dw_arg, dw if compute_dw else None), (db_arg, db if need_db else None)):
+            if out is not None:
+                total = out.numel()
+                wrap(sum_splits_kernel)[(triton.cdiv(total, 1024),)](ws, out, total, split, BLOCK=1024)
     return dw, db
