@@ -3,6 +3,7 @@
     import fastnn
     y = fastnn.linear_act(x, weight, bias, activation="gelu")
     y = fastnn.linear_glu(x, gate_weight, up_weight, activation="swiglu")
+    y = fastnn.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation="gelu", recompute="fc1")
 
 See `python -m fastnn.info` for what this build can do here.
 """
@@ -10,11 +11,11 @@ from ._version import __version__
 from . import activations, backends, functional, ops  # noqa: F401
 from .activations import ACTIVATIONS, GATED
 from .backends import BackendUnavailableError
-from .functional import linear_act, linear_glu
+from .functional import linear_act, linear_glu, mlp
 from .fuse import fuse, unfuse
 from .modules import FusedLinear, FusedMLP, GatedLinear, TransformerEncoderLayer
 
 __all__ = [
-    "__version__", "linear_act", "linear_glu", "FusedLinear", "GatedLinear", "FusedMLP", "TransformerEncoderLayer",
+    "__version__", "linear_act", "linear_glu", "mlp", "FusedLinear", "GatedLinear", "FusedMLP", "TransformerEncoderLayer",
     "fuse", "unfuse", "ACTIVATIONS", "GATED", "BackendUnavailableError", "functional", "activations", "backends",
 ]

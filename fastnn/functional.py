@@ -1,8 +1,9 @@
-"""fastnn's public functions: linear_act and linear_glu.
+"""fastnn's public functions: linear_act, linear_glu and the MLP block built on them, mlp.
 
-Both give the same result and gradients as their PyTorch composite (act(F.linear(x, W, b)) and
-act(F.linear(x, Wg, bg)) * F.linear(x, Wu, bu)), within the numerics rule of ../shared/design.md,
-for x of any number of leading dims (1-D too), any strides, and zero rows.
+Each gives the same result and gradients as its PyTorch composite (act(F.linear(x, W, b)),
+act(F.linear(x, Wg, bg)) * F.linear(x, Wu, bu), and fc2 after dropout after either), within the
+numerics rule of ../shared/design.md, for x of any number of leading dims (1-D too), any strides,
+and zero rows.
 """
 from __future__ import annotations
 
@@ -147,3 +148,63 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
         y, _, _ = torch.ops.fastnn.linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
                                                   activation, name, save)
     return _unflatten(y, lead)
+
+
+RECOMPUTE_LEVELS = ("none", "fc1")
+
+
+def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+        activation: str = "gelu", *, up_weight: Optional[Tensor] = None, up_bias: Optional[Tensor] = None,
+        dropout: float = 0.0, training: bool = True, recompute: str = "none", backend: str = "auto") -> Tensor:
+    """An MLP block, fc2(dropout(act(fc1(x)))), with fc1 and its activation fused.
+
+    Gated activations (swiglu, geglu, geglu_tanh, reglu): fc1_weight / fc1_bias are the gate
+    projection and up_weight / up_bias the up projection (up_weight is required then, and only then).
+    dropout: the probability of F.dropout between the activation and fc2, applied when training is
+    True, with PyTorch's semantics and random stream (seeded runs reproduce).
+    recompute, what backward keeps beyond the weights (memory levels):
+      "none": x, fc1's saved tensor (the pre-activation, or a 1-bit mask for relu and leaky_relu;
+              two pre-activations for a gated unit), the hidden activation fc2 reads and the
+              dropout mask;
+      "fc1":  x only; backward runs fc1, the activation and the dropout again (the random state is
+              replayed, so the masks are the forward's), as torch.utils.checkpoint does.
+    """
+    gated = activation in activations.GATED
+    if gated:
+        activations.get_gated(activation)
+        if up_weight is None:
+            raise ValueError(f"fastnn.mlp: the gated activation {activation!r} needs up_weight (and up_bias if any)")
+    else:
+        activations.get(activation)
+        if up_weight is not None or up_bias is not None:
+            raise ValueError(f"fastnn.mlp: up_weight / up_bias are for gated activations, not {activation!r}")
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"fastnn.mlp: unknown recompute level {recompute!r}; valid: {', '.join(RECOMPUTE_LEVELS)}")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"fastnn.mlp: dropout probability has to be between 0 and 1, but got {dropout}")
+    _check_linear("mlp", x, fc1_weight, fc1_bias, "fc1_weight", "fc1_bias")
+    hidden = fc1_weight.shape[0]
+    if gated and tuple(up_weight.shape) != tuple(fc1_weight.shape):
+        raise ValueError(f"fastnn.mlp: up_weight has shape {tuple(up_weight.shape)} but fc1_weight (the gate) "
+                         f"has {tuple(fc1_weight.shape)}; they must match")
+    _check_tensor("mlp", "fc2_weight", fc2_weight, dims=2)
+    if fc2_weight.shape[1] != hidden:
+        raise ValueError(f"fastnn.mlp: fc2_weight has {fc2_weight.shape[1]} in_features (shape "
+                         f"{tuple(fc2_weight.shape)}) but fc1 gives {hidden} hidden features")
+    _check_same("mlp", x, [("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias), ("up_weight", up_weight),
+                           ("up_bias", up_bias)])
+
+    def block(x: Tensor) -> Tensor:
+        if gated:
+            h = linear_glu(x, fc1_weight, up_weight, fc1_bias, up_bias, activation, backend=backend)
+        else:
+            h = linear_act(x, fc1_weight, fc1_bias, activation, backend=backend)
+        if dropout > 0.0 and training:
+            h = torch.nn.functional.dropout(h, dropout, True)
+        return torch.nn.functional.linear(h, fc2_weight, fc2_bias)
+
+    if recompute == "fc1" and _needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, up_weight, up_bias):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)

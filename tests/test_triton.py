@@ -217,3 +217,25 @@ def test_wgrad_split_over_m(activation):
         dw, db = K.wgrad(dy, saved, save, activation == "leaky_relu", x, True, True, force_split_m=split)
         torch.testing.assert_close(dw, dz.t() @ x, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(db, dz.sum(0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recompute", ["none", "fc1"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_mlp_block(recompute, activation):
+    """fastnn.mlp on the Triton backend, both memory levels, against its PyTorch composite."""
+    gated = activation in fastnn.GATED
+    x = torch.randn(2, 33, 32, device=DEVICE, requires_grad=True)
+    w1, w2 = (torch.randn(48, 32, device=DEVICE) / 6).requires_grad_(), (torch.randn(16, 48, device=DEVICE) / 7).requires_grad_()
+    b1, b2 = torch.randn(48, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
+    wu = (torch.randn(48, 32, device=DEVICE) / 6).requires_grad_() if gated else None
+
+    def eager(x, w1, b1, w2, b2, wu):
+        z = torch.nn.functional.linear(x, w1, b1)
+        h = (activations.get_gated(activation).fn(z) * torch.nn.functional.linear(x, wu)) if gated else \
+            activations.get(activation).fn(z)
+        return torch.nn.functional.linear(h, w2, b2)
+
+    check_against_reference(
+        lambda x, w1, b1, w2, b2, wu: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, recompute=recompute,
+                                                 backend="triton"),
+        eager, [x, w1, b1, w2, b2, wu], what=f"triton mlp {activation} {recompute}")

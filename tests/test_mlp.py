@@ -1,0 +1,140 @@
+"""fastnn.mlp, the MLP block as one call: every activation (gated ones too) against its PyTorch
+composite in outputs and every gradient, at both memory levels; dropout with PyTorch's semantics
+and random stream; what each level keeps for backward; bad arguments."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnn
+from fastnn import activations
+from numerics import check_against_reference
+
+BACKENDS = ["cpu", "torch"]
+
+
+def _weights(k, hidden, n, dtype, gated, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def param(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).requires_grad_()
+
+    w1, w2 = param(hidden, k, scale=k ** -0.5), param(n, hidden, scale=hidden ** -0.5)
+    b1, b2 = (param(hidden), param(n)) if bias else (None, None)
+    wu, bu = (param(hidden, k, scale=k ** -0.5), param(hidden) if bias else None) if gated else (None, None)
+    return w1, b1, w2, b2, wu, bu
+
+
+def _eager(x, w1, b1, w2, b2, wu, bu, activation):
+    if wu is not None:
+        h = activations.get_gated(activation).fn(F.linear(x, w1, b1)) * F.linear(x, wu, bu)
+    else:
+        h = activations.get(activation).fn(F.linear(x, w1, b1))
+    return F.linear(h, w2, b2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recompute", ["none", "fc1"])
+@pytest.mark.parametrize("activation", list(fastnn.ACTIVATIONS) + list(fastnn.GATED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mlp_matches_composite(backend, recompute, activation, dtype):
+    gated = activation in fastnn.GATED
+    x = torch.randn(3, 17, 24).to(dtype).requires_grad_()
+    w1, b1, w2, b2, wu, bu = _weights(24, 65, 20, dtype, gated)
+    if gated:
+        check_against_reference(
+            lambda x, w1, b1, w2, b2, wu, bu: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu,
+                                                         recompute=recompute, backend=backend),
+            lambda x, w1, b1, w2, b2, wu, bu: _eager(x, w1, b1, w2, b2, wu, bu, activation),
+            [x, w1, b1, w2, b2, wu, bu], what=f"{activation} {recompute}")
+    else:
+        check_against_reference(
+            lambda x, w1, b1, w2, b2: fastnn.mlp(x, w1, b1, w2, b2, activation, recompute=recompute, backend=backend),
+            lambda x, w1, b1, w2, b2: _eager(x, w1, b1, w2, b2, None, None, activation),
+            [x, w1, b1, w2, b2], what=f"{activation} {recompute}")
+
+
+def test_mlp_without_biases_and_frozen_weights():
+    x = torch.randn(9, 16, requires_grad=True)
+    w1, b1, w2, b2, _, _ = _weights(16, 32, 8, torch.float32, False, bias=False)
+    w1.requires_grad_(False)
+    check_against_reference(lambda x, w1, w2: fastnn.mlp(x, w1, None, w2, None, "relu", recompute="fc1"),
+                            lambda x, w1, w2: _eager(x, w1, None, w2, None, None, None, "relu"), [x, w1, w2])
+
+
+@pytest.mark.parametrize("recompute", ["none", "fc1"])
+def test_dropout_follows_pytorch(recompute):
+    """Same seed, same masks as F.dropout in the eager block; the recomputed backward replays them;
+    no dropout when not training."""
+    x = torch.randn(32, 16, requires_grad=True)
+    w1, b1, w2, b2, _, _ = _weights(16, 64, 8, torch.float32, False)
+    torch.manual_seed(5)
+    y = fastnn.mlp(x, w1, b1, w2, b2, "gelu", dropout=0.5, recompute=recompute)
+    y.sum().backward()
+    ours = [t.grad.clone() for t in (x, w1, b1, w2, b2)]
+    for t in (x, w1, b1, w2, b2):
+        t.grad = None
+    torch.manual_seed(5)
+    ref = F.linear(F.dropout(F.gelu(F.linear(x, w1, b1)), 0.5, True), w2, b2)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for a, t in zip(ours, (x, w1, b1, w2, b2)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        evaluated = fastnn.mlp(x, w1, b1, w2, b2, "gelu", dropout=0.5, training=False)
+        torch.testing.assert_close(evaluated, F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward (weights excluded: they are parameters)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if not isinstance(t, torch.nn.Parameter) and t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+params = set()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_memory_levels(activation):
+    """"none" keeps fc1's saved tensor and the hidden activation; "fc1" keeps x alone."""
+    gated = activation in fastnn.GATED
+    m, k, hidden = 64, 32, 256
+    x = torch.randn(m, k, requires_grad=True)
+    w1, b1, w2, b2, wu, bu = _weights(k, hidden, k, torch.float32, gated)
+    params.clear()
+    params.update(t.data_ptr() for t in (w1, b1, w2, b2, wu, bu) if t is not None)
+    run = {level: _saved_bytes(lambda: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu,
+                                                  recompute=level, backend="cpu"))
+           for level in ("none", "fc1")}
+    x_bytes = m * k * 4
+    hidden_bytes = m * hidden * 4
+    fc1_saved = {"gelu": hidden_bytes, "relu": m * hidden // 8, "swiglu": 2 * hidden_bytes}[activation]
+    assert run["none"] == x_bytes + fc1_saved + hidden_bytes, run
+    assert run["fc1"] == x_bytes, run
+
+
+def test_mlp_errors():
+    x = torch.randn(4, 8)
+    w1, b1, w2, b2, wu, bu = _weights(8, 16, 8, torch.float32, True)
+    with pytest.raises(ValueError, match="needs up_weight"):
+        fastnn.mlp(x, w1, b1, w2, b2, "swiglu")
+    with pytest.raises(ValueError, match="for gated activations"):
+        fastnn.mlp(x, w1, b1, w2, b2, "gelu", up_weight=wu)
+    with pytest.raises(ValueError, match="unknown recompute level 'all'"):
+        fastnn.mlp(x, w1, b1, w2, b2, "gelu", recompute="all")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fastnn.mlp(x, w1, b1, w2, b2, "gelu", dropout=1.5)
+    with pytest.raises(ValueError, match="fc2_weight has 7 in_features"):
+        fastnn.mlp(x, w1, b1, torch.randn(8, 7), b2, "gelu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        fastnn.mlp(x, w1, b1, w2, b2, "gleu")
+    with pytest.raises(TypeError, match="fc2_weight is torch.float64"):
+        fastnn.mlp(x, w1, b1, w2.double(), b2, "gelu")
