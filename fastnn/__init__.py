@@ -14,6 +14,9 @@ from .backends import BackendUnavailableError
 from .functional import linear_act, linear_glu, mlp
 from .fuse import fuse, unfuse
 from .modules import FusedLinear, FusedMLP, GatedLinear, TransformerEncoderLayer
+from . import distributed as _distributed
+
+_distributed.register()  # DTensor sharding rules (tensor parallelism) for the ops above
 
 __all__ = [
     "__version__", "linear_act", "linear_glu", "mlp", "FusedLinear", "GatedLinear", "FusedMLP", "TransformerEncoderLayer",
