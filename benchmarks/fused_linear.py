@@ -209,6 +209,12 @@ def build_configs(case: Case, inputs, grad_out, device, fastnn_backends, compile
         second = (lambda be: lambda h, w2, b2: fastnn.linear_act(h, w2, b2, "identity", backend=be))(be)
         fwd = forward_fn(case, layer, glu, second)
         cfgs.append(Config(f"fastnn[{be}]", with_backward(case, fwd, inputs, grad_out)))
+        if case.mode == "mlp":  # the block as one call, at each memory level (the saved MB column)
+            for level in fastnn.functional.RECOMPUTE_LEVELS:
+                block = (lambda be, level: lambda p: fastnn.mlp(
+                    p["x"], p["wg"] if case.gated else p["w"], p["bg"] if case.gated else p["b"], p["w2"], p["b2"],
+                    case.activation, up_weight=p.get("wu"), up_bias=p.get("bu"), recompute=level, backend=be))(be, level)
+                cfgs.append(Config(f"fastnn.mlp[{be}] {level}", with_backward(case, block, inputs, grad_out)))
 
     eager = forward_fn(case, eager_layer, eager_glu)
     cfgs.append(Config("eager", with_backward(case, eager, inputs, grad_out)))
