@@ -2,20 +2,14 @@
 weights (fastnn/distributed.py's sharding rules) run fastnn's kernels on each rank's hidden slice
 and give one process's outputs and gradients; parallelize_module with the usual
 ColwiseParallel / RowwiseParallel plan on a FusedMLP gives them too."""
-import datetime
-import faulthandler
 import os
-import sys
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastnn
+import gloo
 
-WORLD = 2
 CASES = ["gelu", "relu", "identity", "swiglu", "mlp-gelu", "mlp-swiglu-fc1", "module-gelu", "module-swiglu"]
 
 
@@ -58,64 +52,51 @@ def _forward(case, x, w1, b1, wu, bu, w2, b2):
 
 
 def _worker(rank, case, out_dir):
-    faulthandler.dump_traceback_later(120, exit=True)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-        mesh = init_device_mesh("cpu", (WORLD,))
-        if case.startswith("module"):
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    mesh = init_device_mesh("cpu", (gloo.WORLD,))
+    if case.startswith("module"):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-            model = _module(case)
-            gated = case.endswith("swiglu")
-            plan = ({"fc1.gate_proj": ColwiseParallel(), "fc1.up_proj": ColwiseParallel()} if gated
-                    else {"fc1": ColwiseParallel()})
-            plan["fc2"] = RowwiseParallel()
-            parallelize_module(model, mesh, plan)
-            x = _inputs(case)[0]
-            y = model(x)
-            y.square().sum().backward()
-            got = [model(x).detach(), x.grad] + [p.grad.full_tensor() for _, p in sorted(model.named_parameters())]
+        model = _module(case)
+        gated = case.endswith("swiglu")
+        plan = ({"fc1.gate_proj": ColwiseParallel(), "fc1.up_proj": ColwiseParallel()} if gated
+                else {"fc1": ColwiseParallel()})
+        plan["fc2"] = RowwiseParallel()
+        parallelize_module(model, mesh, plan)
+        x = _inputs(case)[0]
+        y = model(x)
+        y.square().sum().backward()
+        got = [model(x).detach(), x.grad] + [p.grad.full_tensor() for _, p in sorted(model.named_parameters())]
+    else:
+        x, w1, b1, wu, bu, w2, b2 = _inputs(case)
+        col, row_sharded = [Shard(0)], [Shard(1)]
+        d = {"w1": distribute_tensor(w1.detach(), mesh, col), "b1": distribute_tensor(b1.detach(), mesh, col),
+             "wu": distribute_tensor(wu.detach(), mesh, col), "bu": distribute_tensor(bu.detach(), mesh, col),
+             "w2": distribute_tensor(w2.detach(), mesh, row_sharded),
+             "b2": distribute_tensor(b2.detach(), mesh, [Replicate()])}
+        for t in d.values():
+            t.requires_grad_()
+        xl = x.detach().requires_grad_()
+        xd = DTensor.from_local(xl, mesh, [Replicate()])
+        y = _forward(case, xd, d["w1"], d["b1"], d["wu"], d["bu"], d["w2"], d["b2"])
+        if case.startswith("mlp"):
+            assert y.placements[0].is_replicate() or y.placements[0].is_partial()
         else:
-            x, w1, b1, wu, bu, w2, b2 = _inputs(case)
-            col, row_sharded = [Shard(0)], [Shard(1)]
-            d = {"w1": distribute_tensor(w1.detach(), mesh, col), "b1": distribute_tensor(b1.detach(), mesh, col),
-                 "wu": distribute_tensor(wu.detach(), mesh, col), "bu": distribute_tensor(bu.detach(), mesh, col),
-                 "w2": distribute_tensor(w2.detach(), mesh, row_sharded),
-                 "b2": distribute_tensor(b2.detach(), mesh, [Replicate()])}
-            for t in d.values():
-                t.requires_grad_()
-            xl = x.detach().requires_grad_()
-            xd = DTensor.from_local(xl, mesh, [Replicate()])
-            y = _forward(case, xd, d["w1"], d["b1"], d["wu"], d["bu"], d["w2"], d["b2"])
-            if case.startswith("mlp"):
-                assert y.placements[0].is_replicate() or y.placements[0].is_partial()
-            else:
-                assert y.placements == (Shard(1),), y.placements  # each rank computed its hidden slice
-            y = y.full_tensor()
-            y.square().sum().backward()
-            got = [y.detach(), xl.grad] + [d[k].grad.full_tensor() if d[k].grad is not None else None
-                                           for k in ("w1", "b1", "wu", "bu", "w2", "b2")]
-        if rank == 0:  # "* 1": plain tensors (an AsyncCollectiveTensor waits and unwraps)
-            torch.save([None if t is None else t.detach() * 1 for t in got], os.path.join(out_dir, "got.pt"))
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+            assert y.placements == (Shard(1),), y.placements  # each rank computed its hidden slice
+        y = y.full_tensor()
+        y.square().sum().backward()
+        got = [y.detach(), xl.grad] + [d[k].grad.full_tensor() if d[k].grad is not None else None
+                                       for k in ("w1", "b1", "wu", "bu", "w2", "b2")]
+    if rank == 0:  # "* 1": plain tensors (an AsyncCollectiveTensor waits and unwraps)
+        torch.save([None if t is None else t.detach() * 1 for t in got], os.path.join(out_dir, "got.pt"))
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups on Linux/macOS")
+@pytest.mark.skipif(not gloo.available(), reason="needs torch.distributed with gloo (Linux/macOS)")
 @pytest.mark.parametrize("case", CASES)
 def test_tensor_parallel_matches_one_process(case, tmp_path):
-    mp.spawn(_worker, args=(case, str(tmp_path)), nprocs=WORLD, join=True)
+    gloo.spawn(_worker, (case, str(tmp_path)), tmp_path)
     got = torch.load(tmp_path / "got.pt")
     ref = _single(case)
     assert len(got) == len(ref)
