@@ -239,3 +239,42 @@ def test_mlp_block(recompute, activation):
         lambda x, w1, b1, w2, b2, wu: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, recompute=recompute,
                                                  backend="triton"),
         eager, [x, w1, b1, w2, b2, wu], what=f"triton mlp {activation} {recompute}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["gelu-2048x768x3072", "relu-decode-8x4096x4096", "swiglu-512x1024x2816",
+                                  "gelu-wgrad-split-8192x768x768"])
+def test_tuned_configs_on_gpu(monkeypatch, case):
+    """Autotuning on (the GPU script turns it off for the rest of the suite): every config the pruner
+    keeps is timed and the chosen one's results are checked, forward and backward, bf16."""
+    monkeypatch.setenv("FASTNN_TRITON_AUTOTUNE", "1")
+    activation, *_, shape = case.split("-")
+    m, k, n = map(int, shape.split("x"))
+    if activation in fastnn.GATED:
+        inputs = make_inputs((m, k), n, torch.bfloat16, "cuda", glu=True)
+        check_against_reference(
+            lambda x, wg, wu, bg, bu: fastnn.linear_glu(x, wg, wu, bg, bu, activation, backend="triton"),
+            lambda x, wg, wu, bg, bu: torch_linear_glu(x, wg, wu, bg, bu, activation), list(inputs), what=case)
+        return
+    x, w, b = make_inputs((m, k), n, torch.bfloat16, "cuda")
+    check_against_reference(lambda x, w, b: _act(x, w, b, activation),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b], what=case)
+
+
+@pytest.mark.gpu
+def test_tma_forward_recomputed_on_autograd_thread():
+    """A recomputing FusedMLP runs its forward again inside backward, on autograd's device thread:
+    the TMA kernel's scratch allocator must be set there too (sm_90)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA tensor descriptors need sm90+")
+    torch.manual_seed(0)
+    mlp = fastnn.FusedMLP(256, 1024, activation="gelu", recompute=True, backend="triton").cuda().bfloat16()
+    ref = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).cuda().bfloat16()
+    ref.load_state_dict({"0.weight": mlp.fc1.weight, "0.bias": mlp.fc1.bias, "2.weight": mlp.fc2.weight,
+                         "2.bias": mlp.fc2.bias})
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mlp(x).float().square().mean().backward()
+    got = x.grad.clone()
+    x.grad = None
+    ref(x).float().square().mean().backward()
+    torch.testing.assert_close(got, x.grad, atol=2e-2, rtol=5e-2)
