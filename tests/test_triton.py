@@ -194,6 +194,8 @@ def test_pruner_fits_shared_memory_and_registers(monkeypatch):
     assert (128, 128, 8) not in shapes(glu) and glu
     decode = common.prune_configs(linear_act.FWD_CONFIGS, {"x_ptr": x[:8], "w_ptr": w, "M": 8}, ACT=0, SAVE=0)
     assert decode and all(c.kwargs["BLOCK_M"] <= 64 for c in decode)
+    unaligned = common.prune_configs(linear_act.FWD_CONFIGS, {"x_ptr": x, "w_ptr": w, "K": 1000}, ACT=2, SAVE=2)
+    assert unaligned and all(c.kwargs["BLOCK_K"] <= 32 for c in unaligned)
     for weights, configs in ((1, plain), (1, gelu), (2, glu)):  # float32 tiles: stages and K tiles were cut
         for c in configs:
             bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
