@@ -280,3 +280,22 @@ def test_tma_forward_recomputed_on_autograd_thread():
     x.grad = None
     ref(x).float().square().mean().backward()
     torch.testing.assert_close(got, x.grad, atol=2e-2, rtol=5e-2)
+
+
+def test_tma_decision_is_not_made_while_tracing(monkeypatch):
+    """Under torch.compile the pointers are fakes (FunctionalTensor refuses data_ptr, fake tensors
+    give 0): the TMA check answers False without reading them, so the pointer kernel is traced."""
+    from fastnn.triton_kernels import linear_act as K
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(K, "capability", lambda device: (9, 0))
+    seen = []
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def traced(x, w):
+        seen.append(K._tma_ok(x, w, None))
+        return x + 1
+
+    x, w = torch.randn(16, 32), torch.randn(8, 32)
+    traced(x, w)
+    assert seen == [False]
+    assert K._tma_ok(x, w, None) is (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)  # eagerly: the real check
