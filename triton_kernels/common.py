@@ -63,11 +63,21 @@ def shared_memory_limit(device) -> int:
 TILE_REGISTERS_PER_THREAD = 128
 
 
-def _tile_values_per_thread(kw, warps, named_args, kwargs):
+def _kernel_kind(named_args) -> str:
+    """Which kernel an autotuner is pruning for, from its pointer arguments: "gated" (the gated
+    forward), "forward" (forward, TMA forward, split-K), "dgrad" or "wgrad"."""
+    if "wg_ptr" in named_args:
+        return "gated"
+    if "w_ptr" in named_args:
+        return "forward" if "x_ptr" in named_args else "dgrad"
+    return "wgrad"
+
+
+def _tile_values_per_thread(kind, kw, warps, kwargs, named_args):
     """Float32 values of full tiles that each thread keeps live through the forward's epilogue."""
-    if "wg_ptr" in named_args:  # gated: two accumulators, then act(gate) and up side by side
+    if kind == "gated":  # two accumulators, then act(gate) and up side by side
         tiles = 4
-    elif "x_ptr" in named_args and "w_ptr" in named_args:  # forward: transcendental epilogues double it
+    elif kind == "forward":  # transcendental epilogues double it
         tiles = 2 if kwargs.get("ACT", named_args.get("ACT", 0)) not in (0, 1, 7) else 1
     else:  # backward kernels accumulate one tile; their loads stream through
         tiles = 1
@@ -80,7 +90,7 @@ def prune_configs(configs, named_args, **kwargs):
     half the K tile), never launched as is: float32 operands need twice the bytes of the 16-bit ones
     the configs were sized for. A config whose epilogue would spill is dropped while a smaller one
     is left. Decode-sized M (<= 64) keeps only tiles of at most 64 rows where there are some; a
-    forward over a K that is not a multiple of 16 gets K tiles of at most 32.
+    kernel streaming x over a K that is not a multiple of 16 gets K tiles of at most 32.
 
     What each kernel streams per stage: forward x [BM, BK] and W [BN, BK] (two weights in the gated
     kernel); dgrad dY [BM, BN], the saved D [BM, BN] and W [BN, BK] (the gated form a second D and
@@ -88,6 +98,7 @@ def prune_configs(configs, named_args, **kwargs):
     first = next((named_args[k] for k in ("x_ptr", "dy_ptr") if k in named_args), None)
     if first is None or not hasattr(first, "device"):
         return configs
+    kind = _kernel_kind(named_args)
     limit = shared_memory_limit(first.device) - 1024  # the compiler's own scratch (barriers, reductions)
     es = first.element_size()
     save = kwargs.get("SAVE", named_args.get("SAVE", 0))
@@ -95,9 +106,9 @@ def prune_configs(configs, named_args, **kwargs):
 
     def need(kw, stages):
         bm, bn, bk = kw.get("BLOCK_M", 64), kw.get("BLOCK_N", 64), kw.get("BLOCK_K", 32)
-        if "x_ptr" in named_args and "w_ptr" in named_args or "wg_ptr" in named_args:  # forward
-            per_stage = (bm * bk + bn * bk * (2 if "wu_ptr" in named_args else 1)) * es
-        elif "w_ptr" in named_args:  # dgrad
+        if kind in ("forward", "gated"):
+            per_stage = (bm * bk + bn * bk * (2 if kind == "gated" else 1)) * es
+        elif kind == "dgrad":
             per_stage = bm * bn * (es + saved_es) + bn * bk * es
             if kwargs.get("DUAL", named_args.get("DUAL", False)):
                 per_stage += bm * bn * es + bn * bk * es
@@ -105,12 +116,13 @@ def prune_configs(configs, named_args, **kwargs):
             per_stage = bm * bn * (es + saved_es) + bm * bk * es
         return per_stage * max(1, stages)
 
-    # forward over a K that is not a multiple of 16 elements: the compiler cannot prove the rows of
-    # x and W 16-byte aligned, so their tiles are loaded through registers, not copied to shared
-    # memory asynchronously; a K tile of 32 keeps that from spilling (ptxas: 64x128x64 on 4 warps
-    # spills 448 B per thread at K = 1000 in bf16 on sm_90a, 64x128x32 none)
+    # kernels that stream x (forward, gated, wgrad) over a K that is not a multiple of 16 elements:
+    # the compiler cannot prove x's rows (nor W's, in the forward) 16-byte aligned, so their tiles
+    # are loaded through registers, not copied to shared memory asynchronously; a K tile of 32
+    # keeps that from spilling (ptxas: the 64x128x64 forward on 4 warps spills 448 B per thread at
+    # K = 1000 in bf16 on sm_90a, 64x128x32 none)
     k = named_args.get("K")
-    staged = "x_ptr" in named_args and isinstance(k, int) and k % 16 != 0
+    staged = kind != "dgrad" and isinstance(k, int) and k % 16 != 0
     kept, spilling, seen = [], [], set()
     for c in configs:
         kw, stages = dict(c.kwargs), c.num_stages
@@ -125,14 +137,14 @@ def prune_configs(configs, named_args, **kwargs):
         if need(kw, stages) <= limit and key not in seen:
             seen.add(key)
             fitted = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
-            fits_registers = (_tile_values_per_thread(kw, c.num_warps, named_args, kwargs)
+            fits_registers = (_tile_values_per_thread(kind, kw, c.num_warps, kwargs, named_args)
                               <= TILE_REGISTERS_PER_THREAD)
             (kept if fits_registers else spilling).append(fitted)
     kept = kept or spilling or configs[-1:]
     # decode-sized M (forward and dgrad, where M is the rows of the output): tiles of at most 64
     # rows, where a config has them; a 128-row tile would be mostly padding
     rows = named_args.get("M")
-    if isinstance(rows, int) and rows <= 64 and ("w_ptr" in named_args or "wg_ptr" in named_args):
+    if isinstance(rows, int) and rows <= 64 and kind != "wgrad":
         kept = [c for c in kept if c.kwargs.get("BLOCK_M", 64) <= 64] or kept
     return kept
 

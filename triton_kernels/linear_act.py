@@ -430,7 +430,7 @@ def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity, forc
                        x.stride(1) if x.dim() == 2 else 0, K if compute_dw else 0, SAVE=save_mode, LEAKY=leaky,
                        COMPUTE_DW=compute_dw, COMPUTE_DB=need_db, DOT=dot_precision(dy.dtype), **meta)
     if split > 1:
-        for ws, out in ((dw_arg, dw if compute_dw else None), (db_arg, db if need_db else None)):
+        for ws, out in ((dw_arg, dw), (db_arg, db)):  # (split > 1 only when dW is computed; db may be None)
             if out is not None:
                 total = out.numel()
                 wrap(sum_splits_kernel)[(triton.cdiv(total, 1024),)](ws, out, total, split, BLOCK=1024)

@@ -3,8 +3,6 @@
 
 #include <cublasLt.h>
 
-#include <cstring>
-#include <functional>
 #include <memory>
 #include <tuple>
 #include <unordered_map>

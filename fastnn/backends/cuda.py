@@ -48,8 +48,12 @@ EPILOGUE_NAMES = ("DEFAULT", "BIAS", "RELU_BIAS", "RELU_AUX_BIAS", "GELU_BIAS", 
 _PATHS: dict = collections.defaultdict(collections.Counter)
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _record(op, dtype, act_name, path):
-    _PATHS[(op, str(dtype).replace("torch.", ""), act_name)][path] += 1
+    _PATHS[(op, _dtype_name(dtype), act_name)][path] += 1
 
 
 def paths() -> dict:
@@ -135,7 +139,7 @@ _TRUST: dict = {}  # (device index, dtype, epilogue) -> bool
 
 def epilogue_trust() -> dict:
     """{(device, dtype, epilogue name): trusted} as the probes decided in this process."""
-    return {(dev, str(dt).replace("torch.", ""), EPILOGUE_NAMES[e]): ok for (dev, dt, e), ok in _TRUST.items()}
+    return {(dev, _dtype_name(dt), EPILOGUE_NAMES[e]): ok for (dev, dt, e), ok in _TRUST.items()}
 
 
 def epilogue_agrees(act, dtype, z, y, aux) -> bool:
@@ -276,8 +280,6 @@ class CudaBackend(Backend):
             epilogue = GELU_BIAS if b else GELU
         if act.name != "identity" and not _trusted(call, act, epilogue, x.dtype, x.device):
             return None
-        if act.name == "identity":
-            return epilogue if call.linear(x, weight, y, n, bias=bias) else None
         return epilogue if call.linear(x, weight, y, n, bias=bias, epilogue=epilogue, aux=aux, aux_ld=aux_ld) else None
 
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
