@@ -15,8 +15,18 @@ rounded again, which the smooth activations absorb within the error rule. The ki
 leaky_relu, the relu gate of reglu) cannot: rounding the product before adding the bias can flip
 the sign of a Z near zero and with it a whole gradient element, so for them the GEMM adds the bias
 (addmm) and Z's sign is exactly PyTorch's.
+
+16-bit GEMMs on CPUs without native 16-bit matrix instructions. torch multiplies bfloat16 and
+float16 with oneDNN only where the CPU has AVX512-BF16 / AVX512-FP16 or AMX; elsewhere (AVX2-only
+x86, for one) it falls back to a reference loop 40-80x slower than its own float32 GEMM. There the
+cpu backend multiplies in float32: exact conversions in, float32 accumulation, one rounding out (the
+numerics rule), and since a float32 GEMM adds the bias for free, it folds the bias in as for float32.
+FASTNN_CPU_GEMM16=native|float32 overrides the choice (tests run both).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -30,17 +40,55 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_has(dtype) -> bool:
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # a torch without the probe: trust its GEMM
+        return True
+
+
+def gemm_in_float32(dtype) -> bool:
+    """Whether this backend runs a `dtype` GEMM in float32 (see the module docstring)."""
+    if dtype not in _HALF:
+        return False
+    choice = os.environ.get("FASTNN_CPU_GEMM16", "")
+    if choice in ("native", "float32"):
+        return choice == "float32"
+    return not _onednn_has(dtype)
+
+
+def _mm(pairs, bias=None):
+    """sum of a @ b over pairs (+ bias), in the inputs' dtype, rounded once."""
+    dtype = pairs[0][0].dtype
+    if gemm_in_float32(dtype):
+        pairs = [(a.float(), b.float()) for a, b in pairs]
+        bias = None if bias is None else bias.float()
+    out = None
+    for a, b in pairs:
+        if out is None:
+            out = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+        else:
+            out = torch.addmm(out, a, b)
+    return out.to(dtype)
+
+
 def _fold_bias(dtype, act):
     """Whether the GEMM adds the bias (see the module docstring). act is None where no sign is
     kept for backward (an up projection, or a forward that saves nothing)."""
-    return dtype in (torch.float32, torch.float64) or (act is not None and act.saves == "mask")
+    return (dtype in (torch.float32, torch.float64) or gemm_in_float32(dtype)
+            or (act is not None and act.saves == "mask"))
 
 
 def _gemm(x, weight, bias, fold_bias):
     """x @ W^T, plus the bias when fold_bias; returns (product, bias still to add)."""
     if bias is not None and fold_bias:
-        return torch.addmm(bias, x, weight.t()), None
-    return torch.mm(x, weight.t()), (None if bias is None else bias.contiguous())
+        return _mm([(x, weight.t())], bias), None
+    return _mm([(x, weight.t())]), (None if bias is None else bias.contiguous())
 
 
 def _bias_grad_buffer(dtype, cols, device):
@@ -93,8 +141,8 @@ class CpuBackend(Backend):
             dz = torch.empty_like(dy)
             C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), saved.data_ptr(), _ptr(bias),
                                dz.data_ptr(), _ptr(dbias), _native.num_threads())
-        dx = torch.mm(dz, weight) if need_dx else None
-        dw = torch.mm(dz.t(), x) if need_dw else None
+        dx = _mm([(dz, weight)]) if need_dx else None
+        dw = _mm([(dz.t(), x)]) if need_dw else None
         db = dbias.to(dy.dtype) if need_db else None
         return dx, dw, db
 
@@ -125,8 +173,8 @@ class CpuBackend(Backend):
         C.cpu_glu_backward(_native.DTYPE_CODES[dy.dtype], gate_act.code, rows, cols, dy.data_ptr(),
                            z_gate.data_ptr(), z_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias), dz_gate.data_ptr(),
                            dz_up.data_ptr(), _ptr(dbg), _ptr(dbu), _native.num_threads())
-        dx = torch.addmm(torch.mm(dz_gate, gate_weight), dz_up, up_weight) if need_dx else None
-        dwg = torch.mm(dz_gate.t(), x) if need_dwg else None
-        dwu = torch.mm(dz_up.t(), x) if need_dwu else None
+        dx = _mm([(dz_gate, gate_weight), (dz_up, up_weight)]) if need_dx else None
+        dwg = _mm([(dz_gate.t(), x)]) if need_dwg else None
+        dwu = _mm([(dz_up.t(), x)]) if need_dwu else None
         return (dx, dwg, dwu, dbg.to(dy.dtype) if need_dbg else None,
                 dbu.to(dy.dtype) if need_dbu else None)
