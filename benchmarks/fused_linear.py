@@ -556,7 +556,14 @@ def parse_args(argv=None):
         args.repeats = args.repeats or 3
         args.min_sample_ms = args.min_sample_ms or 1.0
     args.shapes = parse_shapes(args.shapes or (DEFAULT_CUDA if cuda else DEFAULT_CPU))
-    args.dtype = args.dtype or (["bfloat16"] if cuda else ["float32", "bfloat16"])
+    args.skipped_dtypes = []
+    if not args.dtype and not cuda:
+        # eager's 16-bit GEMM on a CPU without native 16-bit kernels takes minutes per call at these
+        # shapes; fastnn's does not (it multiplies in float32 there), but eager is the yardstick
+        from fastnn.backends.cpu import torch_gemm_is_slow
+        args.skipped_dtypes = [d for d in ("bfloat16",) if torch_gemm_is_slow(DTYPES[d])]
+    args.dtype = args.dtype or (["bfloat16"] if cuda else
+                                [d for d in ("float32", "bfloat16") if d not in args.skipped_dtypes])
     args.activation = args.activation or ["gelu"]
     for a in args.activation:
         if a not in activations.ACTIVATIONS and a not in activations.GATED:
@@ -592,6 +599,10 @@ def main(argv=None):
           f"triton {env['triton']}; {env['date']}")
     print(f"fastnn backends: {', '.join(args.backends) or 'none usable here'}; "
           f"times are medians of {args.repeats} interleaved rounds")
+    for d in args.skipped_dtypes:
+        print(f"{d} left out of the default set: torch has no native {d} GEMM for this CPU (oneDNN needs "
+              f"AVX512-BF16 or AMX) and its fallback runs tens of times slower than float32, so eager would "
+              f"take minutes per call; --dtype {d} with smaller --shapes measures it")
     cases = [Case(m, k, n, dt, act, mode) for (m, k, n) in args.shapes for dt in args.dtype
              for act in args.activation for mode in args.mode]
     all_rows = []

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from . import activations, backends, ops  # noqa: F401  (ops registers the torch.library ops)
+from .block import MlpFunction
+from .dropin import functorch_active
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -150,7 +152,7 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     return _unflatten(y, lead)
 
 
-RECOMPUTE_LEVELS = ("none", "fc1")
+RECOMPUTE_LEVELS = ("none", "activation", "fc1")
 
 
 def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
@@ -163,19 +165,26 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     dropout: the probability of F.dropout between the activation and fc2, applied when training is
     True, with PyTorch's semantics and random stream (seeded runs reproduce).
     recompute, what backward keeps beyond the weights (memory levels):
-      "none": x, fc1's saved tensor (the pre-activation, or a 1-bit mask for relu and leaky_relu;
-              two pre-activations for a gated unit), the hidden activation fc2 reads and the
-              dropout mask;
-      "fc1":  x only; backward runs fc1, the activation and the dropout again (the random state is
-              replayed, so the masks are the forward's), as torch.utils.checkpoint does.
+      "none":       x, fc1's saved tensor (the pre-activation, or a 1-bit mask for relu and
+                    leaky_relu; two pre-activations for a gated unit), the hidden activation fc2
+                    reads and the dropout mask;
+      "activation": x and fc1's pre-activation(s); backward forms the hidden activation again
+                    (relu and leaky_relu keep what "none" keeps: their mask cannot give it back).
+                    Where the block runs as PyTorch's composite instead of fastnn's block op
+                    (dropout in training, torch.compile, tensor subclasses, torch.func) this level
+                    keeps what "none" keeps;
+      "fc1":        x only; backward runs fc1, the activation and the dropout again (the random
+                    state is replayed, so the masks are the forward's), as torch.utils.checkpoint does.
+    Eagerly and without dropout in training, the block is one autograd op (fastnn/block.py) on the
+    backend: fc2 runs there too, and the hidden gradient goes straight into fc1's act' pass.
     """
     gated = activation in activations.GATED
     if gated:
-        activations.get_gated(activation)
+        act = activations.get_gated(activation)
         if up_weight is None:
             raise ValueError(f"fastnn.mlp: the gated activation {activation!r} needs up_weight (and up_bias if any)")
     else:
-        activations.get(activation)
+        act = activations.get(activation)
         if up_weight is not None or up_bias is not None:
             raise ValueError(f"fastnn.mlp: up_weight / up_bias are for gated activations, not {activation!r}")
     if recompute not in RECOMPUTE_LEVELS:
@@ -191,20 +200,34 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     if fc2_weight.shape[1] != hidden:
         raise ValueError(f"fastnn.mlp: fc2_weight has {fc2_weight.shape[1]} in_features (shape "
                          f"{tuple(fc2_weight.shape)}) but fc1 gives {hidden} hidden features")
-    _check_same("mlp", x, [("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias), ("up_weight", up_weight),
-                           ("up_bias", up_bias)])
+    if fc2_bias is not None:
+        _check_tensor("mlp", "fc2_bias", fc2_bias)
+        if tuple(fc2_bias.shape) != (fc2_weight.shape[0],):
+            raise ValueError(f"fastnn.mlp: fc2_bias must have shape ({fc2_weight.shape[0]},) to match "
+                             f"fc2_weight's out_features, got {tuple(fc2_bias.shape)}")
+    _check_same("mlp", x, [("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight),
+                           ("fc2_bias", fc2_bias), ("up_weight", up_weight), ("up_bias", up_bias)])
+    params = _autocast(x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias)
+    x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias = params
+    name = backends.resolve(backend, "mlp", x, [fc1_weight, fc2_weight], act)
+    drop = dropout > 0.0 and training
 
-    def block(x: Tensor) -> Tensor:
+    def block(x: Tensor, level: str) -> Tensor:
+        if not drop and _needs_grad(x, *params[1:]) and not ops.use_ops(x, *params[1:]) and not functorch_active():
+            y = MlpFunction.apply(_rows(x), fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias,
+                                  activation, name, level)
+            return _unflatten(y, x.shape[:-1])
         if gated:
             h = linear_glu(x, fc1_weight, up_weight, fc1_bias, up_bias, activation, backend=backend)
         else:
             h = linear_act(x, fc1_weight, fc1_bias, activation, backend=backend)
-        if dropout > 0.0 and training:
+        if drop:
             h = torch.nn.functional.dropout(h, dropout, True)
-        return torch.nn.functional.linear(h, fc2_weight, fc2_bias)
+        return linear_act(h, fc2_weight, fc2_bias, "identity", backend=backend)
 
-    if recompute == "fc1" and _needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, up_weight, up_bias):
+    # (torch.func's transforms refuse checkpoint's saved-tensor hooks: there the block keeps what it uses)
+    if recompute == "fc1" and _needs_grad(x, *params[1:]) and not functorch_active():
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(block, x, use_reentrant=False)
-    return block(x)
+        return checkpoint(block, x, "none", use_reentrant=False)
+    return block(x, recompute)

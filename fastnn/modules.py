@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import activations
 from .dropin import fusable_input, plain_callable, plain_module
-from .functional import linear_act, linear_glu
+from .functional import linear_act, linear_glu, mlp
 
 
 class FusedLinear(nn.Linear):
@@ -139,7 +139,31 @@ class FusedMLP(nn.Module):
     def _block(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self._hidden(x)))
 
+    def _whole_block(self, x: Tensor):
+        """fastnn.mlp over the submodules' parameters while every submodule is plain (see
+        fastnn.dropin), else NotImplemented."""
+        gated = self.activation in activations.GATED
+        if gated:
+            if not plain_module(self.fc1, GatedLinear) or self.fc1.activation != self.activation:
+                return NotImplemented
+            fc1s = (self.fc1.gate_proj, self.fc1.up_proj)
+        else:
+            fc1s = (self.fc1,)
+        if not (all(plain_module(m, nn.Linear) for m in (*fc1s, self.fc2)) and plain_module(self.dropout, nn.Dropout)
+                and fusable_input(x, *(m.weight for m in fc1s))):
+            return NotImplemented
+        if fc1s[0].weight.shape != fc1s[-1].weight.shape or self.fc2.weight.shape[1] != fc1s[0].weight.shape[0] \
+                or self.fc2.weight.dtype != x.dtype or self.fc2.weight.device != x.device:
+            return NotImplemented
+        return mlp(x, fc1s[0].weight, fc1s[0].bias, self.fc2.weight, self.fc2.bias, self.activation,
+                   up_weight=fc1s[1].weight if gated else None, up_bias=fc1s[1].bias if gated else None,
+                   dropout=self.dropout.p, training=self.dropout.training,
+                   recompute="fc1" if self.recompute and self.training else "none", backend=self.backend)
+
     def forward(self, x: Tensor) -> Tensor:
+        y = self._whole_block(x)
+        if y is not NotImplemented:
+            return y
         if self.recompute and torch.is_grad_enabled() and self.training:
             return checkpoint(self._block, x, use_reentrant=False)
         return self._block(x)

@@ -21,4 +21,13 @@ def fused_calls(monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
+    original_mlp = modules.mlp
+
+    def counted_mlp(x, *args, **kwargs):
+        # the whole block fused: fc1 and its activation are among it
+        calls["mlp"] += 1
+        calls["linear_glu" if kwargs.get("up_weight") is not None else "linear_act"] += 1
+        return original_mlp(x, *args, **kwargs)
+
+    monkeypatch.setattr(modules, "mlp", counted_mlp)
     return calls

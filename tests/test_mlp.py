@@ -10,6 +10,7 @@ from fastnn import activations
 from numerics import check_against_reference
 
 BACKENDS = ["cpu", "torch"]
+LEVELS = list(fastnn.functional.RECOMPUTE_LEVELS)
 
 
 def _weights(k, hidden, n, dtype, gated, bias=True, seed=0):
@@ -33,7 +34,7 @@ def _eager(x, w1, b1, w2, b2, wu, bu, activation):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("recompute", ["none", "fc1"])
+@pytest.mark.parametrize("recompute", LEVELS)
 @pytest.mark.parametrize("activation", list(fastnn.ACTIVATIONS) + list(fastnn.GATED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mlp_matches_composite(backend, recompute, activation, dtype):
@@ -100,21 +101,75 @@ def _saved_bytes(fn, params):
     return total
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
-def test_memory_levels(activation):
-    """"none" keeps fc1's saved tensor and the hidden activation; "fc1" keeps x alone."""
+def test_memory_levels(backend, activation):
+    """"none" keeps fc1's saved tensor and the hidden activation; "activation" the pre-activation(s)
+    alone (relu: its mask and h, as "none"); "fc1" keeps x alone."""
     gated = activation in fastnn.GATED
     m, k, hidden = 64, 32, 256
     x = torch.randn(m, k, requires_grad=True)
     w1, b1, w2, b2, wu, bu = _weights(k, hidden, k, torch.float32, gated)
     run = {level: _saved_bytes(lambda: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu,
-                                                  recompute=level, backend="cpu"), (w1, b1, w2, b2, wu, bu))
-           for level in ("none", "fc1")}
+                                                  recompute=level, backend=backend), (w1, b1, w2, b2, wu, bu))
+           for level in LEVELS}
     x_bytes = m * k * 4
     hidden_bytes = m * hidden * 4
-    fc1_saved = {"gelu": hidden_bytes, "relu": m * hidden // 8, "swiglu": 2 * hidden_bytes}[activation]
+    mask = m * hidden // 8 if backend == "cpu" else hidden_bytes  # the torch backend keeps z itself
+    fc1_saved = {"gelu": hidden_bytes, "relu": mask, "swiglu": 2 * hidden_bytes}[activation]
     assert run["none"] == x_bytes + fc1_saved + hidden_bytes, run
+    assert run["activation"] == x_bytes + fc1_saved + (hidden_bytes if activation == "relu" else 0), run
     assert run["fc1"] == x_bytes, run
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu", "geglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_activation_level_rebuilds_the_same_bits(activation, dtype):
+    """On the cpu backend the "activation" level rebuilds h with the forward's own pass: every
+    gradient is bit for bit the "none" level's."""
+    gated = activation in fastnn.GATED
+    x = torch.randn(70, 24).to(dtype).requires_grad_()
+    w1, b1, w2, b2, wu, bu = _weights(24, 96, 20, dtype, gated)
+    leaves = [t for t in (x, w1, b1, w2, b2, wu, bu) if t is not None]
+    dy = torch.randn(70, 20).to(dtype)
+    grads = {}
+    for level in ("none", "activation"):
+        y = fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu, recompute=level, backend="cpu")
+        grads[level] = (y, *torch.autograd.grad(y, leaves, dy))
+    for a, b in zip(grads["none"], grads["activation"]):
+        assert torch.equal(a, b)
+
+
+def test_block_op_where_it_runs():
+    """Eagerly, needing gradients and without dropout in training, the block is one autograd op;
+    dropout in training composes PyTorch's dropout; without gradients nothing is saved."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w1, b1, w2, b2, _, _ = _weights(8, 16, 4, torch.float32, False)
+    assert type(fastnn.mlp(x, w1, b1, w2, b2, "gelu").grad_fn).__name__ == "MlpFunctionBackward"
+    assert type(fastnn.mlp(x, w1, b1, w2, b2, "gelu", dropout=0.1, training=False).grad_fn).__name__ \
+        == "MlpFunctionBackward"
+    assert type(fastnn.mlp(x, w1, b1, w2, b2, "gelu", dropout=0.1).grad_fn).__name__ != "MlpFunctionBackward"
+    with torch.no_grad():
+        assert fastnn.mlp(x, w1, b1, w2, b2, "gelu").grad_fn is None
+
+
+@pytest.mark.parametrize("recompute", LEVELS)
+def test_torch_func_through_the_block(recompute):
+    """vmap / jacrev run PyTorch's composite; a backward vmapped over its grad outputs
+    (jacobian(vectorize=True)) goes through the block op's composite backward."""
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w1, b1, w2, b2, wu, bu = _weights(8, 12, 3, torch.float64, True)
+
+    def ours(x):
+        return fastnn.mlp(x, w1, b1, w2, b2, "swiglu", up_weight=wu, up_bias=bu, recompute=recompute)
+
+    def ref(x):
+        return _eager(x, w1, b1, w2, b2, wu, bu, "swiglu")
+
+    expected = torch.autograd.functional.jacobian(ref, x)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(ours, x, vectorize=True), expected)
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), expected)
+    torch.testing.assert_close(torch.func.vmap(ours)(x.unsqueeze(1)).squeeze(1), ref(x))
 
 
 def test_mlp_errors():

@@ -221,10 +221,11 @@ def test_wgrad_split_over_m(activation):
         torch.testing.assert_close(db, dz.sum(0), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("recompute", ["none", "fc1"])
+@pytest.mark.parametrize("recompute", ["none", "activation", "fc1"])
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
 def test_mlp_block(recompute, activation):
-    """fastnn.mlp on the Triton backend, both memory levels, against its PyTorch composite."""
+    """fastnn.mlp on the Triton backend (the block op: fc2 and the hidden gradient on Triton's
+    kernels), each memory level, against its PyTorch composite."""
     gated = activation in fastnn.GATED
     x = torch.randn(2, 33, 32, device=DEVICE, requires_grad=True)
     w1, w2 = (torch.randn(48, 32, device=DEVICE) / 6).requires_grad_(), (torch.randn(16, 48, device=DEVICE) / 7).requires_grad_()

@@ -54,6 +54,19 @@ class Backend:
         raise NotImplementedError
 
 
+    # -- the MLP block (fastnn/block.py) --------------------------------------------------------
+    # Whether act_hidden / glu_hidden rebuild the hidden activation from what the forward saved.
+    rebuilds_hidden = False
+
+    def act_hidden(self, saved, bias, act: Activation):
+        """h = act(z) again from linear_act_fwd's saved pre-activation, bit for bit the forward's."""
+        raise NotImplementedError
+
+    def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act: Activation):
+        """h = act(z_gate) * z_up again from linear_glu_fwd's saved tensors, bit for bit."""
+        raise NotImplementedError
+
+
 def empty_like_nothing(x: torch.Tensor) -> torch.Tensor:
     """The placeholder for a tensor an op must return but has nothing for (a saved tensor or a
     gradient that is not needed): custom ops cannot return None."""

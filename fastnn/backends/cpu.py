@@ -45,6 +45,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=None)
 def _onednn_has(dtype) -> bool:
+    """Whether torch's own CPU GEMM for a 16-bit dtype runs on oneDNN's native kernels here."""
     probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     try:
         return bool(getattr(torch.ops.mkldnn, probe)())
@@ -60,6 +61,12 @@ def gemm_in_float32(dtype) -> bool:
     if choice in ("native", "float32"):
         return choice == "float32"
     return not _onednn_has(dtype)
+
+
+def torch_gemm_is_slow(dtype) -> bool:
+    """Whether torch's own CPU GEMM in `dtype` is the slow reference loop on this CPU (what eager
+    PyTorch runs; the benchmark leaves such dtypes out of its default set)."""
+    return dtype in _HALF and not _onednn_has(dtype)
 
 
 def _mm(pairs, bias=None):
@@ -145,6 +152,28 @@ class CpuBackend(Backend):
         dw = _mm([(dz.t(), x)]) if need_dw else None
         db = dbias.to(dy.dtype) if need_db else None
         return dx, dw, db
+
+    rebuilds_hidden = True
+
+    def act_hidden(self, saved, bias, act):
+        # the forward's own pass over the kept product (see linear_act_fwd), so the same bits
+        rows, cols = saved.shape
+        h = torch.empty_like(saved)
+        bias = None if bias is None or _fold_bias(saved.dtype, act) else bias.contiguous()
+        _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[saved.dtype], act.code, rows, cols,
+                                                  saved.data_ptr(), _ptr(bias), h.data_ptr(), 0,
+                                                  _native.num_threads())
+        return h
+
+    def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act):
+        rows, cols = z_gate.shape
+        gate_bias = None if gate_bias is None or _fold_bias(z_gate.dtype, gate_act) else gate_bias.contiguous()
+        up_bias = None if up_bias is None or _fold_bias(z_gate.dtype, None) else up_bias.contiguous()
+        h = torch.empty_like(z_gate)
+        _native.cpu_module().cpu_glu_forward(_native.DTYPE_CODES[z_gate.dtype], gate_act.code, rows, cols,
+                                             z_gate.data_ptr(), z_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias),
+                                             h.data_ptr(), _native.num_threads())
+        return h
 
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
         C = _native.cpu_module()

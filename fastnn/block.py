@@ -1,0 +1,141 @@
+"""The MLP block, fc2(act(fc1(x))), as one autograd op (what fastnn.mlp runs eagerly).
+
+One op instead of linear_act + fc2's own autograd node, so that backward decides what the block
+keeps (the memory levels), fc2 runs on fastnn's backend too (its GEMM route, its deterministic bias
+gradient) and the hidden gradient dH = dY W2 goes straight into fc1's fused act' pass:
+
+    forward:  h, saved = fc1 fused with act (the backend's linear_act / linear_glu forward)
+              y = h W2^T + b2
+    backward: dW2 = dY^T h, db2 = colsum(dY); dH = dY W2
+              dZ1 = dH * act'(z1), db1 = colsum(dZ1), dX = dZ1 W1, dW1 = dZ1^T x   (fc1's backward)
+
+Memory levels (what backward keeps beyond the weights and x):
+  "none":       fc1's saved tensor (the pre-activation, a 1-bit mask for relu / leaky_relu, two
+                pre-activations for a gated unit) and h;
+  "activation": the pre-activation(s) only; backward forms h = act(z1) again. Where the backend
+                can rebuild h from its own saved tensor (cpu: the same native pass, so the same
+                bits) fc1 stays fused; elsewhere fc1 runs as a GEMM whose output z1 is kept and the
+                activation runs in PyTorch ops. relu and leaky_relu keep h and their 1-bit mask at
+                this level too: the mask cannot give h back, and h costs what z1 would.
+(fastnn.mlp's third level, "fc1", checkpoints the block and keeps x alone.)
+
+Not here: dropout between the activation and fc2 in training (fastnn.mlp composes the ops there,
+to keep PyTorch's dropout and its random stream), torch.compile and tensor subclasses (the
+torch.library ops), torch.func transforms (PyTorch's composite).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import activations
+from .backends import BACKENDS
+from .backends.base import empty_like_nothing
+from .dropin import batched, functorch_active
+
+IDENTITY = activations.get("identity")
+
+
+def _ct(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _act_composite(z, act):
+    return act.fn(z.to(_ct(z.dtype))).to(z.dtype)
+
+
+def _glu_composite(z_gate, z_up, act):
+    ct = _ct(z_gate.dtype)
+    return (act.fn(z_gate.to(ct)) * z_up.to(ct)).to(z_gate.dtype)
+
+
+class MlpFunction(torch.autograd.Function):
+    """fc2(act(fc1(x))) on one backend; inputs (x, w1, b1, wu, bu, w2, b2, activation, backend,
+    level), x 2-D; wu / bu (the up projection) for a gated activation, None otherwise."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, wu, bu, w2, b2, activation, backend, level):
+        be = BACKENDS[backend]
+        gated = wu is not None
+        act = activations.get_gated(activation) if gated else activations.get(activation)
+        # at the "activation" level: rebuild h from the backend's own saved tensor where it can,
+        # else keep the GEMM output z1 and apply the activation in PyTorch ops
+        rebuild = level == "activation" and (gated or act.saves == "preact")
+        native_rebuild = rebuild and be.rebuilds_hidden
+        if rebuild and not native_rebuild:
+            z = [be.linear_act_fwd(x, w, b, IDENTITY, False)[0] for w, b in ((w1, b1), (wu, bu))[:1 + gated]]
+            h = _glu_composite(*z, act) if gated else _act_composite(z[0], act)
+            saved = tuple(z)
+        elif gated:
+            h, z_gate, z_up = be.linear_glu_fwd(x, w1, wu, b1, bu, act, True)
+            saved = (z_gate, z_up)
+        else:
+            h, s = be.linear_act_fwd(x, w1, b1, act, True)
+            saved = (s,)
+        y, _ = be.linear_act_fwd(h, w2, b2, IDENTITY, False)
+        ctx.be, ctx.act, ctx.gated, ctx.activation = be, act, gated, activation
+        ctx.rebuild, ctx.native_rebuild = rebuild, native_rebuild
+        ctx.has_bias = (b1 is not None, bu is not None, b2 is not None)
+        ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, b1, wu, bu, w2, h, *saved = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        tail = (None, None, None)
+        if functorch_active() or batched(dy):
+            return _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2) + tail
+        be, act, gated = ctx.be, ctx.act, ctx.gated
+        dy = dy.contiguous()
+        if h is None:  # the "activation" level
+            if ctx.native_rebuild:
+                h = be.glu_hidden(*saved, b1, bu, act) if gated else be.act_hidden(saved[0], b1, act)
+            else:
+                h = _glu_composite(*saved, act) if gated else _act_composite(saved[0], act)
+        nothing = empty_like_nothing(dy)
+        _, dw2, db2 = be.linear_act_bwd(dy, h, nothing, None, nothing, IDENTITY, False, n[5], n[6] and ctx.has_bias[2])
+        del h
+        need = (n[0], n[1], n[2] and ctx.has_bias[0], n[3], n[4] and ctx.has_bias[1])
+        dx = dw1 = db1 = dwu = dbu = None
+        if any(need):
+            dh = be.linear_act_bwd(dy, nothing, w2, None, nothing, IDENTITY, True, False, False)[0]
+            if ctx.rebuild and not ctx.native_rebuild:
+                # dZ from the kept GEMM outputs in PyTorch ops, then fc1's GEMMs (identity: db only)
+                ct = _ct(dy.dtype)
+                if gated:
+                    zg, zu = (t.to(ct) for t in saved)
+                    dzg = (dh.to(ct) * zu * act.grad(zg)).to(dy.dtype)
+                    dzu = (dh.to(ct) * act.fn(zg)).to(dy.dtype)
+                    dx, dw1, db1 = be.linear_act_bwd(dzg, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
+                    dxu, dwu, dbu = be.linear_act_bwd(dzu, x, wu, bu, nothing, IDENTITY, need[0], need[3], need[4])
+                    dx = dx + dxu if need[0] else None
+                else:
+                    dz = (dh.to(ct) * act.grad(saved[0].to(ct))).to(dy.dtype)
+                    dx, dw1, db1 = be.linear_act_bwd(dz, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
+            elif gated:
+                dx, dw1, dwu, db1, dbu = be.linear_glu_bwd(dh, x, w1, wu, b1, bu, *saved, act, need[0], need[1],
+                                                           need[3], need[2], need[4])
+            else:
+                dx, dw1, db1 = be.linear_act_bwd(dh, x, w1, b1, saved[0], act, need[0], need[1], need[2])
+        grads = (dx, dw1, db1, dwu, dbu, dw2, db2)
+        return tuple(g if ok else None for g, ok in zip(grads, (*need, n[5], n[6]))) + tail
+
+
+def _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2):
+    """The block's backward in PyTorch ops (a backward vmapped over its grad outputs)."""
+    inputs = (x, w1, b1, wu, bu, w2)
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+        x_, w1_, b1_, wu_, bu_, w2_ = leaves
+        if ctx.gated:
+            h = ctx.act.fn(torch.nn.functional.linear(x_, w1_, b1_)) * torch.nn.functional.linear(x_, wu_, bu_)
+        else:
+            h = ctx.act.fn(torch.nn.functional.linear(x_, w1_, b1_))
+        y = torch.nn.functional.linear(h, w2_, None)
+    wanted = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
+    grads = [None if t is None else next(got) for t in leaves]
+    db2 = dy.sum(0) if ctx.has_bias[2] else None
+    n = ctx.needs_input_grad
+    out = (*grads[:5], grads[5], db2)
+    return tuple(g if n[i] else None for i, g in enumerate(out))
