@@ -1,0 +1,159 @@
+"""fastnn's float32 CPU activations against PyTorch's: error in ulp over every float32 in a range
+(not a sample), and time per element of the fused passes beside PyTorch's own kernels.
+
+    python benchmarks/activation_accuracy.py                      # gelu, gelu_tanh, silu on |z| in [2^-16, 16]
+    python benchmarks/activation_accuracy.py --activation gelu --lo 1e-3 --hi 8
+
+Accuracy: value and derivative of every float32 z with lo <= |z| <= hi (both signs), fastnn's C++
+functors (the instantiations the CPU kernels use) and PyTorch's float32 ops, each against float64,
+in units of the float32 spacing at the reference value (ulp; for the derivative, whose terms cancel
+near its zeros, the spacing at max(|reference|, 1), as tests/test_activations.py does). Values whose
+reference is below float32's normal range (the far negative tail: both flush or lose digits there)
+are left out of the value statistics and counted.
+Speed: the CPU backend's forward pass (bias + activation) and backward pass (dY * act'(z) and the
+bias gradient) on a (2048, 3072) float32 tensor, against PyTorch's activation, and its backward
+plus the column sum that eager autograd runs for the bias gradient; medians of 9, all threads.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastnn
+from fastnn import _native, activations
+
+_K0, _K1 = math.sqrt(2 / math.pi), 0.044715
+# float64 references that keep their relative accuracy in the far negative tail
+REFERENCE = {
+    "gelu": lambda z: 0.5 * z * torch.erfc(-z / math.sqrt(2)),
+    "gelu_tanh": lambda z: z * torch.sigmoid(2 * _K0 * (z + _K1 * z**3)),
+}
+TORCH_BACKWARD = {
+    "gelu": lambda dy, z: torch.ops.aten.gelu_backward(dy, z),
+    "gelu_tanh": lambda dy, z: torch.ops.aten.gelu_backward(dy, z, approximate="tanh"),
+    "silu": lambda dy, z: torch.ops.aten.silu_backward(dy, z),
+    "sigmoid": lambda dy, z: torch.ops.aten.sigmoid_backward(dy, torch.sigmoid(z)),
+    "tanh": lambda dy, z: torch.ops.aten.tanh_backward(dy, torch.tanh(z)),
+}
+CHUNK = 1 << 22
+
+
+def float_range(lo: float, hi: float):
+    """Every float32 z with lo <= |z| <= hi, both signs, in chunks."""
+    a = torch.tensor([lo], dtype=torch.float32).view(torch.int32).item()
+    b = torch.tensor([hi], dtype=torch.float32).view(torch.int32).item()
+    for start in range(a, b + 1, CHUNK):
+        bits = torch.arange(start, min(start + CHUNK, b + 1), dtype=torch.int32)
+        z = bits.view(torch.float32)
+        yield torch.cat([z, -z])
+
+
+TINY = 2.0**-126  # float32's smallest normal
+
+
+def ulp_of(ref: torch.Tensor) -> torch.Tensor:
+    """The float32 spacing at |ref| (float64 in, float64 out)."""
+    mag = ref.abs().clamp(min=TINY)
+    return torch.exp2(torch.floor(torch.log2(mag)) - 23)
+
+
+def accuracy(name: str, lo: float, hi: float):
+    act = activations.get(name)
+    C = _native.cpu_module()
+    ref_fn = REFERENCE.get(name, act.fn)
+    worst = {k: 0.0 for k in ("fastnn value", "torch value", "fastnn derivative", "torch derivative")}
+    where = {}
+    total = {k: 0.0 for k in worst}
+    within = {k: 0 for k in worst}  # points within 1 ulp
+    counts = {k: 0 for k in worst}
+    count = subnormal = 0
+    for z in float_range(lo, hi):
+        out, dout = torch.empty_like(z), torch.empty_like(z)
+        C.cpu_eval_activation(_native.DTYPE_CODES[torch.float32], act.code, z.numel(), z.data_ptr(), out.data_ptr(),
+                              dout.data_ptr())
+        zd = z.double()
+        ref, dref = ref_fn(zd), act.grad(zd)
+        theirs = act.fn(z).double()
+        dtheirs = TORCH_BACKWARD[name](torch.ones_like(z), z).double() if name in TORCH_BACKWARD else act.grad(z).double()
+        u, du = ulp_of(ref), ulp_of(dref.abs().clamp(min=1.0))
+        normal = ref.abs() >= TINY
+        subnormal += int((~normal).sum())
+        everywhere = torch.ones_like(normal)
+        for key, got, r, scale, keep in (("fastnn value", out, ref, u, normal), ("torch value", theirs, ref, u, normal),
+                                         ("fastnn derivative", dout, dref, du, everywhere),
+                                         ("torch derivative", dtheirs, dref, du, everywhere)):
+            err = ((got.double() - r).abs() / scale)[keep]
+            zk = z[keep]
+            if err.numel():
+                m, i = err.max(dim=0)
+                if m.item() > worst[key]:
+                    worst[key], where[key] = m.item(), zk[i].item()
+            total[key] += err.sum().item()
+            within[key] += int((err <= 1.0).sum())
+            counts[key] += err.numel()
+        count += z.numel()
+    stats = {k: (worst[k], total[k] / max(counts[k], 1), within[k] / max(counts[k], 1), where.get(k)) for k in worst}
+    return stats, count, subnormal
+
+
+def median_ms(fn, reps=9):
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def speed(name: str, rows=2048, cols=3072):
+    act = activations.get(name)
+    C = _native.cpu_module()
+    code = _native.DTYPE_CODES[torch.float32]
+    threads = _native.num_threads()
+    z, dy = torch.randn(rows, cols), torch.randn(rows, cols)
+    b = torch.randn(cols)
+    y, dz, db = torch.empty_like(z), torch.empty_like(z), torch.empty(cols)
+    ours_fwd = median_ms(lambda: C.cpu_bias_act_forward(code, act.code, rows, cols, z.data_ptr(), 0, y.data_ptr(), 0,
+                                                        threads))
+    ours_bwd = median_ms(lambda: C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), z.data_ptr(), 0,
+                                                    dz.data_ptr(), db.data_ptr(), threads))
+    torch_fwd = median_ms(lambda: act.fn(z))
+    backward = TORCH_BACKWARD.get(name, lambda dy, z: dy * act.grad(z))
+    torch_bwd = median_ms(lambda: (backward(dy, z), dy.sum(0)))
+    del b
+    return ours_fwd, torch_fwd, ours_bwd, torch_bwd
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--activation", nargs="+", default=["gelu", "gelu_tanh", "silu"])
+    p.add_argument("--lo", type=float, default=2.0**-16)
+    p.add_argument("--hi", type=float, default=16.0)
+    p.add_argument("--no-speed", action="store_true")
+    args = p.parse_args(argv)
+    from fastnn.info import device_name
+
+    print(f"fastnn {fastnn.__version__} on {device_name(torch.device('cpu'))}, CPU kernels "
+          f"{_native._C.build_info()['cpu_isa_active']}; torch {torch.__version__}")
+    for name in args.activation:
+        stats, n, subnormal = accuracy(name, args.lo, args.hi)
+        print(f"\n{name}: every float32 with {args.lo:g} <= |z| <= {args.hi:g} ({n:,} values; {subnormal:,} with a "
+              f"subnormal reference value left out of the value rows); error in ulp")
+        print(f"  {'':18s} {'max':>8s} {'mean':>7s} {'<= 1 ulp':>9s}  worst at z")
+        for key, (worst, mean, ok, z) in stats.items():
+            print(f"  {key:18s} {worst:8.2f} {mean:7.3f} {100 * ok:8.3f}%  {z}")
+        if not args.no_speed:
+            of, tf, ob, tb = speed(name)
+            print(f"  speed on 2048x3072 float32: forward {of:.2f} ms (PyTorch {tf:.2f}, {tf / of:.2f}x); "
+                  f"backward + bias gradient {ob:.2f} ms (PyTorch {tb:.2f}, {tb / ob:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
