@@ -79,7 +79,7 @@ xdist=""
 stage tests 200 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
   "$python" -m pytest -q $xdist -p no:cacheprovider -rs \
   tests/test_cuda.py tests/test_triton.py tests/test_linear_act.py tests/test_linear_glu.py tests/test_compile.py \
-  tests/test_errors.py || exit 1
+  tests/test_errors.py tests/test_mlp.py || exit 1
 echo "cuda backend paths (tests): $(sort -u "$out/paths.txt" | grep -c .) lines in paths.txt" | tee -a "$summary"
 sed -E 's/^\[[^]]*\] //' "$out/paths.txt" | sort | uniq | grep probe | tee -a "$summary"
 

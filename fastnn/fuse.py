@@ -13,7 +13,9 @@ Patterns (by structure: the children a module has, so a module with more parts i
     followed by an activation module fastnn knows;
   * torch.nn.TransformerEncoderLayer: linear1 + activation in its _ff_block;
   * Hugging Face transformers, see _FAMILIES below (BERT-family intermediates, GPT-2, GPT-NeoX,
-    Falcon, DistilBERT, T5, CLIP/SigLIP-style MLPs, LLaMA-style gated MLPs, Phi-3's gate_up_proj).
+    Falcon, DistilBERT, T5, CLIP/SigLIP-style MLPs, LLaMA-style gated MLPs, Phi-3's gate_up_proj);
+  * timm's Mlp, GluMlp (one fc1 whose halves are value and gate) and SwiGLU, by their exact class
+    names from timm (their children's names are too common to match on structure alone).
 """
 from __future__ import annotations
 
@@ -104,6 +106,10 @@ def _rest_down(m, h):
     return m.down_proj(h)
 
 
+def _rest_timm(m, h):
+    return m.drop2(m.fc2(m.norm(m.drop1(h))))
+
+
 def _rest_t5(m, h):
     h = m.dropout(h)
     # T5 keeps wo in float32 for some checkpoints; its forward casts (not for int8 weights)
@@ -127,14 +133,18 @@ class _Family:
     gate_up: str = ""    # ...or one projection with the gate's rows first
     transposed: bool = False
     class_suffix: str = ""
+    library: str = ""    # only this library's classes named exactly class_suffix (their children are common names)
 
     def matches(self, module) -> bool:
         names = set(module._modules)
         act = getattr(module, self.act, None)
         if act is not None and not isinstance(act, nn.Module):
             names.add(self.act)
-        return (names == self.children and type(module).__name__.endswith(self.class_suffix)
-                and callable(getattr(type(module), self.method, None)))
+        cls = type(module)
+        if self.library and not (cls.__module__.startswith(self.library + ".") and cls.__name__ == self.class_suffix):
+            return False
+        return (names == self.children and cls.__name__.endswith(self.class_suffix)
+                and callable(getattr(cls, self.method, None)))
 
 
 _FAMILIES = [
@@ -157,6 +167,12 @@ _FAMILIES = [
             "activation_fn", _rest_down, gate_up="gate_up_proj"),
     _Family("T5 DenseGatedActDense", frozenset({"wi_0", "wi_1", "wo", "dropout", "act"}), "act", _rest_t5,
             gate="wi_0", up="wi_1"),
+    _Family("timm Mlp (ViT, MLP-Mixer, ...)", frozenset({"fc1", "act", "drop1", "norm", "fc2", "drop2"}), "act",
+            _rest_timm, linear="fc1", class_suffix="Mlp", library="timm"),
+    _Family("timm GluMlp (one fc1, halves gate and value)", frozenset({"fc1", "act", "drop1", "norm", "fc2", "drop2"}),
+            "act", _rest_timm, gate_up="fc1", class_suffix="GluMlp", library="timm"),
+    _Family("timm SwiGLU", frozenset({"fc1_g", "fc1_x", "act", "drop1", "norm", "fc2", "drop2"}), "act", _rest_timm,
+            gate="fc1_g", up="fc1_x", class_suffix="SwiGLU", library="timm"),
 ]
 
 
@@ -174,10 +190,13 @@ def _fused_family(call, *args, **kwargs):
         h = fused_linear_glu(x, getattr(m, fam.gate), getattr(m, fam.up), parts["linear_cls"], parts["name"])
     else:
         proj = getattr(m, fam.gate_up)
-        if not dropin.plain_module(proj, parts["linear_cls"]) or not dropin.fusable_input(x, proj.weight):
+        if not dropin.plain_module(proj, parts["linear_cls"]) or not dropin.fusable_input(x, proj.weight) \
+                or getattr(m, "chunk_dim", -1) != -1 or proj.weight.shape[0] % 2:
             return NotImplemented
         gate_w, up_w = proj.weight.chunk(2, dim=0)
         gate_b, up_b = (None, None) if proj.bias is None else proj.bias.chunk(2)
+        if getattr(m, "gate_last", False):  # timm's GluMlp: value first, gate second
+            gate_w, up_w, gate_b, up_b = up_w, gate_w, up_b, gate_b
         h = linear_glu(x, gate_w, up_w, gate_b, up_b, parts["name"])
     if h is NotImplemented:
         return h

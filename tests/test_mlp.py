@@ -189,3 +189,21 @@ def test_mlp_errors():
         fastnn.mlp(x, w1, b1, w2, b2, "gleu")
     with pytest.raises(TypeError, match="fc2_weight is torch.float64"):
         fastnn.mlp(x, w1, b1, w2.double(), b2, "gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("recompute", LEVELS)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_tanh", "swiglu"])
+def test_mlp_block_on_gpu(backend, recompute, activation):
+    """The block op on a GPU backend (fc2 and the hidden gradient there too), bfloat16, each level."""
+    gated = activation in fastnn.GATED
+    x = torch.randn(4, 33, 64, device="cuda").bfloat16().requires_grad_()
+    w1, b1, w2, b2, wu, bu = (None if t is None else t.detach().cuda().requires_grad_()
+                              for t in _weights(64, 136, 40, torch.bfloat16, gated))
+    inputs = [x, w1, b1, w2, b2, wu, bu] if gated else [x, w1, b1, w2, b2]
+    check_against_reference(
+        lambda x, w1, b1, w2, b2, wu=None, bu=None: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu,
+                                                               up_bias=bu, recompute=recompute, backend=backend),
+        lambda x, w1, b1, w2, b2, wu=None, bu=None: _eager(x, w1, b1, w2, b2, wu, bu, activation),
+        inputs, what=f"{backend} {activation} {recompute}")
