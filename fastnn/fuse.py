@@ -15,11 +15,13 @@ Patterns (by structure: the children a module has, so a module with more parts i
   * Hugging Face transformers, see _FAMILIES below (BERT-family intermediates, GPT-2, GPT-NeoX,
     Falcon, DistilBERT, T5, CLIP/SigLIP-style MLPs, LLaMA-style gated MLPs, Phi-3's gate_up_proj);
   * timm's Mlp, GluMlp (one fc1 whose halves are value and gate) and SwiGLU, by their exact class
-    names from timm (their children's names are too common to match on structure alone).
+    names from timm (their children's names are too common to match on structure alone);
+  * OPT, BART and Whisper layers, whose own forward runs activation_fn(fc1(x)) (_LAYER_FFN).
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations, dropin
-from .functional import linear_glu
+from .functional import linear_act, linear_glu
 from .modules import TransformerEncoderLayer, activation_name, fused_ff_block, fused_linear_act, fused_linear_glu
 
 log = logging.getLogger("fastnn")
@@ -209,6 +211,97 @@ def _fused_encoder_layer(call, *args, **kwargs):
     return fused_ff_block(call.module, args[0])
 
 
+# ---- layers whose own forward runs activation_fn(fc1(x)) (OPT, BART, Whisper) -----------------
+# Their forward cannot be replaced by a family's: it is the whole layer. Instead, while the layer's
+# forward runs (an installed call around it), fc1's installed call returns act(fc1(x)) in one op and
+# activation_fn's passes that very tensor through. Only the classes below, whose forward hands fc1's
+# output straight to activation_fn (read in their source), and only while fc1 is the layer's plain
+# nn.Linear and activation_fn its plain module: fc1 called from anywhere else, wrapped (LoRA) or
+# hooked, and any other tensor given to activation_fn, run as they are.
+_LAYER_FFN = {
+    "transformers.models.opt.modeling_opt": ("OPTDecoderLayer",),
+    "transformers.models.bart.modeling_bart": ("BartEncoderLayer", "BartDecoderLayer"),
+    "transformers.models.whisper.modeling_whisper": ("WhisperEncoderLayer", "WhisperDecoderLayer"),
+}
+_running = threading.local()  # per thread: a stack of (layer, fc1 outputs already activated)
+
+
+def _layer_ffn(module) -> bool:
+    cls = type(module)
+    return cls.__name__ in _LAYER_FFN.get(cls.__module__, ())
+
+
+def _only_fastnn_forward(module, cls) -> bool:
+    """plain_module, but for the forward fastnn installed itself (with no override beneath it)."""
+    call = module.__dict__.get("forward")
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and not module._backward_hooks and not module._backward_pre_hooks
+            and isinstance(call, dropin.FusedCall) and call.original is None)
+
+
+def _activated_list(layer):
+    if torch.compiler.is_compiling():  # (the layer's forward runs unfused there)
+        return None
+    stack = getattr(_running, "stack", None)
+    return stack[-1][1] if stack and stack[-1][0] is layer else None
+
+
+def _fused_layer_forward(call, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        return NotImplemented
+    stack = _running.__dict__.setdefault("stack", [])
+    stack.append((call.module, []))
+    try:
+        return call.unfused(*args, **kwargs)
+    finally:
+        stack.pop()
+
+
+def _fused_layer_fc1(call, *args, **kwargs):
+    layer, fc1, act = call.parts["layer"], call.module, call.parts["act"]
+    activated = _activated_list(layer)
+    if activated is None or len(args) != 1 or kwargs or layer._modules.get("fc1") is not fc1 \
+            or layer.__dict__.get("activation_fn", layer._modules.get("activation_fn")) is not act:
+        return NotImplemented
+    if not (_only_fastnn_forward(fc1, nn.Linear) and _only_fastnn_forward(act, type(act))
+            and dropin.fusable_input(args[0], fc1.weight)):
+        return NotImplemented
+    h = linear_act(args[0], fc1.weight, fc1.bias, call.parts["name"])
+    activated.append(h)
+    return h
+
+
+def _fused_layer_activation(call, *args, **kwargs):
+    activated = _activated_list(call.parts["layer"])
+    if activated is None or len(args) != 1 or kwargs:
+        return NotImplemented
+    for i, h in enumerate(activated):
+        if h is args[0]:
+            del activated[i]
+            return h
+    return NotImplemented
+
+
+def _fuse_layer_ffn(path: str, layer: nn.Module, records: List[FuseRecord]) -> None:
+    kind = type(layer).__name__
+    if dropin.installed(layer, "forward"):
+        return
+    fc1, act = layer._modules.get("fc1"), getattr(layer, "activation_fn", None)
+    name = _activation_name(act)
+    if type(fc1) is not nn.Linear or not isinstance(act, nn.Module) or name is None:
+        why = (f"activation {type(act).__name__} has no fastnn equivalent" if name is None
+               else f"fc1 is a {type(fc1).__module__}.{type(fc1).__name__}, not an nn.Linear "
+               "(fuse again once it is)")
+        records.append(FuseRecord(path, kind, False, why))
+        return
+    parts = {"layer": layer, "act": act, "name": name}
+    detail = f"fc1 + {name} fused inside the layer's own forward"
+    dropin.install(layer, "forward", _fused_layer_forward, {}, detail)
+    dropin.install(fc1, "forward", _fused_layer_fc1, parts, f"{detail} (elsewhere fc1 is fc1)")
+    dropin.install(act, "forward", _fused_layer_activation, parts, f"{detail} (passes fc1's fused output through)")
+    records.append(FuseRecord(path, kind, True, detail))
+
+
 def _sequential_activation(act) -> Optional[str]:
     if not isinstance(act, nn.Module):
         return None
@@ -278,6 +371,9 @@ def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
         records.append(FuseRecord(path, kind, True, detail + (
             f"; runs unfused while {fam.linear or fam.gate or fam.gate_up} is a {type(first).__name__}"
             if wrapped else "")))
+        return
+    if _layer_ffn(module):
+        _fuse_layer_ffn(path, module, records)
         return
     if all(hasattr(module, a) for a in ("fc1", "fc2", "activation_fn")) and len(module._modules) > 3:
         records.append(FuseRecord(path, kind, False, "fc1 -> activation_fn -> fc2 inside a layer's own forward "

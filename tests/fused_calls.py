@@ -13,7 +13,8 @@ modules = importlib.import_module("fastnn.modules")
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls = collections.Counter()
-    for module, name in ((modules, "linear_act"), (modules, "linear_glu"), (fuse_module, "linear_glu")):
+    for module, name in ((modules, "linear_act"), (modules, "linear_glu"), (fuse_module, "linear_glu"),
+                         (fuse_module, "linear_act")):
         original = getattr(module, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):

@@ -230,6 +230,17 @@ def _families():
         "qwen3": (lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**llama_kw, head_dim=16)), "linear_glu", True),
         "gemma": (lambda: t.GemmaForCausalLM(t.GemmaConfig(**llama_kw, head_dim=16)), "linear_glu", True),
         "phi3": (lambda: t.Phi3ForCausalLM(t.Phi3Config(**llama_kw, pad_token_id=0)), "linear_glu", True),
+        "opt": (lambda: t.OPTForCausalLM(t.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                                     num_attention_heads=2, word_embed_proj_dim=32)),
+                "linear_act", True),
+        "bart": (lambda: t.BartForConditionalGeneration(t.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+            "linear_act", False),
+        "whisper": (lambda: t.WhisperForConditionalGeneration(t.WhisperConfig(
+            vocab_size=100, num_mel_bins=8, encoder_layers=1, decoder_layers=1, d_model=32, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+            max_target_positions=32, decoder_start_token_id=1, pad_token_id=0)), "linear_act", False),
     }
 
 
@@ -240,6 +251,8 @@ def _inputs(name):
     ids = torch.randint(3, 100, (2, 9))
     if name.startswith("t5"):
         return dict(input_ids=ids, decoder_input_ids=torch.randint(3, 100, (2, 5)))
+    if name == "whisper":
+        return dict(input_features=torch.randn(2, 8, 32), decoder_input_ids=torch.randint(3, 100, (2, 5)))
     return dict(input_ids=ids)
 
 
@@ -282,9 +295,61 @@ def test_unknown_hf_activation_left_with_reason():
     left = [r for r in model.fastnn_fuse_report if not r.fused]
     assert len(left) == 1 and "has no fastnn equivalent" in left[0].detail, left
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                                             ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32))
+                                                             ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
+                                                             activation_function="mish"))
     report = fastnn.fuse(opt).fastnn_fuse_report
-    assert any(not r.fused and "inside a layer's own forward" in r.detail for r in report)
+    assert [r.fused for r in report] == [False] and "has no fastnn equivalent" in report[0].detail, report
+
+
+def _opt():
+    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                 num_attention_heads=2, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def test_layer_level_fc1_is_still_fc1(fused_calls):
+    """In a fused OPT layer fc1 returns act(fc1(x)) only to its own layer's forward: called directly,
+    hooked, wrapped by LoRA, or with activation_fn hooked, everything is what it was unfused."""
+    model, reference = _opt(), _opt()
+    fastnn.fuse(model)
+    layer, ref_layer = model.model.decoder.layers[0], reference.model.decoder.layers[0]
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(layer.fc1(x), ref_layer.fc1(x))  # the pre-activation, outside the layer
+    torch.testing.assert_close(layer.activation_fn(-x), ref_layer.activation_fn(-x))
+    assert fused_calls["linear_act"] == 0
+    ids = torch.randint(3, 100, (2, 7))
+    for target in ("fc1", "activation_fn"):
+        seen = []
+        handle = getattr(layer, target).register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+        handle.remove()
+        assert len(seen) == 1 and fused_calls["linear_act"] == 1  # the other layer's only
+        fused_calls.clear()
+        if target == "fc1":
+            assert (seen[0] < 0).any()  # the pre-activation (relu's input), not its output
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert fused_calls["linear_act"] == 2  # fused again, one call per layer
+    fastnn.unfuse(model)
+    assert not any(isinstance(v, FusedCall) for m in model.modules() for v in m.__dict__.values())
+
+
+@pytest.mark.parametrize("order", ["fuse-then-lora", "lora-then-fuse"])
+def test_layer_level_lora_on_fc1(order, fused_calls):
+    peft = pytest.importorskip("peft")
+    model, reference = _opt(), _opt()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], init_lora_weights=False)
+    if order == "fuse-then-lora":
+        fastnn.fuse(model)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, lora)
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(reference, lora)
+    if order == "lora-then-fuse":
+        fastnn.fuse(model)
+    ids = torch.randint(3, 100, (2, 7))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert fused_calls["linear_act"] == 0
 
 
 def _llama():
