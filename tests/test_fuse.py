@@ -188,7 +188,7 @@ def _causal(model_cls, cfg):
     return model_cls(cfg).eval()
 
 
-# name -> (model constructor, calls of each fused op per forward, fused blocks, is a causal LM)
+# name -> (model constructor, the fused op it runs, whether greedy generation from input_ids is compared)
 def _families():
     t = transformers
     bert_kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -236,7 +236,7 @@ def _families():
         "bart": (lambda: t.BartForConditionalGeneration(t.BartConfig(
             vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
-            "linear_act", False),
+            "linear_act", True),
         "whisper": (lambda: t.WhisperForConditionalGeneration(t.WhisperConfig(
             vocab_size=100, num_mel_bins=8, encoder_layers=1, decoder_layers=1, d_model=32, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
