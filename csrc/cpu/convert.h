@@ -11,7 +11,7 @@
 
 #include "fastnn/dtype.h"
 
-#if defined(__x86_64__) && (defined(__F16C__) || defined(__AVX512F__))
+#if defined(__x86_64__) && (defined(__F16C__) || defined(__AVX512F__) || defined(__AVX__))
 #include <immintrin.h>
 #endif
 
@@ -86,6 +86,27 @@ inline void from_compute(const float* s, f16_t* d, int64_t n) {
 #endif
   FASTNN_SIMD
   for (int64_t j = i; j < n; ++j) u[j] = float_to_f16(s[j]);
+}
+
+// Non-temporal stores for outputs far larger than the caches: the write goes straight to memory
+// instead of first reading each destination line (the read-for-ownership an ordinary store makes).
+// Only whole, 32-byte aligned vectors; the rest is stored as usual. The caller fences (store_fence)
+// before other threads read the output.
+inline void from_compute_streaming(const float* s, float* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(d) & 31) == 0)
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(d + i, _mm256_load_ps(s + i));
+#endif
+  copy_chunk(s + i, d + i, n - i);
+}
+// 16-bit outputs are half the bytes; they keep ordinary stores.
+template <typename T>
+inline void from_compute_streaming(const typename Compute<T>::type* s, T* d, int64_t n) { from_compute(s, d, n); }
+inline void store_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace FASTNN_ISA_NS

@@ -33,6 +33,9 @@ namespace {
 // sums (one partial per row block, added in block order) are the same bits for any thread count.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kChunk = 512;  // a multiple of 8, so mask bytes never straddle chunks
+// Outputs of at least this many bytes are written with non-temporal stores (convert.h): far larger
+// than the caches, so an ordinary store's read of each destination line is pure waste.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // Below this many elements a pass runs on one thread: waking the others costs more.
 constexpr int64_t kMinParallelElems = int64_t(1) << 15;
 
@@ -139,6 +142,7 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
   using C = CT<T>;
   const std::vector<C> b = bias_in_compute_type(bias, cols);
   const int64_t mbytes = mask_row_bytes(cols);
+  const bool stream = rows * cols * int64_t(sizeof(T)) >= kStreamBytes;
   parallel_tiles(Tiling(rows, cols, num_threads), num_threads,
                  [&](int64_t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     alignas(64) C v[kChunk];
@@ -160,8 +164,12 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
       }
       FASTNN_SIMD
       for (int64_t i = 0; i < n; ++i) v[i] = F::f(v[i]);
-      from_compute(v, y + o, n);
+      if (stream)
+        from_compute_streaming(v, y + o, n);
+      else
+        from_compute(v, y + o, n);
     });
+    if (stream) store_fence();
   });
 }
 
@@ -176,6 +184,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
   std::vector<P> partial(dbias ? size_t(t.row_blocks * cols) : 0, P(0));
   const std::vector<C> b = bias_in_compute_type(kind == Saved::kPreact ? bias : nullptr, cols);
   const int64_t mbytes = mask_row_bytes(cols);
+  const bool stream = kind != Saved::kNothing && rows * cols * int64_t(sizeof(T)) >= kStreamBytes;
   parallel_tiles(t, num_threads, [&](int64_t rb, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     alignas(64) C g[kChunk];
     alignas(64) C zc[kChunk];
@@ -199,8 +208,14 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) part[i] += g[i];
       }
-      if (kind != Saved::kNothing) from_compute(g, dz + o, n);
+      if (kind != Saved::kNothing) {
+        if (stream)
+          from_compute_streaming(g, dz + o, n);
+        else
+          from_compute(g, dz + o, n);
+      }
     });
+    if (stream) store_fence();
   });
   if (dbias) reduce_partials(partial, t.row_blocks, cols, dbias, num_threads);
 }
