@@ -420,12 +420,14 @@ def print_table(rows, out=sys.stdout):
     c = rows[0]["case"] if isinstance(rows[0], dict) else rows[0].case
     print(f"\n{c['m']}x{c['k']}x{c['n']} (MxKxN) {c['dtype']} {c['activation']} {c['mode']}", file=out)
     print(f"  {'config':26s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'vs eager':>8s} {'/ GEMM':>7s} "
-          f"{'saved MB':>9s} {'peak MB':>8s}  status", file=out)
+          f"{'saved MB':>9s} {'KiB/tok':>8s} {'peak MB':>8s}  status", file=out)
     for r in rows:
         r = asdict(r) if not isinstance(r, dict) else r
+        per_token = None if r['saved_mb'] is None else r['saved_mb'] * 1024 / max(c['m'], 1)  # a token is a row of x
         print(f"  {r['config']:26s} {_fmt(r['ms'], '9.3f')} {_fmt(r['tflops'], '8.3f')} {_fmt(r['gbps'], '7.1f')} "
               f"{_fmt(r['speedup_vs_eager'], '8.2f', 'x')} {_fmt(r['ratio_to_gemm'], '7.2f', 'x')} "
-              f"{_fmt(r['saved_mb'], '9.1f')} {_fmt(r['peak_mb'], '8.1f')}  {r['status']}", file=out)
+              f"{_fmt(r['saved_mb'], '9.1f')} {_fmt(per_token, '8.2f')} {_fmt(r['peak_mb'], '8.1f')}  {r['status']}",
+              file=out)
 
 
 def environment(device) -> dict:

@@ -29,17 +29,18 @@ def render(path: Path) -> str:
         key = (c["m"], c["k"], c["n"], c["dtype"], c["activation"], c["mode"])
         if key not in cases:
             cases.append(key)
-    out.append("| M×K×N | dtype | act | mode | config | ms | TFLOP/s | vs eager | / GEMM | saved MB | status |")
-    out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---|")
+    out.append("| M×K×N | dtype | act | mode | config | ms | TFLOP/s | vs eager | / GEMM | saved MB | KiB/token | status |")
+    out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for key in cases:
         for r in rows:
             c = r["case"]
             if (c["m"], c["k"], c["n"], c["dtype"], c["activation"], c["mode"]) != key or r["status"].startswith("n/a"):
                 continue
             status = "ok" if r["status"] == "ok" else r["status"].split(":")[0]
+            per_token = None if r["saved_mb"] is None else r["saved_mb"] * 1024 / max(c["m"], 1)
             out.append(f"| {c['m']}×{c['k']}×{c['n']} | {c['dtype']} | {c['activation']} | {c['mode']} | {r['config']} | "
                        f"{_f(r['ms'], '.2f')} | {_f(r['tflops'], '.3f')} | {_f(r['speedup_vs_eager'], '.2f', 'x')} | "
-                       f"{_f(r['ratio_to_gemm'], '.2f', 'x')} | {_f(r['saved_mb'], '.1f')} | {status} |")
+                       f"{_f(r['ratio_to_gemm'], '.2f', 'x')} | {_f(r['saved_mb'], '.1f')} | {_f(per_token, '.2f')} | {status} |")
     return "\n".join(out)
 
 
