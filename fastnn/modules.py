@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import activations
 from .dropin import fusable_input, plain_callable, plain_module
-from .functional import linear_act, linear_glu, mlp
+from .functional import RECOMPUTE_LEVELS, linear_act, linear_glu, mlp
 
 
 class FusedLinear(nn.Linear):
@@ -112,11 +112,14 @@ class FusedMLP(nn.Module):
     pre-activation (hidden_features elements, or hidden_features / 8 bytes for relu and leaky_relu;
     twice hidden_features elements for a gated unit) and the dropout mask (hidden_features bytes,
     when dropout > 0). For bert-base (hidden 3072, bfloat16, gelu) that is 12 KiB per token.
+    recompute may also name a memory level of fastnn.mlp: "none" (= False), "activation" (keep
+    fc1's pre-activation, form the hidden activation again in backward: 6 KiB per token for
+    bert-base) or "fc1" (= True). The levels apply in training.
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None,
                  activation: str = "gelu", bias: bool = True, dropout: float = 0.0, device=None, dtype=None,
-                 recompute: bool = False, backend: str = "auto"):
+                 recompute=False, backend: str = "auto"):
         super().__init__()
         out_features = out_features if out_features is not None else in_features
         if activation in activations.GATED:
@@ -127,6 +130,9 @@ class FusedMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
+        if recompute not in (True, False) and recompute not in RECOMPUTE_LEVELS:
+            raise ValueError(f"FusedMLP: recompute must be True, False or one of {', '.join(RECOMPUTE_LEVELS)}; "
+                             f"got {recompute!r}")
         self.recompute = recompute
         self.backend = backend
 
@@ -138,6 +144,9 @@ class FusedMLP(nn.Module):
 
     def _block(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self._hidden(x)))
+
+    def _level(self) -> str:
+        return {True: "fc1", False: "none"}.get(self.recompute, self.recompute)
 
     def _whole_block(self, x: Tensor):
         """fastnn.mlp over the submodules' parameters while every submodule is plain (see
@@ -158,13 +167,13 @@ class FusedMLP(nn.Module):
         return mlp(x, fc1s[0].weight, fc1s[0].bias, self.fc2.weight, self.fc2.bias, self.activation,
                    up_weight=fc1s[1].weight if gated else None, up_bias=fc1s[1].bias if gated else None,
                    dropout=self.dropout.p, training=self.dropout.training,
-                   recompute="fc1" if self.recompute and self.training else "none", backend=self.backend)
+                   recompute=self._level() if self.training else "none", backend=self.backend)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._whole_block(x)
         if y is not NotImplemented:
             return y
-        if self.recompute and torch.is_grad_enabled() and self.training:
+        if self._level() == "fc1" and torch.is_grad_enabled() and self.training:
             return checkpoint(self._block, x, use_reentrant=False)
         return self._block(x)
 

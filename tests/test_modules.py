@@ -293,3 +293,32 @@ def test_mlp_projections_wrapped_or_hooked_run_unfused(activation, fused_calls):
     torch.testing.assert_close(lora(x), unfused(lora), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(lora(x), expected, atol=1e-4)  # the adapter changes the result
     assert fused_calls[op] == 1
+
+
+def test_fused_mlp_memory_levels():
+    """recompute names fastnn.mlp's levels too: what backward keeps shrinks level by level, the
+    gradients stay the same; an unknown level is a clear error."""
+    torch.manual_seed(0)
+    mlp = fastnn.FusedMLP(16, 64, activation="gelu")
+    x = torch.randn(32, 16, requires_grad=True)
+    kept, grads = {}, {}
+    for level in (False, "activation", True):
+        mlp.recompute = level
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if not isinstance(t, torch.nn.Parameter) and t is not x:
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = mlp(x)
+        kept[level] = total
+        grads[level] = torch.autograd.grad(y.square().sum(), [x, *mlp.parameters()])
+    assert kept[False] == 2 * 32 * 64 * 4 and kept["activation"] == 32 * 64 * 4 and kept[True] == 0, kept
+    for g in (grads["activation"], grads[True]):
+        for a, b in zip(g, grads[False]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="recompute must be True, False or one of"):
+        fastnn.FusedMLP(16, 64, recompute="all")
