@@ -105,6 +105,15 @@ def _cuda_paths():
             "epilogue_trust": {" ".join(map(str, k)): v for k, v in sorted(cuda_backend.epilogue_trust().items())}}
 
 
+def _cpu_16bit_gemm() -> dict:
+    """How the cpu backend multiplies each 16-bit dtype here (see fastnn/backends/cpu.py)."""
+    from .backends import cpu as cpu_backend
+
+    return {str(dt).replace("torch.", ""): ("float32 GEMM (torch has no native kernel for this CPU)"
+                                            if cpu_backend.gemm_in_float32(dt) else "torch's own 16-bit GEMM")
+            for dt in (torch.bfloat16, torch.float16)}
+
+
 def collect() -> dict:
     native = {"cpu": None, "cuda": None}
     if _native._C is not None:
@@ -124,6 +133,7 @@ def collect() -> dict:
         "devices": devices,
         "backends": _backend_status(devices),
         "auto_picks_for_gelu": _auto_choices(devices),
+        "cpu_16bit_gemm": _cpu_16bit_gemm(),
         "cuda_paths": _cuda_paths(),
         "activations": list(activations.ACTIVATIONS),
         "gated_activations": list(activations.GATED),
@@ -155,6 +165,7 @@ def main(argv=None) -> int:
     print("backends:")
     for name, per_dev in info["backends"].items():
         print(f"  {name:7s} " + "; ".join(f"{dev}: {why}" for dev, why in per_dev.items()))
+    print("cpu backend, 16-bit GEMMs: " + "; ".join(f"{dt}: {how}" for dt, how in info["cpu_16bit_gemm"].items()))
     print("auto picks (linear_act, gelu):")
     for key, name in info["auto_picks_for_gelu"].items():
         print(f"  {key:18s} -> {name}")

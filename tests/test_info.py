@@ -14,6 +14,14 @@ def test_info_runs_and_reports(tmp_path):
     assert f"fastnn {fastnn.__version__}" in out
     assert "native CPU kernels: ISA levels compiled baseline" in out
     assert "auto picks" in out and "cpu/float32" in out
+    assert "cpu backend, 16-bit GEMMs: bfloat16: " in out
     data = info.collect()
     assert data["auto_picks_for_gelu"]["cpu/float32"] == "cpu"
     assert data["native"]["cpu"]["cpu_isa_active"] in ("baseline", "avx2", "avx512", "avx512bf16")
+
+
+def test_info_says_the_16bit_gemm_route(monkeypatch):
+    monkeypatch.setenv("FASTNN_CPU_GEMM16", "float32")
+    assert info.collect()["cpu_16bit_gemm"]["bfloat16"].startswith("float32 GEMM")
+    monkeypatch.setenv("FASTNN_CPU_GEMM16", "native")
+    assert info.collect()["cpu_16bit_gemm"]["float16"] == "torch's own 16-bit GEMM"
