@@ -150,6 +150,20 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       const C* bc = b.data() + s;
+      if (std::is_same<T, C>::value && !mask && !stream) {
+        // float / double: straight from acc to y, no trip through the chunk buffer (each element
+        // is read before it is written, so y may be acc)
+        const C* a = reinterpret_cast<const C*>(acc + o);
+        C* out = reinterpret_cast<C*>(y + o);
+        if (bias) {
+          FASTNN_SIMD
+          for (int64_t i = 0; i < n; ++i) out[i] = F::f(a[i] + bc[i]);
+        } else {
+          FASTNN_SIMD
+          for (int64_t i = 0; i < n; ++i) out[i] = F::f(a[i]);
+        }
+        return;
+      }
       to_compute(acc + o, v, n);  // the whole chunk is read before y (maybe acc) is written
       if (bias) {
         FASTNN_SIMD
@@ -192,6 +206,20 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       P* part = dbias ? partial.data() + rb * cols + s : nullptr;
+      if (kind == Saved::kPreact && std::is_same<T, C>::value && !stream) {
+        // float / double: dz straight to memory, then its bias-gradient partial from the hot chunk
+        const C* d = reinterpret_cast<const C*>(dy + o);
+        const C* zr = reinterpret_cast<const C*>(static_cast<const T*>(saved) + o);
+        const C* bc = b.data() + s;
+        C* out = reinterpret_cast<C*>(dz + o);
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) out[i] = d[i] * F::df(zr[i] + bc[i]);
+        if (part) {  // (its own loop: mixing the float math with double sums runs slower)
+          FASTNN_SIMD
+          for (int64_t i = 0; i < n; ++i) part[i] += out[i];
+        }
+        return;
+      }
       to_compute(dy + o, g, n);
       if (kind == Saved::kSignMask) {
         unpack_flags(static_cast<const uint8_t*>(saved) + r * mbytes + s / 8, (n + 7) & ~int64_t(7), flags);
