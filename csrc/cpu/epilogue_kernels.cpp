@@ -150,11 +150,11 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       const C* bc = b.data() + s;
-      if (std::is_same<T, C>::value && !mask && !stream) {
-        // float / double: straight from acc to y, no trip through the chunk buffer (each element
-        // is read before it is written, so y may be acc)
+      if (std::is_same<T, C>::value && !mask) {
+        // float / double: straight from acc to y (or to the buffer that is streamed out), no copy
+        // in first (each element is read before it is written, so y may be acc)
         const C* a = reinterpret_cast<const C*>(acc + o);
-        C* out = reinterpret_cast<C*>(y + o);
+        C* out = stream ? v : reinterpret_cast<C*>(y + o);
         if (bias) {
           FASTNN_SIMD
           for (int64_t i = 0; i < n; ++i) out[i] = F::f(a[i] + bc[i]);
@@ -162,6 +162,7 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
           FASTNN_SIMD
           for (int64_t i = 0; i < n; ++i) out[i] = F::f(a[i]);
         }
+        if (stream) from_compute_streaming(v, y + o, n);
         return;
       }
       to_compute(acc + o, v, n);  // the whole chunk is read before y (maybe acc) is written
@@ -206,18 +207,20 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       P* part = dbias ? partial.data() + rb * cols + s : nullptr;
-      if (kind == Saved::kPreact && std::is_same<T, C>::value && !stream) {
-        // float / double: dz straight to memory, then its bias-gradient partial from the hot chunk
+      if (kind == Saved::kPreact && std::is_same<T, C>::value) {
+        // float / double: dz straight to memory (or to the buffer that is streamed out), then its
+        // bias-gradient partial from the hot chunk
         const C* d = reinterpret_cast<const C*>(dy + o);
         const C* zr = reinterpret_cast<const C*>(static_cast<const T*>(saved) + o);
         const C* bc = b.data() + s;
-        C* out = reinterpret_cast<C*>(dz + o);
+        C* out = stream ? g : reinterpret_cast<C*>(dz + o);
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) out[i] = d[i] * F::df(zr[i] + bc[i]);
         if (part) {  // (its own loop: mixing the float math with double sums runs slower)
           FASTNN_SIMD
           for (int64_t i = 0; i < n; ++i) part[i] += out[i];
         }
+        if (stream) from_compute_streaming(g, dz + o, n);
         return;
       }
       to_compute(dy + o, g, n);
