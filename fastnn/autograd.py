@@ -61,8 +61,35 @@ def linear_act_autograd(fwd_call, bwd_call):
     return setup_context, backward
 
 
-def _compute_dtype(dtype):
+# The activation around a kept pre-activation in PyTorch ops, computed in float32 (or float64) and
+# rounded once: the composites below, the torch backend's op-level methods and the block op's
+# "activation" level where the backend cannot rebuild h itself.
+def compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
+
+
+def act_composite(z, act):
+    """act(z), rounded to z's dtype."""
+    return act.fn(z.to(compute_dtype(z.dtype))).to(z.dtype)
+
+
+def glu_composite(z_gate, z_up, gate_act):
+    """act(z_gate) * z_up, rounded to their dtype."""
+    ct = compute_dtype(z_gate.dtype)
+    return (gate_act.fn(z_gate.to(ct)) * z_up.to(ct)).to(z_gate.dtype)
+
+
+def act_dz(dy, z, act):
+    """dZ = dY * act'(z), rounded to dY's dtype."""
+    ct = compute_dtype(dy.dtype)
+    return (dy.to(ct) * act.grad(z.to(ct))).to(dy.dtype)
+
+
+def glu_dz(dy, z_gate, z_up, gate_act):
+    """(dZ_gate, dZ_up) of act(z_gate) * z_up, rounded to dY's dtype."""
+    ct = compute_dtype(dy.dtype)
+    g, zg, zu = dy.to(ct), z_gate.to(ct), z_up.to(ct)
+    return (g * zu * gate_act.grad(zg)).to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
 
 
 def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):
@@ -75,8 +102,7 @@ def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, n
             "fastnn.linear_act: a backward vmapped over its grad outputs (jacobian(vectorize=True), "
             "is_grads_batched=True) needs x and weight, which this forward did not keep because only one "
             "of them needs a gradient; use vectorize=False or backend='torch' for this call")
-    ct = _compute_dtype(dy.dtype)
-    dz = (dy.to(ct) * activations.get(activation).grad(F.linear(x, weight, bias).to(ct))).to(dy.dtype)
+    dz = act_dz(dy, F.linear(x, weight, bias), activations.get(activation))
     return (dz @ weight if need_dx else None, dz.t() @ x if need_dw else None,
             dz.sum(0) if need_db else None)
 
@@ -129,12 +155,8 @@ def linear_glu_autograd(fwd_call, bwd_call):
 
 def _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, activation, needs):
     """linear_glu's backward in PyTorch ops (see _composite_act_backward)."""
-    act = activations.get_gated(activation)
-    ct = _compute_dtype(dy.dtype)
-    z_gate = F.linear(x, gate_weight, gate_bias).to(ct)
-    z_up = F.linear(x, up_weight, up_bias).to(ct)
-    dz_gate = (dy.to(ct) * z_up * act.grad(z_gate)).to(dy.dtype)
-    dz_up = (dy.to(ct) * act.fn(z_gate)).to(dy.dtype)
+    dz_gate, dz_up = glu_dz(dy, F.linear(x, gate_weight, gate_bias), F.linear(x, up_weight, up_bias),
+                            activations.get_gated(activation))
     grads = (dz_gate @ gate_weight + dz_up @ up_weight if needs[0] else None,
              dz_gate.t() @ x if needs[1] else None, dz_up.t() @ x if needs[2] else None,
              dz_gate.sum(0) if needs[3] else None, dz_up.sum(0) if needs[4] else None)

@@ -28,24 +28,12 @@ from __future__ import annotations
 import torch
 
 from . import activations
+from .autograd import act_composite, act_dz, glu_composite, glu_dz
 from .backends import BACKENDS
 from .backends.base import empty_like_nothing
 from .dropin import batched, functorch_active
 
 IDENTITY = activations.get("identity")
-
-
-def _ct(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _act_composite(z, act):
-    return act.fn(z.to(_ct(z.dtype))).to(z.dtype)
-
-
-def _glu_composite(z_gate, z_up, act):
-    ct = _ct(z_gate.dtype)
-    return (act.fn(z_gate.to(ct)) * z_up.to(ct)).to(z_gate.dtype)
 
 
 class MlpFunction(torch.autograd.Function):
@@ -63,7 +51,7 @@ class MlpFunction(torch.autograd.Function):
         native_rebuild = rebuild and be.rebuilds_hidden
         if rebuild and not native_rebuild:
             z = [be.linear_act_fwd(x, w, b, IDENTITY, False)[0] for w, b in ((w1, b1), (wu, bu))[:1 + gated]]
-            h = _glu_composite(*z, act) if gated else _act_composite(z[0], act)
+            h = glu_composite(*z, act) if gated else act_composite(z[0], act)
             saved = tuple(z)
         elif gated:
             h, z_gate, z_up = be.linear_glu_fwd(x, w1, wu, b1, bu, act, True)
@@ -72,7 +60,7 @@ class MlpFunction(torch.autograd.Function):
             h, s = be.linear_act_fwd(x, w1, b1, act, True)
             saved = (s,)
         y, _ = be.linear_act_fwd(h, w2, b2, IDENTITY, False)
-        ctx.be, ctx.act, ctx.gated, ctx.activation = be, act, gated, activation
+        ctx.be, ctx.act, ctx.gated = be, act, gated
         ctx.rebuild, ctx.native_rebuild = rebuild, native_rebuild
         ctx.has_bias = (b1 is not None, bu is not None, b2 is not None)
         ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
@@ -91,7 +79,7 @@ class MlpFunction(torch.autograd.Function):
             if ctx.native_rebuild:
                 h = be.glu_hidden(*saved, b1, bu, act) if gated else be.act_hidden(saved[0], b1, act)
             else:
-                h = _glu_composite(*saved, act) if gated else _act_composite(saved[0], act)
+                h = glu_composite(*saved, act) if gated else act_composite(saved[0], act)
         nothing = empty_like_nothing(dy)
         _, dw2, db2 = be.linear_act_bwd(dy, h, nothing, None, nothing, IDENTITY, False, n[5], n[6] and ctx.has_bias[2])
         del h
@@ -101,16 +89,13 @@ class MlpFunction(torch.autograd.Function):
             dh = be.linear_act_bwd(dy, nothing, w2, None, nothing, IDENTITY, True, False, False)[0]
             if ctx.rebuild and not ctx.native_rebuild:
                 # dZ from the kept GEMM outputs in PyTorch ops, then fc1's GEMMs (identity: db only)
-                ct = _ct(dy.dtype)
                 if gated:
-                    zg, zu = (t.to(ct) for t in saved)
-                    dzg = (dh.to(ct) * zu * act.grad(zg)).to(dy.dtype)
-                    dzu = (dh.to(ct) * act.fn(zg)).to(dy.dtype)
+                    dzg, dzu = glu_dz(dh, *saved, act)
                     dx, dw1, db1 = be.linear_act_bwd(dzg, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
                     dxu, dwu, dbu = be.linear_act_bwd(dzu, x, wu, bu, nothing, IDENTITY, need[0], need[3], need[4])
                     dx = dx + dxu if need[0] else None
                 else:
-                    dz = (dh.to(ct) * act.grad(saved[0].to(ct))).to(dy.dtype)
+                    dz = act_dz(dh, saved[0], act)
                     dx, dw1, db1 = be.linear_act_bwd(dz, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
             elif gated:
                 dx, dw1, dwu, db1, dbu = be.linear_glu_bwd(dh, x, w1, wu, b1, bu, *saved, act, need[0], need[1],
@@ -137,5 +122,4 @@ def _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2):
     grads = [None if t is None else next(got) for t in leaves]
     db2 = dy.sum(0) if ctx.has_bias[2] else None
     n = ctx.needs_input_grad
-    out = (*grads[:5], grads[5], db2)
-    return tuple(g if n[i] else None for i, g in enumerate(out))
+    return tuple(g if n[i] else None for i, g in enumerate((*grads, db2)))

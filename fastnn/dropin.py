@@ -29,12 +29,14 @@ def global_hooks_present() -> bool:
     return any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS)
 
 
-def plain_module(module, cls) -> bool:
+def plain_module(module, cls, fused_forward: bool = False) -> bool:
     """Whether calling `module` runs exactly `cls.forward`: its type is `cls` itself (not a
-    wrapper, subclass or parametrised class), it has no hooks and no instance-level forward."""
+    wrapper, subclass or parametrised class), it has no hooks and no instance-level forward.
+    fused_forward: the module's forward is one fastnn installed (a FusedCall over nothing else)."""
+    forward = module.__dict__.get("forward")
+    own_forward = (isinstance(forward, FusedCall) and forward.original is None) if fused_forward else forward is None
     return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and not module._backward_hooks and not module._backward_pre_hooks
-            and "forward" not in module.__dict__)
+            and not module._backward_hooks and not module._backward_pre_hooks and own_forward)
 
 
 def plain_callable(fn) -> bool:

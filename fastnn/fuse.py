@@ -231,14 +231,6 @@ def _layer_ffn(module) -> bool:
     return cls.__name__ in _LAYER_FFN.get(cls.__module__, ())
 
 
-def _only_fastnn_forward(module, cls) -> bool:
-    """plain_module, but for the forward fastnn installed itself (with no override beneath it)."""
-    call = module.__dict__.get("forward")
-    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and not module._backward_hooks and not module._backward_pre_hooks
-            and isinstance(call, dropin.FusedCall) and call.original is None)
-
-
 def _activated_list(layer):
     if torch.compiler.is_compiling():  # (the layer's forward runs unfused there)
         return None
@@ -263,7 +255,8 @@ def _fused_layer_fc1(call, *args, **kwargs):
     if activated is None or len(args) != 1 or kwargs or layer._modules.get("fc1") is not fc1 \
             or layer.__dict__.get("activation_fn", layer._modules.get("activation_fn")) is not act:
         return NotImplemented
-    if not (_only_fastnn_forward(fc1, nn.Linear) and _only_fastnn_forward(act, type(act))
+    if not (dropin.plain_module(fc1, nn.Linear, fused_forward=True)
+            and dropin.plain_module(act, type(act), fused_forward=True)
             and dropin.fusable_input(args[0], fc1.weight)):
         return NotImplemented
     h = linear_act(args[0], fc1.weight, fc1.bias, call.parts["name"])

@@ -91,6 +91,11 @@ def _fold_bias(dtype, act):
             or (act is not None and act.saves == "mask"))
 
 
+def _bias_to_add(bias, dtype, act):
+    """The bias the GEMM product kept for backward still lacks: None where the GEMM added it."""
+    return None if bias is None or _fold_bias(dtype, act) else bias.contiguous()
+
+
 def _gemm(x, weight, bias, fold_bias):
     """x @ W^T, plus the bias when fold_bias; returns (product, bias still to add)."""
     if bias is not None and fold_bias:
@@ -138,7 +143,7 @@ class CpuBackend(Backend):
         code = _native.DTYPE_CODES[dy.dtype]
         dbias = _bias_grad_buffer(dy.dtype, cols, dy.device) if need_db else None
         # the bias the forward left out of the saved product (see the module docstring)
-        bias = None if bias is None or _fold_bias(dy.dtype, act) else bias.contiguous()
+        bias = _bias_to_add(bias, dy.dtype, act)
         if act.saves == "nothing":
             dz = dy
             if need_db:
@@ -159,7 +164,7 @@ class CpuBackend(Backend):
         # the forward's own pass over the kept product (see linear_act_fwd), so the same bits
         rows, cols = saved.shape
         h = torch.empty_like(saved)
-        bias = None if bias is None or _fold_bias(saved.dtype, act) else bias.contiguous()
+        bias = _bias_to_add(bias, saved.dtype, act)
         _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[saved.dtype], act.code, rows, cols,
                                                   saved.data_ptr(), _ptr(bias), h.data_ptr(), 0,
                                                   _native.num_threads())
@@ -167,8 +172,7 @@ class CpuBackend(Backend):
 
     def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act):
         rows, cols = z_gate.shape
-        gate_bias = None if gate_bias is None or _fold_bias(z_gate.dtype, gate_act) else gate_bias.contiguous()
-        up_bias = None if up_bias is None or _fold_bias(z_gate.dtype, None) else up_bias.contiguous()
+        gate_bias, up_bias = _bias_to_add(gate_bias, z_gate.dtype, gate_act), _bias_to_add(up_bias, z_gate.dtype, None)
         h = torch.empty_like(z_gate)
         _native.cpu_module().cpu_glu_forward(_native.DTYPE_CODES[z_gate.dtype], gate_act.code, rows, cols,
                                              z_gate.data_ptr(), z_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias),
@@ -193,8 +197,7 @@ class CpuBackend(Backend):
         C = _native.cpu_module()
         dy = dy.contiguous()
         rows, cols = dy.shape
-        gate_bias = None if gate_bias is None or _fold_bias(dy.dtype, gate_act) else gate_bias.contiguous()
-        up_bias = None if up_bias is None or _fold_bias(dy.dtype, None) else up_bias.contiguous()
+        gate_bias, up_bias = _bias_to_add(gate_bias, dy.dtype, gate_act), _bias_to_add(up_bias, dy.dtype, None)
         dz_gate = torch.empty_like(dy)
         dz_up = torch.empty_like(dy)
         dbg = _bias_grad_buffer(dy.dtype, cols, dy.device) if need_dbg else None

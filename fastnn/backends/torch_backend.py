@@ -4,14 +4,10 @@ linear_act and linear_glu; the op-level methods below (the Backend interface, fo
 pre-activation as F.linear computes it) serve fastnn.mlp's block op."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
+from ..autograd import act_composite, act_dz, compute_dtype, glu_composite, glu_dz
 from .base import Backend, empty_like_nothing
-
-
-def _ct(dtype):
-    return torch.promote_types(dtype, torch.float32)
 
 
 class TorchBackend(Backend):
@@ -30,30 +26,27 @@ class TorchBackend(Backend):
 
     def linear_act_fwd(self, x, weight, bias, act, save):
         z = F.linear(x, weight, bias)
-        y = act.fn(z.to(_ct(z.dtype))).to(z.dtype)
-        return y, (z if save and act.saves != "nothing" else empty_like_nothing(x))
+        return act_composite(z, act), (z if save and act.saves != "nothing" else empty_like_nothing(x))
 
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
-        ct = _ct(dy.dtype)
-        dz = dy if act.saves == "nothing" else (dy.to(ct) * act.grad(saved.to(ct))).to(dy.dtype)
+        dz = dy if act.saves == "nothing" else act_dz(dy, saved, act)
         return (dz @ weight if need_dx else None, dz.t() @ x if need_dw else None,
-                dz.to(ct).sum(0).to(dy.dtype) if need_db else None)
+                _column_sum(dz) if need_db else None)
 
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
         z_gate, z_up = F.linear(x, gate_weight, gate_bias), F.linear(x, up_weight, up_bias)
-        ct = _ct(x.dtype)
-        y = (gate_act.fn(z_gate.to(ct)) * z_up.to(ct)).to(x.dtype)
+        y = glu_composite(z_gate, z_up, gate_act)
         if not save:
             return y, empty_like_nothing(x), empty_like_nothing(x)
         return y, z_gate, z_up
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, gate_act,
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
-        ct = _ct(dy.dtype)
-        g, zg, zu = dy.to(ct), z_gate.to(ct), z_up.to(ct)
-        dzg = (g * zu * gate_act.grad(zg)).to(dy.dtype)
-        dzu = (g * gate_act.fn(zg)).to(dy.dtype)
+        dzg, dzu = glu_dz(dy, z_gate, z_up, gate_act)
         return (dzg @ gate_weight + dzu @ up_weight if need_dx else None,
                 dzg.t() @ x if need_dwg else None, dzu.t() @ x if need_dwu else None,
-                dzg.to(ct).sum(0).to(dy.dtype) if need_dbg else None,
-                dzu.to(ct).sum(0).to(dy.dtype) if need_dbu else None)
+                _column_sum(dzg) if need_dbg else None, _column_sum(dzu) if need_dbu else None)
+
+
+def _column_sum(dz):
+    return dz.to(compute_dtype(dz.dtype)).sum(0).to(dz.dtype)
