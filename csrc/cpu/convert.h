@@ -103,6 +103,15 @@ inline void from_compute_streaming(const float* s, float* d, int64_t n) {
 // 16-bit outputs are half the bytes; they keep ordinary stores.
 template <typename T>
 inline void from_compute_streaming(const typename Compute<T>::type* s, T* d, int64_t n) { from_compute(s, d, n); }
+// A finished chunk to its place in the output: streamed when the output is far larger than the
+// caches (the kernels decide once per call), else stored as usual.
+template <typename C, typename T>
+inline void store_chunk(bool stream, const C* s, T* d, int64_t n) {
+  if (stream)
+    from_compute_streaming(s, d, n);
+  else
+    from_compute(s, d, n);
+}
 inline void store_fence() {
 #if defined(__AVX__)
   _mm_sfence();

@@ -179,10 +179,7 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
       }
       FASTNN_SIMD
       for (int64_t i = 0; i < n; ++i) v[i] = F::f(v[i]);
-      if (stream)
-        from_compute_streaming(v, y + o, n);
-      else
-        from_compute(v, y + o, n);
+      store_chunk(stream, v, y + o, n);
     });
     if (stream) store_fence();
   });
@@ -239,12 +236,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) part[i] += g[i];
       }
-      if (kind != Saved::kNothing) {
-        if (stream)
-          from_compute_streaming(g, dz + o, n);
-        else
-          from_compute(g, dz + o, n);
-      }
+      if (kind != Saved::kNothing) store_chunk(stream, g, dz + o, n);
     });
     if (stream) store_fence();
   });
