@@ -5,6 +5,8 @@ classes' own forward. Anything else a user or a library put there (LoRA and othe
 quantised or parametrised layers, FSDP2, forward or backward hooks on the module or global ones,
 accelerate's offloading hooks, an instance-level forward) makes the call do more, and then fastnn
 calls the modules themselves, unfused but right. The checks are a few attribute reads per call.
+One kind of hook is known to commute with the fusion: tensor parallelism's ColwiseParallel
+(`ColwiseCall`), whose hooks fastnn calls around the fused op.
 
 `FusedCall` is what fastnn.fuse installs on a module instance in place of one of its methods
 (forward, or _ff_block / ff_chunk where the model's own forward calls those): the module keeps
@@ -37,6 +39,81 @@ def plain_module(module, cls, fused_forward: bool = False) -> bool:
     own_forward = (isinstance(forward, FusedCall) and forward.original is None) if fused_forward else forward is None
     return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
             and not module._backward_hooks and not module._backward_pre_hooks and own_forward)
+
+
+class ColwiseCall:
+    """Calling a module that tensor parallelism's ColwiseParallel sharded: its two hooks around
+    the class's own forward, and nothing else.
+
+    ColwiseParallel shards an nn.Linear's weight and bias by output feature (DTensor parameters)
+    and installs a forward pre-hook (x to a replicated DTensor) and a forward hook (the output,
+    sharded by feature, to the layout asked for, then to a local tensor). Both only move data, so
+    they commute with an elementwise activation: leave(act(linear(enter(x)))) is exactly
+    act(module(x)), and fastnn can fuse the activation into the local shard's GEMM (the DTensor
+    sharding rules of fastnn/distributed.py). The hooks themselves are called, so what the
+    module does with its input and output stays torch's own."""
+
+    def __init__(self, module, pre_hook, hook, key):
+        self.module, self._pre_hook, self._hook = module, pre_hook, hook
+        self.key = key  # (mesh, input layouts, output layouts, use_local_output): same key, same hooks
+
+    def enter(self, x):
+        args = self._pre_hook(self.module, (x,))
+        if args is None:
+            return x
+        return args[0] if isinstance(args, tuple) else args
+
+    def leave(self, x, y):
+        out = self._hook(self.module, (x,), y)
+        return y if out is None else out
+
+
+def _closure_value(fn, cls):
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, cls):
+            return value
+    return None
+
+
+def colwise_call(module, cls):
+    """A ColwiseCall when calling `module` runs exactly cls.forward between ColwiseParallel's
+    two hooks (torch.distributed.tensor.parallel, installed by parallelize_module); else None.
+    The hooks are recognised by the ColwiseParallel functions inside them (DTensor's
+    distribute_module wraps them in a lambda), so any other hook, or a layout that does not
+    commute with an elementwise activation (a Partial output), leaves the module unfused."""
+    pre_hooks, hooks = module._forward_pre_hooks, module._forward_hooks
+    if (type(module) is not cls or len(pre_hooks) != 1 or len(hooks) != 1 or module._backward_hooks
+            or module._backward_pre_hooks or "forward" in module.__dict__ or module._forward_pre_hooks_with_kwargs
+            or module._forward_hooks_with_kwargs or getattr(module, "_forward_hooks_always_called", None)):
+        return None
+    try:
+        from torch.distributed.tensor import Partial
+        from torch.distributed.tensor.parallel import ColwiseParallel
+    except ImportError:
+        return None
+    import functools
+
+    (pre_hook,), (hook,) = pre_hooks.values(), hooks.values()
+    prepare_input = _closure_value(pre_hook, functools.partial)
+    prepare_output = _closure_value(hook, functools.partial)
+    if (prepare_input is None or prepare_output is None
+            or prepare_input.func is not ColwiseParallel._prepare_input_fn
+            or prepare_output.func is not ColwiseParallel._prepare_output_fn
+            or prepare_input.keywords or prepare_output.keywords or len(prepare_output.args) != 2):
+        return None
+    output_layouts, use_local_output = prepare_output.args
+    if any(isinstance(p, Partial) for p in output_layouts):
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = _closure_value(pre_hook, DeviceMesh)
+    if mesh is None or _closure_value(hook, DeviceMesh) is not mesh:
+        return None
+    return ColwiseCall(module, pre_hook, hook, (mesh, prepare_input.args, tuple(output_layouts), use_local_output))
 
 
 def plain_callable(fn) -> bool:

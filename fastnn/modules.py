@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import activations
-from .dropin import fusable_input, plain_callable, plain_module
+from .dropin import colwise_call, fusable_input, plain_callable, plain_module
 from .functional import RECOMPUTE_LEVELS, linear_act, linear_glu, mlp
 
 
@@ -80,21 +80,34 @@ def fused_linear_act(x, linear: nn.Module, linear_cls: type, act, act_name: Opti
     """act(linear(x)) as one fused op, or NotImplemented when that would not be exactly what
     calling them gives (see fastnn.dropin). transposed: the weight is stored (in, out), as in
     transformers' Conv1D."""
-    if act_name is None or not plain_module(linear, linear_cls) or not plain_callable(act):
+    if act_name is None or not plain_callable(act):
+        return NotImplemented
+    plain = plain_module(linear, linear_cls)
+    sharded = None if plain else colwise_call(linear, linear_cls)
+    if not plain and sharded is None:
         return NotImplemented
     weight = linear.weight.t() if transposed else linear.weight
-    if not fusable_input(x, weight):
+    # tensor parallel: the fused op runs on each rank's slice, between the module's own hooks
+    xs = x if sharded is None else sharded.enter(x)
+    if not fusable_input(xs, weight):
         return NotImplemented
-    return linear_act(x, weight, linear.bias, act_name, backend=backend)
+    y = linear_act(xs, weight, linear.bias, act_name, backend=backend)
+    return y if sharded is None else sharded.leave(xs, y)
 
 
 def fused_linear_glu(x, gate: nn.Module, up: nn.Module, linear_cls: type, glu_name: str, backend: str = "auto"):
     """act(gate(x)) * up(x) as one fused op, or NotImplemented (see fused_linear_act)."""
+    sharded = None
     if not (plain_module(gate, linear_cls) and plain_module(up, linear_cls)):
+        # tensor parallel: both projections column-wise on one mesh, with the same layouts
+        sharded, up_sharded = colwise_call(gate, linear_cls), colwise_call(up, linear_cls)
+        if sharded is None or up_sharded is None or sharded.key != up_sharded.key:
+            return NotImplemented
+    xs = x if sharded is None else sharded.enter(x)
+    if not fusable_input(xs, gate.weight, up.weight) or gate.weight.shape != up.weight.shape:
         return NotImplemented
-    if not fusable_input(x, gate.weight, up.weight) or gate.weight.shape != up.weight.shape:
-        return NotImplemented
-    return linear_glu(x, gate.weight, up.weight, gate.bias, up.bias, glu_name, backend=backend)
+    y = linear_glu(xs, gate.weight, up.weight, gate.bias, up.bias, glu_name, backend=backend)
+    return y if sharded is None else sharded.leave(xs, y)
 
 
 class FusedMLP(nn.Module):
@@ -104,7 +117,8 @@ class FusedMLP(nn.Module):
     fc1.gate_proj.* and fc1.up_proj.*; otherwise fc1 is an nn.Linear: keys fc1.weight, fc1.bias.
     fc2 is an nn.Linear (fc2.weight, fc2.bias). A projection a user wraps (LoRA) or hooks runs
     through the wrapper, unfused: fc1's own output is always the pre-activation, as in an
-    unfused MLP.
+    unfused MLP. The exception is tensor parallelism's ColwiseParallel on fc1 (parallelize_module):
+    its hooks only move data, so fc1 + activation stays fused on each rank's shard (dropin.ColwiseCall).
 
     recompute=True keeps only the block input for backward and recomputes fc1 and the activation
     there (activation checkpointing of the block). Per token that saves what the block would

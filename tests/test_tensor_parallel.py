@@ -1,7 +1,9 @@
 """Tensor parallelism with DTensor, 2 processes on CPU with gloo: fastnn's ops on column-sharded
 weights (fastnn/distributed.py's sharding rules) run fastnn's kernels on each rank's hidden slice
-and give one process's outputs and gradients; parallelize_module with the usual
-ColwiseParallel / RowwiseParallel plan on a FusedMLP gives them too."""
+and give one process's outputs and gradients. parallelize_module with the usual
+ColwiseParallel / RowwiseParallel plan on a FusedMLP, and on a fused Hugging Face LLaMA MLP (gate
+and up column-wise, down row-wise), gives them too, with fastnn's fused kernels running on each
+rank's half of the hidden features (counted)."""
 import os
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 import fastnn
 import gloo
 
-CASES = ["gelu", "relu", "identity", "swiglu", "mlp-gelu", "mlp-swiglu-fc1", "module-gelu", "module-swiglu"]
+CASES = ["gelu", "relu", "identity", "swiglu", "mlp-gelu", "mlp-swiglu-fc1", "module-gelu", "module-swiglu",
+         "module-gelu-fc1", "llama-fuse-then-shard", "llama-shard-then-fuse"]
 
 
 def _inputs(case):
@@ -24,14 +27,25 @@ def _inputs(case):
 
 def _module(case):
     torch.manual_seed(0)
-    return fastnn.FusedMLP(8, 16, activation=case.split("-")[1], backend="cpu")
+    if case.startswith("llama"):
+        import transformers
+
+        cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="silu")
+        return transformers.models.llama.modeling_llama.LlamaMLP(cfg)
+    return fastnn.FusedMLP(8, 16, activation=case.split("-")[1], backend="cpu",
+                           recompute="fc1" if case.endswith("fc1") else False)
+
+
+def _module_input(case):
+    """3-D, (batch, tokens, features): the hooks and the op see the leading dims too."""
+    return _inputs(case)[0].detach().reshape(2, 3, 8).requires_grad_()
 
 
 def _single(case):
     """Outputs and gradients of one process on the whole tensors."""
-    if case.startswith("module"):
+    if case.startswith(("module", "llama")):
         model = _module(case)
-        x = _inputs(case)[0]
+        x = _module_input(case)
         model(x).square().sum().backward()
         return [model(x).detach(), x.grad] + [p.grad for _, p in sorted(model.named_parameters())]
     x, w1, b1, wu, bu, w2, b2 = inputs = _inputs(case)
@@ -56,18 +70,28 @@ def _worker(rank, case, out_dir):
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (gloo.WORLD,))
-    if case.startswith("module"):
+    if case.startswith(("module", "llama")):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         model = _module(case)
-        gated = case.endswith("swiglu")
-        plan = ({"fc1.gate_proj": ColwiseParallel(), "fc1.up_proj": ColwiseParallel()} if gated
-                else {"fc1": ColwiseParallel()})
-        plan["fc2"] = RowwiseParallel()
+        if case.startswith("llama"):
+            plan = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+        elif case.startswith("module-swiglu"):
+            plan = {"fc1.gate_proj": ColwiseParallel(), "fc1.up_proj": ColwiseParallel(), "fc2": RowwiseParallel()}
+        else:
+            plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+        if case == "llama-fuse-then-shard":
+            assert [r.fused for r in fastnn.fuse(model).fastnn_fuse_report] == [True]
         parallelize_module(model, mesh, plan)
-        x = _inputs(case)[0]
+        if case == "llama-shard-then-fuse":
+            assert [r.fused for r in fastnn.fuse(model).fastnn_fuse_report] == [True]
+        calls = _count_fused_calls()
+        x = _module_input(case)
         y = model(x)
         y.square().sum().backward()
+        # fastnn's fused forward and backward ran, each on this rank's 8 of the 16 hidden features
+        # (the "fc1" level runs the forward a second time in backward)
+        assert calls == {"fwd": [(6, 8)] * (2 if case.endswith("fc1") else 1), "bwd": [(6, 8)]}, calls
         got = [model(x).detach(), x.grad] + [p.grad.full_tensor() for _, p in sorted(model.named_parameters())]
     else:
         x, w1, b1, wu, bu, w2, b2 = _inputs(case)
@@ -93,9 +117,34 @@ def _worker(rank, case, out_dir):
         torch.save([None if t is None else t.detach() * 1 for t in got], os.path.join(out_dir, "got.pt"))
 
 
+def _count_fused_calls():
+    """From now on records the (rows, hidden) shape of every fused activation the cpu backend
+    computes, forward and backward (fc1's; not fc2's, whose activation is the identity)."""
+    from fastnn.backends import BACKENDS
+
+    be, calls = BACKENDS["cpu"], {"fwd": [], "bwd": []}
+    # method name -> (forward or backward, where the activation is among its arguments)
+    methods = {"linear_act_fwd": ("fwd", 3), "linear_glu_fwd": ("fwd", 5), "linear_act_bwd": ("bwd", 5),
+               "linear_glu_bwd": ("bwd", 8)}
+
+    def recorded(method, kind, act_at):
+        def run(*args):
+            out = method(*args)
+            if args[act_at].name != "identity":
+                calls[kind].append(tuple((out[0] if kind == "fwd" else args[0]).shape))
+            return out
+        return run
+
+    for name, (kind, act_at) in methods.items():
+        setattr(be, name, recorded(getattr(be, name), kind, act_at))
+    return calls
+
+
 @pytest.mark.skipif(not gloo.available(), reason="needs torch.distributed with gloo (Linux/macOS)")
 @pytest.mark.parametrize("case", CASES)
 def test_tensor_parallel_matches_one_process(case, tmp_path):
+    if case.startswith("llama"):
+        pytest.importorskip("transformers")
     gloo.spawn(_worker, (case, str(tmp_path)), tmp_path)
     got = torch.load(tmp_path / "got.pt")
     ref = _single(case)
