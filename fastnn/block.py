@@ -8,6 +8,10 @@ gradient) and the hidden gradient dH = dY W2 goes straight into fc1's fused act'
               y = h W2^T + b2
     backward: dW2 = dY^T h, db2 = colsum(dY); dH = dY W2
               dZ1 = dH * act'(z1), db1 = colsum(dZ1), dX = dZ1 W1, dW1 = dZ1^T x   (fc1's backward)
+    Where the backend has a hidden_grad kernel (Triton), dZ1 comes from fc2's dgrad GEMM with act'
+    as its epilogue, and fc1's backward runs as plain GEMMs (dH is never stored); else dH goes
+    into fc1's fused act' backward. Gated units keep the latter: their two factors would make the
+    epilogue store two tensors, as much memory traffic as the fused backward reads.
 
 Memory levels (what backward keeps beyond the weights and x):
   "none":       fc1's saved tensor (the pre-activation, a 1-bit mask for relu / leaky_relu, two
@@ -85,7 +89,12 @@ class MlpFunction(torch.autograd.Function):
         del h
         need = (n[0], n[1], n[2] and ctx.has_bias[0], n[3], n[4] and ctx.has_bias[1])
         dx = dw1 = db1 = dwu = dbu = None
-        if any(need):
+        dz = None
+        if any(need) and not (gated or ctx.rebuild):
+            dz = be.hidden_grad(dy, w2, saved[0], act)
+        if dz is not None:  # fc2's dgrad with act' as its epilogue: fc1's backward is its plain GEMMs
+            dx, dw1, db1 = be.linear_act_bwd(dz, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
+        elif any(need):
             dh = be.linear_act_bwd(dy, nothing, w2, None, nothing, IDENTITY, True, False, False)[0]
             if ctx.rebuild and not ctx.native_rebuild:
                 # dZ from the kept GEMM outputs in PyTorch ops, then fc1's GEMMs (identity: db only)

@@ -300,3 +300,26 @@ def test_tma_decision_is_not_made_while_tracing(monkeypatch):
     traced(x, w)
     assert seen == [False]
     assert K._tma_ok(x, w, None) is (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)  # eagerly: the real check
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 45, 70), (65, 17, 129)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["gelu", "relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dgrad_with_act_epilogue(shape, activation, dtype):
+    """The MLP block's hidden gradient from fc2's dgrad kernel with fc1's act' factor (the saved
+    derivative, or the sign mask on column blocks not a multiple of 8 wide) as its epilogue,
+    dZ1 = (dY @ W2) * act'(z1), against the same in PyTorch ops (float64)."""
+    from fastnn.backends.triton import BACKEND
+    rows, out, hidden = shape
+    act = activations.get(activation)
+    gen = torch.Generator().manual_seed(1)
+    x, w1 = torch.randn(rows, 24, generator=gen), torch.randn(hidden, 24, generator=gen) / 5
+    dy, w2 = torch.randn(rows, out, generator=gen), torch.randn(out, hidden, generator=gen) / 6
+    x, w1, dy, w2 = (t.to(DEVICE, dtype) for t in (x, w1, dy, w2))
+    _, saved = BACKEND.linear_act_fwd(x, w1, None, act, True)
+    got = BACKEND.hidden_grad(dy, w2, saved, act)
+    z = x.double() @ w1.double().t()
+    want = (dy.double() @ w2.double()) * act.grad(z)
+    assert got.dtype == dtype and got.shape == (rows, hidden)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

@@ -202,6 +202,12 @@ def run(arch, quick=False):
                          else torch.zeros(m, n, dtype=dtype) if save == 2 else dy.new_empty((0,)))
                 comp.variant = f"bwd {dname} {act_name} {sname}"
                 K.dgrad(dy, saved, save, act_name == "leaky_relu", w, wrap=comp)
+                if save:  # the MLP block's hidden gradient: act' as dgrad's epilogue on its [m, k] output
+                    e = (torch.zeros(m, (k + 7) // 8, dtype=torch.uint8) if save == 1
+                         else torch.zeros(m, k, dtype=dtype))
+                    comp.variant = f"bwd {dname} {act_name} {sname} act' epilogue"
+                    K.dgrad(dy, dy, 0, act_name == "leaky_relu", w, wrap=comp, epilogue=e, epilogue_mode=save)
+                    comp.variant = f"bwd {dname} {act_name} {sname}"
                 for need_dw, need_db in ((True, True), (True, False), (False, True)):
                     K.wgrad(dy, saved, save, act_name == "leaky_relu", x if need_dw else x.new_empty((0,)),
                             need_dw, need_db, wrap=comp)
@@ -239,7 +245,7 @@ def main(argv=None):
     print("kernel | BLOCK_M x BLOCK_N x BLOCK_K | warps | stages | shared B | regs | spill st/ld B | dtype etc.")
     for r in rows:
         tile = "x".join(str(r.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        extras = " ".join(f"{k}={r[k]}" for k in ("ACT", "SAVE", "DOT", "DUAL", "HAS_BIAS") if k in r)
+        extras = " ".join(f"{k}={r[k]}" for k in ("ACT", "SAVE", "DOT", "DUAL", "EPI", "HAS_BIAS") if k in r)
         print(f"{r['kernel']} | {tile} | {r.get('num_warps', '-')} | {r.get('num_stages', '-')} | {r['shared']} | "
               f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {extras} ({sorted(r['variants'])[0]})")
     for f in comp.failures:

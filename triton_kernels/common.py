@@ -151,7 +151,7 @@ def prune_configs(configs, named_args, **kwargs):
 
 # Kernel arguments that pick a different compiled kernel (and so different register and shared
 # memory needs): an autotuned choice is only reused within the same variant.
-VARIANT_ARGS = ("ACT", "SAVE", "HAS_BIAS", "HAS_BG", "HAS_BU", "DOT", "DUAL", "LEAKY", "COMPUTE_DW", "COMPUTE_DB")
+VARIANT_ARGS = ("ACT", "SAVE", "HAS_BIAS", "HAS_BG", "HAS_BU", "DOT", "DUAL", "EPI", "LEAKY", "COMPUTE_DW", "COMPUTE_DB")
 
 
 def tuned(kernel, configs):

@@ -17,6 +17,11 @@ output tile that reads it (K / BLOCK_K times for dgrad): for gelu that is ~40 CU
 evaluation against the 2 tensor-core flops per element per K step the GEMM does, several times
 the GEMM itself. Materialising dZ in a separate pass instead costs an extra write and read of
 M x N. Storing D costs the forward epilogue one act' evaluation per element and nothing more.
+
+In the MLP block (fastnn.mlp), fc2's dgrad dH = dY @ W2 takes fc1's D as its epilogue instead
+(dgrad's EPI): it stores dZ1 = dH * D1 directly, and fc1's dgrad and wgrad run without a prologue.
+Per element of [M, hidden], that reads D1 once and writes and reads dZ1 (4 passes) where
+storing dH and multiplying D1 into both of fc1's kernels makes 5.
 """
 import torch
 import triton
@@ -158,12 +163,14 @@ def grad_factor(s_ptr, offs_m, offs_n, n_start, M, N, stride_sm, SAVE: tl.conste
 
 
 @triton.jit
-def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, dx_ptr, M, N, K, M_BUCKET, stride_dym, stride_sm,
-                            stride_wn, stride_wk, stride_s2m, stride_w2n, stride_w2k, stride_dxm,
-                            SAVE: tl.constexpr, LEAKY: tl.constexpr, DUAL: tl.constexpr, DOT: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, e_ptr, dx_ptr, M, N, K, M_BUCKET, stride_dym,
+                            stride_sm, stride_wn, stride_wk, stride_s2m, stride_w2n, stride_w2k, stride_em, stride_dxm,
+                            SAVE: tl.constexpr, LEAKY: tl.constexpr, DUAL: tl.constexpr, EPI: tl.constexpr,
+                            DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr):
-    """dX[M, K] = (dY * D) @ W  (+ (dY * D2) @ W2 for the gated unit); SAVE 0: D = 1."""
+    """dX[M, K] = (dY * D) @ W  (+ (dY * D2) @ W2 for the gated unit); SAVE 0: D = 1.
+    EPI (a save mode, with SAVE 0): the MLP block's hidden gradient, fc2's dgrad times fc1's
+    act' factor E [M, K] as the epilogue, dZ1 = (dY @ W2) * E, rounded once."""
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -184,6 +191,8 @@ def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, dx_ptr, M, N, 
                          mask=w_mask, other=0.0)
             dz2 = g * load_tile(s2_ptr, offs_m, offs_n, M, N, stride_s2m)
             acc = tl.dot(dz2.to(w2.dtype), w2, acc, input_precision=DOT)
+    if EPI != 0:
+        acc = acc * grad_factor(e_ptr, offs_m, offs_k, pid_k * BLOCK_K, M, K, stride_em, EPI, LEAKY, BLOCK_M, BLOCK_K)
     store_tile(dx_ptr, acc, offs_m, offs_k, M, K, stride_dxm)
 
 
@@ -369,8 +378,9 @@ def forward(x, w, b, act_code, save_mode, wrap=_identity, force_tma=None, force_
     return y, saved
 
 
-def dgrad(dy, saved, save_mode, leaky, w, saved2=None, w2=None, wrap=_identity):
-    """dX = (dY * D) @ W (+ (dY * D2) @ W2); dy contiguous."""
+def dgrad(dy, saved, save_mode, leaky, w, saved2=None, w2=None, wrap=_identity, epilogue=None, epilogue_mode=0):
+    """dX = (dY * D) @ W (+ (dY * D2) @ W2); dy contiguous. epilogue (with save_mode 0): E, what
+    linear_act's forward saved for a [M, K] output in epilogue_mode, and dX = (dY @ W) * E."""
     M, N = dy.shape
     K = w.shape[1]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
@@ -381,11 +391,12 @@ def dgrad(dy, saved, save_mode, leaky, w, saved2=None, w2=None, wrap=_identity):
     dual = saved2 is not None
     s = saved if save_mode != SAVE_NOTHING else dy
     s2, w2_ = (saved2, w2) if dual else (dy, w)
+    e = epilogue if epilogue_mode != SAVE_NOTHING else dy
     kernel, meta = pick(linear_act_dgrad_kernel, dgrad_tuned)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    wrap(kernel)[grid](dy, s, w, s2, w2_, dx, M, N, K, m_bucket(M), dy.stride(0), s.stride(0) if s.dim() == 2 else 0,
-                       w.stride(0), w.stride(1), s2.stride(0), w2_.stride(0), w2_.stride(1), dx.stride(0),
-                       SAVE=save_mode, LEAKY=leaky, DUAL=dual, DOT=dot_precision(dy.dtype), **meta)
+    wrap(kernel)[grid](dy, s, w, s2, w2_, e, dx, M, N, K, m_bucket(M), dy.stride(0), s.stride(0) if s.dim() == 2 else 0,
+                       w.stride(0), w.stride(1), s2.stride(0), w2_.stride(0), w2_.stride(1), e.stride(0), dx.stride(0),
+                       SAVE=save_mode, LEAKY=leaky, DUAL=dual, EPI=epilogue_mode, DOT=dot_precision(dy.dtype), **meta)
     return dx
 
 

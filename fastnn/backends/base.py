@@ -55,6 +55,12 @@ class Backend:
 
 
     # -- the MLP block (fastnn/block.py) --------------------------------------------------------
+    def hidden_grad(self, dy, w2, saved, act: Activation):
+        """fc1's pre-activation gradient dZ1 = (dY @ W2) * act'(z1) in one pass (fc2's dgrad GEMM
+        with fc1's act' as its epilogue), from linear_act_fwd's saved tensor; None where the
+        backend has no such kernel: the block then runs fc2's dgrad and fc1's fused backward."""
+        return None
+
     # Whether act_hidden / glu_hidden rebuild the hidden activation from what the forward saved.
     rebuilds_hidden = False
 

@@ -85,6 +85,12 @@ class TritonBackend(Backend):
             return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
                                   need_dbg, need_dbu)
 
+    def hidden_grad(self, dy, w2, saved, act):
+        # fc2's dgrad kernel, fc1's saved act' factor (or sign mask) multiplied in as the tile is stored
+        with _device_of(dy):
+            return K_act.dgrad(dy.contiguous(), dy, 0, act.name == "leaky_relu", w2, epilogue=saved,
+                               epilogue_mode=_save_mode(act, True))
+
 
 def _device_of(t):
     """Triton launches on the current device and its current stream: make that the tensors' device
