@@ -22,6 +22,10 @@ def main():
             wu = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype).requires_grad_()
             for act in fastnn.GATED:
                 fastnn.linear_glu(x, w, wu, b, None, act, backend="cuda").float().sum().backward()
+            # the MLP block: relu and gelu_tanh take cuBLASLt's dgrad epilogues over the kept aux
+            w2 = (torch.randn(k, n, device="cuda") / n**0.5).to(dtype).requires_grad_()
+            for act in ("relu", "gelu_tanh", "gelu"):
+                fastnn.mlp(x, w, b, w2, None, act, backend="cuda").float().sum().backward()
     torch.cuda.synchronize()
     print("sanitize_cuda: all paths ran")
 

@@ -120,3 +120,39 @@ def test_auto_leaves_triton_out_for_exact_float32():
         assert auto_order("cuda", gelu, torch.float32) == ["cuda", "triton", "torch"]
     finally:
         matmul.fp32_precision = before
+
+
+def _exact_dh_z():
+    """What the dgrad probe computes: dH exact (multiples of 1/16), z multiples of 1/16 with zeros."""
+    gen = torch.Generator().manual_seed(0)
+    dh = (torch.randint(-2, 3, (64, 16), generator=gen).double() / 4) @ (
+        torch.randint(-2, 3, (16, 128), generator=gen).double() / 4)
+    z = torch.randint(-40, 41, (64, 128), generator=gen).double() / 16
+    return dh, z
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_relu_dgrad_epilogue_judge(dtype):
+    """DRELU_BGRAD is used in the MLP block only if its dZ is dH * relu'(z) exactly, relu'(0) = 0."""
+    relu = activations.get("relu")
+    dh, z = _exact_dh_z()
+    assert (z == 0).any() and (dh[:, None] != 0).any()
+    assert cuda_backend.dgrad_epilogue_agrees(relu, dtype, dh, z, (dh * (z > 0)).to(dtype))
+    zero_passes = (dh * (z >= 0)).to(dtype)
+    assert not torch.equal(zero_passes, (dh * (z > 0)).to(dtype))
+    assert not cuda_backend.dgrad_epilogue_agrees(relu, dtype, dh, z, zero_passes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_tanh_dgrad_epilogue_judge(dtype):
+    """DGELU_BGRAD: within the numerics rule against PyTorch's gelu backward in the same dtype,
+    NaN where z is NaN."""
+    gelu = activations.get("gelu_tanh")
+    dh, z = _exact_dh_z()
+    z[3, 7] = float("nan")
+    exact = dh * gelu.grad(z)
+    assert cuda_backend.dgrad_epilogue_agrees(gelu, dtype, dh, z, exact.to(dtype))
+    assert not cuda_backend.dgrad_epilogue_agrees(gelu, dtype, dh, z, torch.nan_to_num(exact).to(dtype))
+    # the erf form's derivative instead of the tanh form's: outside the rule in float32 only
+    erf = dh * activations.get("gelu").grad(z)
+    assert cuda_backend.dgrad_epilogue_agrees(gelu, dtype, dh, z, erf.to(dtype)) == (dtype == torch.bfloat16)

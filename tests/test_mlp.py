@@ -207,3 +207,29 @@ def test_mlp_block_on_gpu(backend, recompute, activation):
                                                                up_bias=bu, recompute=recompute, backend=backend),
         lambda x, w1, b1, w2, b2, wu=None, bu=None: _eager(x, w1, b1, w2, b2, wu, bu, activation),
         inputs, what=f"{backend} {activation} {recompute}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+@pytest.mark.parametrize("hidden", [3072, 250])
+def test_mlp_hidden_grad_epilogue_on_cuda(dtype, activation, hidden):
+    """The cuda block's hidden gradient from fc2's dgrad GEMM with cuBLASLt's DRELU_BGRAD /
+    DGELU_BGRAD epilogue, where its probe trusts it (a hidden size off cuBLASLt's alignment may
+    find no algorithm: fastnn's kernel then): the block's gradients follow the rule either way,
+    and the epilogue serves only where it was trusted."""
+    from fastnn.backends import cuda as cuda_backend
+    cuda_backend.reset_paths()
+    x = torch.randn(300, 128, device="cuda").to(dtype).requires_grad_()
+    w1, b1, w2, b2, _, _ = (None if t is None else t.detach().cuda().requires_grad_()
+                            for t in _weights(128, hidden, 96, dtype, False))
+    check_against_reference(lambda x, w1, b1, w2, b2: fastnn.mlp(x, w1, b1, w2, b2, activation, backend="cuda"),
+                            lambda x, w1, b1, w2, b2: _eager(x, w1, b1, w2, b2, None, None, activation),
+                            [x, w1, b1, w2, b2], what=f"cuda block {activation} {dtype} hidden={hidden}")
+    epilogue = "DRELU_BGRAD" if activation == "relu" else "DGELU_BGRAD"
+    name = str(dtype).replace("torch.", "")
+    served = cuda_backend.paths().get(("mlp_hidden_grad", name, activation), {})
+    trusted = cuda_backend.epilogue_trust().get((torch.cuda.current_device(), name, epilogue))
+    print(f"{epilogue} {name} hidden={hidden}: trusted={trusted}, served={served}")
+    assert trusted is not None  # the probe ran
+    assert not served or trusted

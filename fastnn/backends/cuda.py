@@ -14,12 +14,15 @@ Backward
   one fused kernel dZ = dY * act'(z) with the bias gradient (a deterministic column reduction),
   then dX = dZ @ W and dW = dZ^T @ X on cuBLASLt. identity needs no elementwise pass at all: the
   wgrad GEMM's BGRADB epilogue reduces the bias gradient.
+  In the MLP block (fastnn.mlp), relu and gelu_tanh take fc1's act' into fc2's dgrad GEMM
+  (DRELU_BGRAD, DGELU_BGRAD epilogues): dH is never stored (hidden_grad).
 Saved layouts: the sign mask is cuBLASLt's (rows of relu_aux_ld(N) bits); gelu_tanh's z has rows
 of gelu_aux_ld(N) elements (cuBLASLt's aux leading dimension); other activations keep z [M, N].
 
 Trust, then use: before an activation epilogue (RELU*, GELU*) first serves a (device, dtype), one
 small probe GEMM with exact inputs (zeros and a NaN row in z) runs it and compares with fastnn's
-definition: relu(NaN) = NaN, relu'(0) = 0, the kept z exact, gelu_tanh within the numerics rule.
+definition: relu(NaN) = NaN, relu'(0) = 0, the kept z exact, gelu_tanh within the numerics rule
+(the dgrad epilogues DRELU_BGRAD and DGELU_BGRAD likewise, on exact dH and z).
 An epilogue that disagrees is not used there; fastnn's own kernel runs instead
 (`epilogue_trust()` says what was decided). The float32 bias gradient is always fastnn's
 deterministic column sum (BGRADB's summation order is cuBLASLt's); 16-bit ones may use BGRADB.
@@ -202,12 +205,60 @@ def _probe(call, act, epilogue, dtype, device) -> bool:
     return epilogue_agrees(act, dtype, z, y, aux)
 
 
+def dgrad_epilogue_agrees(act, dtype, dh, z, dz) -> bool:
+    """Whether a dgrad epilogue's dZ = dH * act'(z) matches fastnn's definition on exact dH and z
+    (float64; z may hold NaN): relu exact (relu'(0) = relu'(NaN) = 0), gelu_tanh within the
+    numerics rule against PyTorch's own gelu backward in the same dtype, NaN where the reference
+    has one."""
+    ref = dh * act.grad(z)
+    dz = dz.double().cpu()
+    if not torch.equal(torch.isnan(dz), torch.isnan(ref)):
+        return False
+    finite = ~torch.isnan(ref)
+    if act.name == "relu":
+        return torch.equal(dz[finite], ref.to(dtype).double()[finite])
+    theirs = torch.ops.aten.gelu_backward(dh.to(dtype), z.to(dtype), approximate="tanh").double()
+    e_ours = (dz[finite] - ref[finite]).abs().max().item()
+    e_theirs = (theirs[finite] - ref[finite]).abs().max().item()
+    scale = ref[finite].abs().max().item()
+    return e_ours <= 2 * e_theirs + 2 * torch.finfo(dtype).eps * scale
+
+
+def _probe_dgrad(call, act, epilogue, dtype, device) -> bool:
+    """Runs a dgrad epilogue (DRELU_BGRAD, DGELU_BGRAD) once on exact inputs: dH = dY @ W2 with
+    multiples of 1/4 and K = 16, z multiples of 1/16 with zeros (and a NaN for gelu_tanh), laid
+    out as the forward keeps them."""
+    m, k, n = 64, 16, 128
+    gen = torch.Generator().manual_seed(0)
+    dy = torch.randint(-2, 3, (m, k), generator=gen).double() / 4
+    w2 = torch.randint(-2, 3, (k, n), generator=gen).double() / 4
+    z = torch.randint(-40, 41, (m, n), generator=gen).double() / 16
+    if act.name == "relu":
+        ld = relu_aux_ld(n)
+        bits = torch.zeros(m, ld, dtype=torch.uint8)
+        bits[:, :n] = (z > 0).to(torch.uint8)
+        aux = (bits.reshape(m, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+    else:
+        z[3, 7] = float("nan")
+        ld = gelu_aux_ld(n)
+        aux = torch.zeros(m, ld, dtype=dtype)
+        aux[:, :n] = z.to(dtype)
+    dyd, w2d, auxd = dy.to(dtype=dtype, device=device), w2.to(dtype=dtype, device=device), aux.to(device)
+    dz = torch.empty((m, n), dtype=dtype, device=device)
+    db = torch.empty(n, dtype=dtype, device=device)
+    if not call.gemm(m, n, k, dyd, k, False, w2d, n, False, dz, n, epilogue=epilogue, bias_grad=db, aux=auxd,
+                     aux_ld=ld):
+        return False
+    return dgrad_epilogue_agrees(act, dtype, dy @ w2, z, dz)
+
+
 def _trusted(call, act, epilogue, dtype, device) -> bool:
     key = (call.device, dtype, epilogue)
     if key not in _TRUST:
         if torch.cuda.is_current_stream_capturing():  # a probe synchronises: not while capturing a graph
             return False
-        _TRUST[key] = _probe(call, act, epilogue, dtype, device)
+        probe = _probe_dgrad if epilogue in (DRELU_BGRAD, DGELU_BGRAD) else _probe
+        _TRUST[key] = probe(call, act, epilogue, dtype, device)
     return _TRUST[key]
 
 
@@ -314,6 +365,31 @@ class CudaBackend(Backend):
                 dw = self._wgrad(call, dz, x)[0] if need_dw else None
             dx = self._dgrad(call, dz, weight) if need_dx else None
         return dx, dw, db
+
+    def hidden_grad(self, dy, w2, saved, act):
+        """The MLP block's dZ1 = (dY @ W2) * act'(z1) in one cuBLASLt call, with the DRELU_BGRAD
+        (relu: the forward's sign mask) or DGELU_BGRAD (gelu_tanh: the kept z) epilogue, where
+        trusted and available; None otherwise (the block then runs the GEMM and fastnn's
+        act_backward kernel). The epilogue's own bias gradient is not used: db1 comes from fc1's
+        backward, by the bias-gradient policy above."""
+        epilogue = {"relu": DRELU_BGRAD, "gelu_tanh": DGELU_BGRAD}.get(act.name)
+        m, n = dy.shape
+        h = w2.shape[1]
+        if epilogue is None or m == 0 or h == 0 or n == 0:
+            return None
+        dy, w2 = dy.contiguous(), _row_major(w2)
+        with torch.cuda.device(dy.device):
+            call = _Call(dy)
+            if not _trusted(call, act, epilogue, dy.dtype, dy.device):
+                return None
+            dz = torch.empty((m, h), dtype=dy.dtype, device=dy.device)
+            db = torch.empty(h, dtype=dy.dtype, device=dy.device)
+            ld = relu_aux_ld(h) if act.name == "relu" else gelu_aux_ld(h)
+            if not call.gemm(m, h, n, dy, n, False, w2, w2.stride(0), False, dz, h, epilogue=epilogue, bias_grad=db,
+                             aux=saved, aux_ld=ld):
+                return None
+        _record("mlp_hidden_grad", dy.dtype, act.name, f"cuBLASLt {EPILOGUE_NAMES[epilogue]}")
+        return dz
 
     @staticmethod
     def _bias_grad_only(call, dy, act):
