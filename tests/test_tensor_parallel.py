@@ -14,6 +14,7 @@ import gloo
 
 CASES = ["gelu", "relu", "identity", "swiglu", "mlp-gelu", "mlp-swiglu-fc1", "module-gelu", "module-swiglu",
          "module-gelu-fc1", "llama-fuse-then-shard", "llama-shard-then-fuse"]
+TRITON_CASES = ["gelu@triton", "swiglu@triton", "mlp-relu@triton"]
 
 
 def _inputs(case):
@@ -55,14 +56,16 @@ def _single(case):
 
 
 def _forward(case, x, w1, b1, wu, bu, w2, b2):
+    case, _, backend = case.partition("@")  # "@triton": the Triton kernels (the interpreter here)
+    backend = backend or "cpu"
     if case in ("gelu", "relu", "identity"):
-        return fastnn.linear_act(x, w1, b1, case, backend="cpu")
+        return fastnn.linear_act(x, w1, b1, case, backend=backend)
     if case == "swiglu":
-        return fastnn.linear_glu(x, w1, wu, b1, bu, "swiglu", backend="cpu")
+        return fastnn.linear_glu(x, w1, wu, b1, bu, "swiglu", backend=backend)
     act = case.split("-")[1]
     gated = act in fastnn.GATED
     return fastnn.mlp(x, w1, b1, w2, b2, act, up_weight=wu if gated else None, up_bias=bu if gated else None,
-                      recompute="fc1" if case.endswith("fc1") else "none", backend="cpu")
+                      recompute="fc1" if case.endswith("fc1") else "none", backend=backend)
 
 
 def _worker(rank, case, out_dir):
@@ -141,10 +144,14 @@ def _count_fused_calls():
 
 
 @pytest.mark.skipif(not gloo.available(), reason="needs torch.distributed with gloo (Linux/macOS)")
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + TRITON_CASES)
 def test_tensor_parallel_matches_one_process(case, tmp_path):
     if case.startswith("llama"):
         pytest.importorskip("transformers")
+    if case.endswith("@triton"):
+        from fastnn.backends import triton as triton_backend
+        if triton_backend.IMPORT_ERROR is not None or torch.cuda.is_available():
+            pytest.skip("the Triton cases run the interpreter on CPU tensors (gloo)")
     gloo.spawn(_worker, (case, str(tmp_path)), tmp_path)
     got = torch.load(tmp_path / "got.pt")
     ref = _single(case)

@@ -300,6 +300,11 @@ def test_tma_decision_is_not_made_while_tracing(monkeypatch):
     traced(x, w)
     assert seen == [False]
     assert K._tma_ok(x, w, None) is (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)  # eagerly: the real check
+    # nor in a fake kernel run (DTensor's sharding propagation runs the op on fake tensors)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fakes = mode.from_tensor(x), mode.from_tensor(w)
+    assert K._tma_ok(*fakes, None) is False
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 45, 70), (65, 17, 129)], ids=lambda s: "x".join(map(str, s)))

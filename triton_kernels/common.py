@@ -21,6 +21,16 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("FASTNN_TRITON_AUTOTUNE", "1") != "0"
 
 
+def pointers_real(*tensors) -> bool:
+    """Whether the tensors' data pointers can be read: not while torch.compile traces
+    (FunctionalTensor refuses data_ptr, fake tensors give 0), nor in a run of an op's fake kernel,
+    which asks for output shapes alone (DTensor's sharding propagation does that on fake tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not any(is_fake(t) for t in tensors)
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the row count: the next power of two (batch sizes vary call to call)."""
     return 1 << max(0, (m - 1).bit_length())

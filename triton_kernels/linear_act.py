@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .activations import LEAKY_SLOPE, act_fwd, act_grad
 from .common import (autotuning, capability, dot_precision, grouped_tile, interpreting, load_sign_mask,
-                     load_tile, m_bucket, num_sms, store_sign_mask, store_tile, tuned)
+                     load_tile, m_bucket, num_sms, pointers_real, store_sign_mask, store_tile, tuned)
 
 SAVE_NOTHING, SAVE_MASK, SAVE_DERIV = 0, 1, 2
 
@@ -292,9 +292,9 @@ def _identity(k):
 def _tma_ok(x, w, force):
     if force is not None:
         return force
-    # while torch.compile traces, pointers are not real (FunctionalTensor refuses data_ptr, fake
-    # tensors give 0): the pointer kernel, which takes any alignment, is traced instead
-    if interpreting() or torch.compiler.is_compiling() or capability(x.device)[0] < 9:
+    # where pointers are not real (torch.compile tracing, a fake kernel run) the pointer kernel,
+    # which takes any alignment, is traced instead
+    if interpreting() or not pointers_real(x, w) or capability(x.device)[0] < 9:
         return False
     es = x.element_size()
     return (x.stride(1) == 1 and w.stride(1) == 1 and (x.stride(0) * es) % 16 == 0 and (w.stride(0) * es) % 16 == 0

@@ -33,7 +33,7 @@ try:
 
     from ..triton_kernels import linear_act as K_act
     from ..triton_kernels import linear_glu as K_glu
-    from ..triton_kernels.common import interpreting
+    from ..triton_kernels.common import interpreting, pointers_real
 
     IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
@@ -109,9 +109,31 @@ def _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap):
     return dx, dw, db
 
 
+class _ShapesOnly:
+    """wrap_triton under the interpreter, where it hands back the kernel itself: a run of the op's
+    fake kernel (the op's own body on fake tensors, for output shapes: DTensor's sharding
+    propagation) launches nothing, instead of interpreting the kernel on tensors without data."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            if not pointers_real(*(a for a in args if isinstance(a, Tensor))):
+                return None
+            return launch(*args, **kwargs)
+        return run
+
+
 def register_ops():
     """Defines the fastnn::triton_* ops and their autograd (once, when triton is importable)."""
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
+    from torch.library import wrap_triton as _wrap_triton
+
+    def wrap_triton(kernel):
+        return _ShapesOnly(kernel) if interpreting() else _wrap_triton(kernel)
 
     @triton_op("fastnn::triton_linear_act_fwd", mutates_args=())
     def triton_linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
