@@ -4,12 +4,12 @@
 # run the GPU test tier, one compute-sanitizer memcheck pass over the CUDA kernels, and the
 # benchmark's GPU set. Everything lands in the output folder:
 #   env.txt build.log info.txt tests.log paths.txt sanitizer.log bench.log gpu_bench.json
-#   gpu_bench.png summary.txt
+#   gpu_bench.png bench_mlp.log gpu_mlp_gelu.json gpu_mlp_swiglu.json summary.txt
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_out)
 #
 # Environment: FASTNN_CUDA_ARCHS (default 90, the H100/H200; e.g. "80;90"), CHECK_JOBS (pytest
-# workers, default 8), CHECK_SECONDS (the whole run's budget, default 420: every stage's limit is
+# workers, default 8), CHECK_SECONDS (the whole run's budget, default 480: every stage's limit is
 # cut to what is left of it). The script stops at the first failing stage and summary.txt names
 # it ("first failing stage: NAME"). GPU_CHECK_DRY_RUN=1 prints each stage's command instead of
 # running it (tests/test_gpu_check_script.py; GPU_CHECK_FAIL_AT=NAME makes that stage fail there).
@@ -24,7 +24,7 @@ python="${PYTHON:-python3}"
 dry="${GPU_CHECK_DRY_RUN:-0}"
 export PYTHONUNBUFFERED=1 FASTNN_CUDA=1 FASTNN_CUDA_ARCHS="${FASTNN_CUDA_ARCHS:-90}"
 unset TRITON_INTERPRET
-deadline=$((SECONDS + ${CHECK_SECONDS:-420}))
+deadline=$((SECONDS + ${CHECK_SECONDS:-480}))
 
 stage() {  # stage NAME SECONDS LOG COMMAND...
   local name=$1 secs=$2 log=$3
@@ -32,7 +32,7 @@ stage() {  # stage NAME SECONDS LOG COMMAND...
   local left=$((deadline - SECONDS))
   [ "$secs" -gt "$left" ] && secs=$left
   if [ "$secs" -le 0 ]; then
-    echo "   $name: no time left of the ${CHECK_SECONDS:-420}s budget" | tee -a "$summary"
+    echo "   $name: no time left of the ${CHECK_SECONDS:-480}s budget" | tee -a "$summary"
     echo "first failing stage: $name (out of time)" | tee -a "$summary"
     return 1
   fi
@@ -95,4 +95,13 @@ fi
 stage bench 150 "$out/bench.log" "$python" benchmarks/fused_linear.py --device cuda \
   --shapes bert-base llama-7b 16x4096x11008 --dtype bfloat16 --activation gelu relu --mode fwd fwd+bwd \
   --compile-modes default --out "$out/gpu_bench.json" --plot "$out/gpu_bench.png" || exit 1
+
+# The MLP block (issue 10's GPU goal) at the BERT-base and GPT-2-XL shapes with gelu and the
+# LLaMA-7B shape with swiglu: fastnn.mlp at each memory level beside eager and torch.compile
+# (default mode: max-autotune's compiles do not fit this budget).
+stage bench_mlp 120 "$out/bench_mlp.log" bash -c "\"$python\" benchmarks/fused_linear.py --device cuda --mode mlp \
+  --dtype bfloat16 --compile-modes default --shapes 8192x768x3072 8192x1600x6400 --activation gelu \
+  --out \"$out/gpu_mlp_gelu.json\" && \"$python\" benchmarks/fused_linear.py --device cuda --mode mlp \
+  --dtype bfloat16 --compile-modes default --shapes 4096x4096x11008 --activation swiglu \
+  --out \"$out/gpu_mlp_swiglu.json\"" || exit 1
 echo "gpu_check finished: every stage passed; results in $out" | tee -a "$summary"

@@ -20,8 +20,8 @@ def test_dry_run_runs_every_stage_in_order(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
     stages = [line.split()[1] for line in summary.splitlines() if line.startswith("== ")]
-    assert stages == ["build", "info", "tests", "sanitizer", "bench"]
-    assert "CHECK_SECONDS:-420" in SCRIPT.read_text()  # the whole check ends well inside 8 minutes
+    assert stages == ["build", "info", "tests", "sanitizer", "bench", "bench_mlp"]
+    assert "CHECK_SECONDS:-480" in SCRIPT.read_text()  # the whole check ends inside 8 minutes (10 per device call)
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer" in (out / "sanitizer.log").read_text()
     assert "FASTNN_PATHS_LOG=" in (out / "tests.log").read_text()
     assert "every stage passed" in summary
@@ -31,7 +31,7 @@ def test_stage_limits_are_cut_to_the_budget(tmp_path):
     proc, out = _run(tmp_path, CHECK_SECONDS="100")
     summary = (out / "summary.txt").read_text()
     limits = [int(line.split("limit ")[1].split("s)")[0]) for line in summary.splitlines() if line.startswith("== ")]
-    assert len(limits) == 5 and max(limits) <= 100
+    assert len(limits) == 6 and max(limits) <= 100
 
 
 def test_first_failing_stage_is_named_and_stops_the_run(tmp_path):
@@ -39,4 +39,4 @@ def test_first_failing_stage_is_named_and_stops_the_run(tmp_path):
     assert proc.returncode != 0
     summary = (out / "summary.txt").read_text()
     assert "first failing stage: tests" in summary
-    assert "== sanitizer" not in summary and "== bench" not in summary
+    assert "== sanitizer" not in summary and "== bench" not in summary and "== bench_mlp" not in summary
