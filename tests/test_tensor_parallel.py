@@ -13,7 +13,7 @@ import fastnn
 import gloo
 
 CASES = ["gelu", "relu", "identity", "swiglu", "mlp-gelu", "mlp-swiglu-fc1", "module-gelu", "module-swiglu",
-         "module-gelu-fc1", "llama-fuse-then-shard", "llama-shard-then-fuse"]
+         "module-gelu-fc1", "llama-fuse-then-shard", "llama-shard-then-fuse", "fusedlinear-gelu"]
 TRITON_CASES = ["gelu@triton", "swiglu@triton", "mlp-relu@triton"]
 
 
@@ -28,6 +28,8 @@ def _inputs(case):
 
 def _module(case):
     torch.manual_seed(0)
+    if case.startswith("fusedlinear"):  # fastnn's nn.Linear subclass: its own forward is the fused op
+        return torch.nn.Sequential(fastnn.FusedLinear(8, 16, activation="gelu", backend="cpu"), torch.nn.Linear(16, 8))
     if case.startswith("llama"):
         import transformers
 
@@ -44,7 +46,7 @@ def _module_input(case):
 
 def _single(case):
     """Outputs and gradients of one process on the whole tensors."""
-    if case.startswith(("module", "llama")):
+    if case.startswith(("module", "llama", "fusedlinear")):
         model = _module(case)
         x = _module_input(case)
         model(x).square().sum().backward()
@@ -73,11 +75,13 @@ def _worker(rank, case, out_dir):
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (gloo.WORLD,))
-    if case.startswith(("module", "llama")):
+    if case.startswith(("module", "llama", "fusedlinear")):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         model = _module(case)
-        if case.startswith("llama"):
+        if case.startswith("fusedlinear"):
+            plan = {"0": ColwiseParallel(), "1": RowwiseParallel()}
+        elif case.startswith("llama"):
             plan = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
         elif case.startswith("module-swiglu"):
             plan = {"fc1.gate_proj": ColwiseParallel(), "fc1.up_proj": ColwiseParallel(), "fc2": RowwiseParallel()}
