@@ -202,7 +202,7 @@ def run(arch, quick=False):
                          else torch.zeros(m, n, dtype=dtype) if save == 2 else dy.new_empty((0,)))
                 comp.variant = f"bwd {dname} {act_name} {sname}"
                 K.dgrad(dy, saved, save, act_name == "leaky_relu", w, wrap=comp)
-                if save:  # the MLP block's hidden gradient: act' as dgrad's epilogue on its [m, k] output
+                if save and sname == "train":  # the MLP block's hidden gradient: act' as dgrad's epilogue
                     e = (torch.zeros(m, (k + 7) // 8, dtype=torch.uint8) if save == 1
                          else torch.zeros(m, k, dtype=dtype))
                     comp.variant = f"bwd {dname} {act_name} {sname} act' epilogue"
