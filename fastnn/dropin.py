@@ -33,12 +33,14 @@ def global_hooks_present() -> bool:
 
 def plain_module(module, cls, fused_forward: bool = False) -> bool:
     """Whether calling `module` runs exactly `cls.forward`: its type is `cls` itself (not a
-    wrapper, subclass or parametrised class), it has no hooks and no instance-level forward.
+    wrapper, subclass or parametrised class), it has no hooks and no instance-level forward, and
+    no global module hooks exist (they would fire for it).
     fused_forward: the module's forward is one fastnn installed (a FusedCall over nothing else)."""
     forward = module.__dict__.get("forward")
     own_forward = (isinstance(forward, FusedCall) and forward.original is None) if fused_forward else forward is None
     return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and not module._backward_hooks and not module._backward_pre_hooks and own_forward)
+            and not module._backward_hooks and not module._backward_pre_hooks and own_forward
+            and not global_hooks_present())
 
 
 class ColwiseCall:

@@ -322,3 +322,50 @@ def test_fused_mlp_memory_levels():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="recompute must be True, False or one of"):
         fastnn.FusedMLP(16, 64, recompute="all")
+
+
+@pytest.mark.parametrize("which", ["mlp-gelu", "mlp-swiglu", "encoder"])
+def test_global_module_hooks_see_the_unfused_calls(which, fused_calls):
+    """A hook registered for every module (register_module_forward_hook: profilers, activation
+    statistics) fires for each submodule call an unfused model makes, fc1 included, with fc1's
+    pre-activation: while one exists, fastnn's modules run unfused."""
+    torch.manual_seed(0)
+    if which == "encoder":
+        ours = fastnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        reference = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        reference.load_state_dict(ours.state_dict())
+        x = torch.randn(2, 3, 8)
+    else:
+        ours = fastnn.FusedMLP(8, 16, activation=which.split("-")[1])
+        reference = None
+        x = torch.randn(3, 8)
+    ours.train()
+
+    def record(model):
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append((type(m).__name__, o.detach().clone() if isinstance(o, torch.Tensor) else None)))
+        try:
+            y = model(x)
+        finally:
+            handle.remove()
+        return y, seen
+
+    y, seen = record(ours)
+    assert sum(fused_calls.values()) == 0
+    names = [n for n, _ in seen]
+    if which == "encoder":
+        y_ref, seen_ref = record(reference)
+        torch.testing.assert_close(y, y_ref)
+        assert names[:-1] == [n for n, _ in seen_ref][:-1]
+        linear1 = names.index("Linear")  # linear1's output: the pre-activation, as torch's layer shows it
+        torch.testing.assert_close(seen[linear1][1], seen_ref[linear1][1])
+    else:
+        gated = which.endswith("swiglu")
+        assert names == (["Linear", "Linear", "GatedLinear"] if gated else ["Linear"]) + ["Dropout", "Linear", "FusedMLP"]
+        fc1 = ours.fc1.gate_proj if gated else ours.fc1
+        fc1_out = F.linear(x, fc1.weight, fc1.bias)
+        torch.testing.assert_close(seen[0][1], fc1_out)
+    # with the hook gone, fused again
+    ours(x)
+    assert sum(fused_calls.values()) >= 1
