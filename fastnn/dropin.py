@@ -86,9 +86,11 @@ def colwise_call(module, cls):
     two hooks (torch.distributed.tensor.parallel, installed by parallelize_module); else None.
     The hooks are recognised by the ColwiseParallel functions inside them (DTensor's
     distribute_module wraps them in a lambda), so any other hook, or a layout that does not
-    commute with an elementwise activation (a Partial output), leaves the module unfused."""
+    commute with an elementwise activation (a Partial output), leaves the module unfused.
+    Under torch.compile it is None too: the module runs as itself there (Dynamo traces the hooks,
+    and cannot trace the inspection of their closures)."""
     pre_hooks, hooks = module._forward_pre_hooks, module._forward_hooks
-    if (type(module) is not cls or len(pre_hooks) != 1 or len(hooks) != 1 or module._backward_hooks
+    if (torch.compiler.is_compiling() or type(module) is not cls or len(pre_hooks) != 1 or len(hooks) != 1 or module._backward_hooks
             or module._backward_pre_hooks or "forward" in module.__dict__ or module._forward_pre_hooks_with_kwargs
             or module._forward_hooks_with_kwargs or getattr(module, "_forward_hooks_always_called", None)):
         return None
