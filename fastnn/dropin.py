@@ -90,7 +90,7 @@ def colwise_call(module, cls):
     Under torch.compile it is None too: the module runs as itself there (Dynamo traces the hooks,
     and cannot trace the inspection of their closures)."""
     pre_hooks, hooks = module._forward_pre_hooks, module._forward_hooks
-    if (torch.compiler.is_compiling() or type(module) is not cls or len(pre_hooks) != 1 or len(hooks) != 1 or module._backward_hooks
+    if (torch.compiler.is_compiling() or global_hooks_present() or type(module) is not cls or len(pre_hooks) != 1 or len(hooks) != 1 or module._backward_hooks
             or module._backward_pre_hooks or "forward" in module.__dict__ or module._forward_pre_hooks_with_kwargs
             or module._forward_hooks_with_kwargs or getattr(module, "_forward_hooks_always_called", None)):
         return None

@@ -14,7 +14,7 @@ import gloo
 
 CASES = ["gelu", "relu", "identity", "swiglu", "mlp-gelu", "mlp-swiglu-fc1", "module-gelu", "module-swiglu",
          "module-gelu-fc1", "llama-fuse-then-shard", "llama-shard-then-fuse", "fusedlinear-gelu",
-         "module-gelu-compiled"]
+         "module-gelu-compiled", "module-gelu-globalhook"]
 TRITON_CASES = ["gelu@triton", "swiglu@triton", "mlp-relu@triton"]
 
 
@@ -96,12 +96,18 @@ def _worker(rank, case, out_dir):
         calls = _count_fused_calls()
         if case.endswith("compiled"):  # Dynamo traces the parallel style's hooks: the module runs unfused
             model = torch.compile(model, backend="eager")
+        seen = []
+        if case.endswith("globalhook"):  # a hook for every module must see fc1's call: unfused
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
         x = _module_input(case)
         y = model(x)
         y.square().sum().backward()
+        if case.endswith("globalhook"):
+            handle.remove()
+            assert seen == ["Linear", "Dropout", "Linear", "FusedMLP"], seen
         # fastnn's fused forward and backward ran, each on this rank's 8 of the 16 hidden features
         # (the "fc1" level runs the forward a second time in backward)
-        if case.endswith("compiled"):
+        if case.endswith(("compiled", "globalhook")):
             assert calls == {"fwd": [], "bwd": []}, calls
         else:
             assert calls == {"fwd": [(6, 8)] * (2 if case.endswith("fc1") else 1), "bwd": [(6, 8)]}, calls
