@@ -9,9 +9,10 @@ gradient) and the hidden gradient dH = dY W2 goes straight into fc1's fused act'
     backward: dW2 = dY^T h, db2 = colsum(dY); dH = dY W2
               dZ1 = dH * act'(z1), db1 = colsum(dZ1), dX = dZ1 W1, dW1 = dZ1^T x   (fc1's backward)
     Where the backend has a hidden_grad kernel (Triton; cuda for relu and gelu_tanh, through
-    cuBLASLt's DRELU_BGRAD / DGELU_BGRAD), dZ1 comes from fc2's dgrad GEMM with act' as its epilogue, and fc1's backward runs as plain GEMMs (dH is never stored); else dH goes
-    into fc1's fused act' backward. Gated units keep the latter: their two factors would make the
-    epilogue store two tensors, as much memory traffic as the fused backward reads.
+    cuBLASLt's DRELU_BGRAD / DGELU_BGRAD), dZ1 comes from fc2's dgrad GEMM with act' as its
+    epilogue and fc1's backward runs as plain GEMMs (dH is never stored); else dH goes into fc1's
+    fused act' backward. Gated units keep the latter: their two factors would make the epilogue
+    store two tensors, as much memory traffic as the fused backward reads.
 
 Memory levels (what backward keeps beyond the weights and x):
   "none":       fc1's saved tensor (the pre-activation, a 1-bit mask for relu / leaky_relu, two

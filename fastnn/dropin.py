@@ -43,6 +43,18 @@ def plain_module(module, cls, fused_forward: bool = False) -> bool:
             and not global_hooks_present())
 
 
+class PlainCall:
+    """Calling a plain module (see plain_module): nothing around its class's own forward."""
+
+    key = None
+
+    def enter(self, x):
+        return x
+
+    def leave(self, x, y):
+        return y
+
+
 class ColwiseCall:
     """Calling a module that tensor parallelism's ColwiseParallel sharded: its two hooks around
     the class's own forward, and nothing else.
@@ -118,6 +130,16 @@ def colwise_call(module, cls):
     if mesh is None or _closure_value(hook, DeviceMesh) is not mesh:
         return None
     return ColwiseCall(module, pre_hook, hook, (mesh, prepare_input.args, tuple(output_layouts), use_local_output))
+
+
+_PLAIN = PlainCall()
+
+
+def projection_call(module, cls):
+    """What calling a projection runs around cls.forward, where fastnn can fuse through it: a
+    PlainCall (nothing: plain_module), a ColwiseCall (tensor parallelism's two hooks), or None
+    (anything else: the module itself must run)."""
+    return _PLAIN if plain_module(module, cls) else colwise_call(module, cls)
 
 
 def plain_callable(fn) -> bool:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import activations
-from .dropin import colwise_call, fusable_input, plain_callable, plain_module
+from .dropin import fusable_input, plain_callable, plain_module, projection_call
 from .functional import RECOMPUTE_LEVELS, linear_act, linear_glu, mlp
 
 
@@ -80,34 +80,27 @@ def fused_linear_act(x, linear: nn.Module, linear_cls: type, act, act_name: Opti
     """act(linear(x)) as one fused op, or NotImplemented when that would not be exactly what
     calling them gives (see fastnn.dropin). transposed: the weight is stored (in, out), as in
     transformers' Conv1D."""
-    if act_name is None or not plain_callable(act):
-        return NotImplemented
-    plain = plain_module(linear, linear_cls)
-    sharded = None if plain else colwise_call(linear, linear_cls)
-    if not plain and sharded is None:
+    call = projection_call(linear, linear_cls) if act_name is not None and plain_callable(act) else None
+    if call is None:
         return NotImplemented
     weight = linear.weight.t() if transposed else linear.weight
-    # tensor parallel: the fused op runs on each rank's slice, between the module's own hooks
-    xs = x if sharded is None else sharded.enter(x)
+    # (tensor parallel: the fused op runs on each rank's slice, between the module's own hooks)
+    xs = call.enter(x)
     if not fusable_input(xs, weight):
         return NotImplemented
-    y = linear_act(xs, weight, linear.bias, act_name, backend=backend)
-    return y if sharded is None else sharded.leave(xs, y)
+    return call.leave(xs, linear_act(xs, weight, linear.bias, act_name, backend=backend))
 
 
 def fused_linear_glu(x, gate: nn.Module, up: nn.Module, linear_cls: type, glu_name: str, backend: str = "auto"):
     """act(gate(x)) * up(x) as one fused op, or NotImplemented (see fused_linear_act)."""
-    sharded = None
-    if not (plain_module(gate, linear_cls) and plain_module(up, linear_cls)):
-        # tensor parallel: both projections column-wise on one mesh, with the same layouts
-        sharded, up_sharded = colwise_call(gate, linear_cls), colwise_call(up, linear_cls)
-        if sharded is None or up_sharded is None or sharded.key != up_sharded.key:
-            return NotImplemented
-    xs = x if sharded is None else sharded.enter(x)
+    # both plain, or (tensor parallel) both column-wise on one mesh with the same layouts
+    call, up_call = projection_call(gate, linear_cls), projection_call(up, linear_cls)
+    if call is None or up_call is None or call.key != up_call.key:
+        return NotImplemented
+    xs = call.enter(x)
     if not fusable_input(xs, gate.weight, up.weight) or gate.weight.shape != up.weight.shape:
         return NotImplemented
-    y = linear_glu(xs, gate.weight, up.weight, gate.bias, up.bias, glu_name, backend=backend)
-    return y if sharded is None else sharded.leave(xs, y)
+    return call.leave(xs, linear_glu(xs, gate.weight, up.weight, gate.bias, up.bias, glu_name, backend=backend))
 
 
 class FusedMLP(nn.Module):

@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from ..backends.base import tf32_allowed
 
@@ -27,7 +28,6 @@ def pointers_real(*tensors) -> bool:
     which asks for output shapes alone (DTensor's sharding propagation does that on fake tensors)."""
     if torch.compiler.is_compiling():
         return False
-    from torch._subclasses.fake_tensor import is_fake
     return not any(is_fake(t) for t in tensors)
 
 
