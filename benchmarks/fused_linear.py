@@ -15,7 +15,8 @@ Configurations: fastnn on each backend usable here; eager PyTorch (act(F.linear(
 relu and gelu_tanh, forward); torch.ops.mkldnn._linear_pointwise (oneDNN post-op, CPU, forward);
 and the bare GEMMs alone (x @ W^T forward; plus dY @ W and dY^T @ X backward): the limit a fused op
 approaches. Per row: median time, TFLOP/s, effective GB/s (the bytes the op must move: inputs,
-outputs, and in backward the gradients), speed-up vs eager, ratio to the bare GEMM, the activation
+outputs, and in backward the gradients), speed-up vs eager and ratio to the bare GEMM (each the
+median over rounds of that round's ratio, with the speed-up's interquartile range), the activation
 memory held for backward (fwd+bwd and mlp modes), and peak memory (CUDA).
 """
 from __future__ import annotations
@@ -91,7 +92,8 @@ class Row:
     ms: Optional[float] = None
     tflops: Optional[float] = None
     gbps: Optional[float] = None
-    speedup_vs_eager: Optional[float] = None
+    speedup_vs_eager: Optional[float] = None  # median of the per-round ratios (paired_ratio)
+    speedup_quartiles: list = field(default_factory=list)  # their lower and upper quartiles
     ratio_to_gemm: Optional[float] = None
     saved_mb: Optional[float] = None
     peak_mb: Optional[float] = None
@@ -391,7 +393,8 @@ def run_case(case: Case, device, args, log) -> list[Row]:
         t = time_once(cfg.run, device, 1)
         inner[cfg.name] = max(1, min(1000, int(args.min_sample_s / max(t, 1e-7))))
     for r in range(args.repeats):
-        for cfg, row in live:
+        # each round starts one configuration later, so none always runs right after the same one
+        for cfg, row in live[r % len(live):] + live[:r % len(live)]:
             row.samples.append(time_once(cfg.run, device, inner[cfg.name]))
         if sys.stderr.isatty():
             log(f"\r  timing: round {r + 1}/{args.repeats}", end="")
@@ -401,12 +404,27 @@ def run_case(case: Case, device, args, log) -> list[Row]:
     for cfg, row in live:
         med = statistics.median(row.samples)
         row.ms, row.tflops, row.gbps = med * 1e3, fl / med / 1e12, by / med / 1e9
-    times = {row.config: row.ms for row in rows if row.ms}
+    samples = {row.config: row.samples for row in rows if row.ms}
     for row in rows:
         if row.ms:
-            row.speedup_vs_eager = times["eager"] / row.ms if "eager" in times else None
-            row.ratio_to_gemm = row.ms / times["bare GEMM"] if "bare GEMM" in times else None
+            if "eager" in samples:
+                row.speedup_vs_eager, *row.speedup_quartiles = paired_ratio(samples["eager"], row.samples)
+            if "bare GEMM" in samples:
+                row.ratio_to_gemm = paired_ratio(row.samples, samples["bare GEMM"])[0]
     return rows
+
+
+def paired_ratio(numerators, denominators):
+    """(median, lower quartile, upper quartile) of the per-round ratios numerator / denominator.
+
+    Two configurations timed in the same round saw the same machine state, so the ratio of each
+    round's pair cancels slow drift (another tenant, clock changes) that a ratio of two separate
+    medians keeps; the quartiles show how much the rounds disagree."""
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), q1, q3
 
 
 def _fmt(v, spec, suffix=""):
@@ -419,13 +437,15 @@ def print_table(rows, out=sys.stdout):
         return
     c = rows[0]["case"] if isinstance(rows[0], dict) else rows[0].case
     print(f"\n{c['m']}x{c['k']}x{c['n']} (MxKxN) {c['dtype']} {c['activation']} {c['mode']}", file=out)
-    print(f"  {'config':26s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'vs eager':>8s} {'/ GEMM':>7s} "
+    print(f"  {'config':26s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'vs eager':>8s} {'IQR':>11s} {'/ GEMM':>7s} "
           f"{'saved MB':>9s} {'KiB/tok':>8s} {'peak MB':>8s}  status", file=out)
     for r in rows:
         r = asdict(r) if not isinstance(r, dict) else r
         per_token = None if r['saved_mb'] is None else r['saved_mb'] * 1024 / max(c['m'], 1)  # a token is a row of x
+        quartiles = r.get('speedup_quartiles') or []
+        iqr = f"{quartiles[0]:.2f}-{quartiles[1]:.2f}" if len(quartiles) == 2 else "-"
         print(f"  {r['config']:26s} {_fmt(r['ms'], '9.3f')} {_fmt(r['tflops'], '8.3f')} {_fmt(r['gbps'], '7.1f')} "
-              f"{_fmt(r['speedup_vs_eager'], '8.2f', 'x')} {_fmt(r['ratio_to_gemm'], '7.2f', 'x')} "
+              f"{_fmt(r['speedup_vs_eager'], '8.2f', 'x')} {iqr:>11s} {_fmt(r['ratio_to_gemm'], '7.2f', 'x')} "
               f"{_fmt(r['saved_mb'], '9.1f')} {_fmt(per_token, '8.2f')} {_fmt(r['peak_mb'], '8.1f')}  {r['status']}",
               file=out)
 
@@ -571,7 +591,7 @@ def parse_args(argv=None):
         if a not in activations.ACTIVATIONS and a not in activations.GATED:
             raise SystemExit(f"--activation: unknown {a!r}")
     args.mode = args.mode or ["fwd", "fwd+bwd"]
-    args.repeats = args.repeats or (15 if cuda else 5)
+    args.repeats = args.repeats or 15
     args.min_sample_s = (args.min_sample_ms or (20.0 if cuda else 1.0)) / 1e3
     # (Triton's interpreter on CPU tensors is a test tool, not something to time: ask for it by name)
     default = ("cuda", "triton") if cuda else ("cpu",)
@@ -600,7 +620,7 @@ def main(argv=None):
     print(f"fastnn {env['fastnn']} ({env['git_commit']}) on {env['device']}; torch {env['torch']}, "
           f"triton {env['triton']}; {env['date']}")
     print(f"fastnn backends: {', '.join(args.backends) or 'none usable here'}; "
-          f"times are medians of {args.repeats} interleaved rounds")
+          f"times are medians of {args.repeats} interleaved rounds; ratios are medians of the rounds' ratios")
     for d in args.skipped_dtypes:
         print(f"{d} left out of the default set: torch has no native {d} GEMM for this CPU (oneDNN needs "
               f"AVX512-BF16 or AMX) and its fallback runs tens of times slower than float32, so eager would "

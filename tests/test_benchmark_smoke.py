@@ -44,3 +44,16 @@ def test_wrong_result_is_reported_not_timed():
     ref = (torch.ones(4, 4, dtype=torch.float64),)
     assert bench.check((y,), ref, [0.0], "float32") is None
     assert "error" in bench.check((y * 1.01,), ref, [0.0], "float32")
+
+
+def test_paired_ratio_cancels_drift():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fused_linear as bench
+
+    drift = [1.0, 3.0, 1.5, 7.0, 2.0, 2.5]  # the machine's speed, round by round
+    eager = [10.0 * d for d in drift]
+    fast = [8.0 * d for d in drift]
+    med, q1, q3 = bench.paired_ratio(eager, fast)
+    assert med == q1 == q3 == 1.25
+    med, q1, q3 = bench.paired_ratio([1.0, 2.0, 4.0], [1.0, 1.0, 1.0])
+    assert (med, q1, q3) == (2.0, 1.5, 3.0)
