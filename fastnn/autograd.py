@@ -14,12 +14,33 @@ from . import activations
 from .dropin import batched, functorch_active
 
 
-def linear_act_autograd(fwd_call, bwd_call):
+# Handing saved memory to backward's outputs. A backward may write dZ over the pre-activation it
+# saved (Backend.linear_act_bwd's `reuse`) when nothing can read that tensor again:
+#  - the forward did not return it (the eager autograd.Functions below keep it to themselves; the
+#    torch.library ops return it, and their schema promises not to mutate their inputs),
+#  - no saved-tensor hooks were active at forward time (a pack hook may keep the tensor: offloading,
+#    checkpointing, activation statistics),
+#  - autograd frees the graph's saved tensors after this backward (no retain_graph / create_graph);
+# or when backward itself recomputed it. PyTorch's own AOTAutograd asks autograd the same question.
+def saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def graph_freed_after_backward() -> bool:
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return kept is not None and not kept()
+
+
+def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
     """(setup_context, backward) for a linear_act forward whose inputs are
-    (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved).
+    (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved), or with
+    private_saved, y alone: setup_context(ctx, inputs, (y, saved)) is then called by the forward,
+    and backward may overwrite `saved` (see above).
 
     fwd_call(x, weight, bias, activation, extra, save) -> (y, saved) runs the forward op;
-    bwd_call(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db) -> (dx, dw, db).
+    bwd_call(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db, reuse)
+    -> (dx, dw, db).
     Backward keeps only what it will use: x for dW, weight for dX, the bias (a parameter, already
     alive) and the backend's `saved`.
     A forward run with save=False (fastnn's recompute mode, or a raw call of the op) keeps the
@@ -32,13 +53,15 @@ def linear_act_autograd(fwd_call, bwd_call):
         ctx.activation, ctx.extra = activation, tuple(inputs[4:-1])
         ctx.has_bias = bias is not None
         ctx.recompute = not save and activations.get(activation).saves != "nothing"
+        ctx.private_saved = private_saved and not saved_tensor_hooks_active()
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         keep_x, keep_w = need_dw or ctx.recompute, need_dx or ctx.recompute
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
+        if not private_saved:
+            ctx.mark_non_differentiable(output[1])
+            ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
         ctx.save_for_backward(x if keep_x else None, weight if keep_w else None, bias, output[1])
 
-    def backward(ctx, dy, _dsaved):
+    def backward(ctx, dy, _dsaved=None):
         x, weight, bias, saved = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = ctx.has_bias and ctx.needs_input_grad[2]
@@ -47,15 +70,20 @@ def linear_act_autograd(fwd_call, bwd_call):
             return (None, None, None) + tail
         if functorch_active() or batched(dy):
             return _composite_act_backward(dy, x, weight, bias, ctx.activation, need_dx, need_dw, need_db) + tail
+        reuse = ()
         if ctx.recompute:
             with torch.no_grad():
                 _, saved = fwd_call(x, weight, bias, ctx.activation, ctx.extra, True)
+            reuse = (saved,)
+        elif ctx.private_saved and graph_freed_after_backward():
+            reuse = (saved,)
         # empty stand-ins (the ops' "nothing") for the inputs that were not kept: backends read x
         # only for dW and weight only for dX. Not backends.base's helper: importing the backends
         # package registers the Triton ops, which import this module.
         x = x if x is not None else dy.new_empty((0,))
         weight = weight if weight is not None else dy.new_empty((0,))
-        dx, dw, db = bwd_call(dy, x, weight, bias, saved, ctx.activation, ctx.extra, need_dx, need_dw, need_db)
+        dx, dw, db = bwd_call(dy, x, weight, bias, saved, ctx.activation, ctx.extra, need_dx, need_dw, need_db,
+                              reuse)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + tail
 
     return setup_context, backward
@@ -112,13 +140,14 @@ def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-def linear_glu_autograd(fwd_call, bwd_call):
+def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
     """(setup_context, backward) for a linear_glu forward whose inputs are
-    (x, gate_weight, up_weight, gate_bias, up_bias, activation, *extra, save).
+    (x, gate_weight, up_weight, gate_bias, up_bias, activation, *extra, save), and whose outputs are
+    (y, z_gate, z_up), or with private_saved y alone (as for linear_act_autograd).
 
     fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, activation, extra, save) runs the op;
     bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, activation, extra,
-             needs) -> 5 grads,
+             needs, reuse) -> 5 grads,
     needs = (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias). With save=False the
     pre-activations are recomputed in backward from the kept inputs.
     """
@@ -128,11 +157,13 @@ def linear_glu_autograd(fwd_call, bwd_call):
         ctx.activation, ctx.extra = activation, tuple(inputs[6:-1])
         ctx.has_bias = (gate_bias is not None, up_bias is not None)
         ctx.recompute = not inputs[-1]
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx.set_materialize_grads(False)
+        ctx.private_saved = private_saved and not saved_tensor_hooks_active()
+        if not private_saved:
+            ctx.mark_non_differentiable(output[1], output[2])
+            ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, output[1], output[2])
 
-    def backward(ctx, dy, _dzg, _dzu):
+    def backward(ctx, dy, _dzg=None, _dzu=None):
         x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = (n[0], n[1], n[2], ctx.has_bias[0] and n[3], ctx.has_bias[1] and n[4])
@@ -142,12 +173,16 @@ def linear_glu_autograd(fwd_call, bwd_call):
         if functorch_active() or batched(dy):
             return _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            needs) + none_tail
+        reuse = ()
         if ctx.recompute:
             with torch.no_grad():
                 _, z_gate, z_up = fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            ctx.extra, True)
+            reuse = (z_gate, z_up)
+        elif ctx.private_saved and graph_freed_after_backward():
+            reuse = (z_gate, z_up)
         grads = bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, ctx.activation,
-                         ctx.extra, needs)
+                         ctx.extra, needs, reuse)
         return tuple(g if need else None for g, need in zip(grads, needs)) + none_tail
 
     return setup_context, backward

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from . import activations
-from .autograd import act_composite, act_dz, glu_composite, glu_dz
+from .autograd import (act_composite, act_dz, glu_composite, glu_dz, graph_freed_after_backward,
+                       saved_tensor_hooks_active)
 from .backends import BACKENDS
 from .backends.base import empty_like_nothing
 from .dropin import batched, functorch_active
@@ -68,6 +69,8 @@ class MlpFunction(torch.autograd.Function):
         ctx.be, ctx.act, ctx.gated = be, act, gated
         ctx.rebuild, ctx.native_rebuild = rebuild, native_rebuild
         ctx.has_bias = (b1 is not None, bu is not None, b2 is not None)
+        # h and z1 never leave this op, so backward may write into them (fastnn/autograd.py)
+        ctx.private_saved = not saved_tensor_hooks_active()
         ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
         return y
 
@@ -80,11 +83,18 @@ class MlpFunction(torch.autograd.Function):
             return _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2) + tail
         be, act, gated = ctx.be, ctx.act, ctx.gated
         dy = dy.contiguous()
+        # what backward may write its gradients into: the saved h and z1 once autograd frees them,
+        # h rebuilt here, fc2's dgrad dH once fc1's backward has read it
+        freed = ctx.private_saved and graph_freed_after_backward()
         if h is None:  # the "activation" level
             if ctx.native_rebuild:
                 h = be.glu_hidden(*saved, b1, bu, act) if gated else be.act_hidden(saved[0], b1, act)
             else:
                 h = glu_composite(*saved, act) if gated else act_composite(saved[0], act)
+            h_free = (h,)
+        else:
+            h_free = (h,) if freed else ()
+        reuse_saved = tuple(saved) if freed else ()
         nothing = empty_like_nothing(dy)
         _, dw2, db2 = be.linear_act_bwd(dy, h, nothing, None, nothing, IDENTITY, False, n[5], n[6] and ctx.has_bias[2])
         del h
@@ -96,7 +106,9 @@ class MlpFunction(torch.autograd.Function):
         if dz is not None:  # fc2's dgrad with act' as its epilogue: fc1's backward is its plain GEMMs
             dx, dw1, db1 = be.linear_act_bwd(dz, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
         elif any(need):
-            dh = be.linear_act_bwd(dy, nothing, w2, None, nothing, IDENTITY, True, False, False)[0]
+            dh = be.linear_act_bwd(dy, nothing, w2, None, nothing, IDENTITY, True, False, False, reuse=h_free)[0]
+            del h_free
+            reuse = (*reuse_saved, dh)
             if ctx.rebuild and not ctx.native_rebuild:
                 # dZ from the kept GEMM outputs in PyTorch ops, then fc1's GEMMs (identity: db only)
                 if gated:
@@ -109,9 +121,10 @@ class MlpFunction(torch.autograd.Function):
                     dx, dw1, db1 = be.linear_act_bwd(dz, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
             elif gated:
                 dx, dw1, dwu, db1, dbu = be.linear_glu_bwd(dh, x, w1, wu, b1, bu, *saved, act, need[0], need[1],
-                                                           need[3], need[2], need[4])
+                                                           need[3], need[2], need[4], reuse=reuse)
             else:
-                dx, dw1, db1 = be.linear_act_bwd(dh, x, w1, b1, saved[0], act, need[0], need[1], need[2])
+                dx, dw1, db1 = be.linear_act_bwd(dh, x, w1, b1, saved[0], act, need[0], need[1], need[2],
+                                                 reuse=reuse)
         grads = (dx, dw1, db1, dwu, dbu, dw2, db2)
         return tuple(g if ok else None for g, ok in zip(grads, (*need, n[5], n[6]))) + tail
 

@@ -107,7 +107,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     x2 = _rows(x)
     save = _needs_grad(x, weight, bias)
     if not ops.use_ops(x2, weight, bias):
-        y, _ = ops.LinearActFunction.apply(x2, weight, bias, activation, name, save)
+        y = ops.LinearActFunction.apply(x2, weight, bias, activation, name, save)
     elif name == "triton":
         y, _ = torch.ops.fastnn.triton_linear_act_fwd(x2, weight, bias, activation, save)
     else:
@@ -142,7 +142,7 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     x2 = _rows(x)
     save = _needs_grad(x, gate_weight, up_weight, gate_bias, up_bias)
     if not ops.use_ops(x2, gate_weight, up_weight, gate_bias, up_bias):
-        y, _, _ = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, name, save)
+        y = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, name, save)
     elif name == "triton":
         y, _, _ = torch.ops.fastnn.triton_linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
                                                          activation, save)

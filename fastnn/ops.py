@@ -70,7 +70,8 @@ def _(dy, x, weight, bias, saved, activation, backend, need_dx, need_dw, need_db
 register_linear_act_autograd(
     "fastnn::linear_act_fwd",
     lambda x, w, b, act, extra, save: torch.ops.fastnn.linear_act_fwd(x, w, b, act, extra[0], save),
-    lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb: torch.ops.fastnn.linear_act_bwd(
+    # (an op never overwrites its inputs: `reuse` is for the eager twin alone)
+    lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb, reuse: torch.ops.fastnn.linear_act_bwd(
         dy, x, w, b, saved, act, extra[0], ndx, ndw, ndb),
 )
 
@@ -79,25 +80,27 @@ def _eager_act_fwd(x, weight, bias, activation, extra, save):
     return BACKENDS[extra[0]].linear_act_fwd(x, weight, bias, activations.get(activation), save)
 
 
-def _eager_act_bwd(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db):
+def _eager_act_bwd(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db, reuse):
     return BACKENDS[extra[0]].linear_act_bwd(dy, x, weight, bias, saved, activations.get(activation),
-                                             need_dx, need_dw, need_db)
+                                             need_dx, need_dw, need_db, reuse=reuse)
 
 
-_act_setup, _act_backward = linear_act_autograd(_eager_act_fwd, _eager_act_bwd)
+_act_setup, _act_backward = linear_act_autograd(_eager_act_fwd, _eager_act_bwd, private_saved=True)
 
 
 class LinearActFunction(torch.autograd.Function):
     """Eager twin of fastnn::linear_act_fwd: the same forward, setup_context and backward, called
     without the dispatcher round trips of a torch.library op (tens of microseconds per call, which
-    small and decode-sized calls cannot afford). Under torch.compile fastnn uses the op. (Old-style
-    forward(ctx, ...): the setup_context style binds arguments through inspect on every call.)"""
+    small and decode-sized calls cannot afford). Under torch.compile fastnn uses the op. It returns
+    y alone and keeps `saved` to itself, so that backward may write dZ over it (fastnn/autograd.py).
+    (Old-style forward(ctx, ...): the setup_context style binds arguments through inspect on every
+    call.)"""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation, backend, save):
         out = _eager_act_fwd(x, weight, bias, activation, (backend,), save)
         _act_setup(ctx, (x, weight, bias, activation, backend, save), out)
-        return out
+        return out[0]
 
     backward = staticmethod(_act_backward)
 
@@ -149,7 +152,7 @@ def _(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, activatio
 register_linear_glu_autograd(
     "fastnn::linear_glu_fwd",
     lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.linear_glu_fwd(x, wg, wu, bg, bu, act, extra[0], save),
-    lambda dy, x, wg, wu, bg, bu, zg, zu, act, extra, needs: torch.ops.fastnn.linear_glu_bwd(
+    lambda dy, x, wg, wu, bg, bu, zg, zu, act, extra, needs, reuse: torch.ops.fastnn.linear_glu_bwd(
         dy, x, wg, wu, bg, bu, zg, zu, act, extra[0], *needs),
 )
 
@@ -158,12 +161,12 @@ def _eager_glu_fwd(x, wg, wu, bg, bu, activation, extra, save):
     return BACKENDS[extra[0]].linear_glu_fwd(x, wg, wu, bg, bu, activations.get_gated(activation), save)
 
 
-def _eager_glu_bwd(dy, x, wg, wu, bg, bu, zg, zu, activation, extra, needs):
+def _eager_glu_bwd(dy, x, wg, wu, bg, bu, zg, zu, activation, extra, needs, reuse):
     return BACKENDS[extra[0]].linear_glu_bwd(dy, x, wg, wu, bg, bu, zg, zu, activations.get_gated(activation),
-                                             *needs)
+                                             *needs, reuse=reuse)
 
 
-_glu_setup, _glu_backward = linear_glu_autograd(_eager_glu_fwd, _eager_glu_bwd)
+_glu_setup, _glu_backward = linear_glu_autograd(_eager_glu_fwd, _eager_glu_bwd, private_saved=True)
 
 
 class LinearGluFunction(torch.autograd.Function):
@@ -174,7 +177,7 @@ class LinearGluFunction(torch.autograd.Function):
         inputs = (x, gate_weight, up_weight, gate_bias, up_bias, activation, backend, save)
         out = _eager_glu_fwd(*inputs[:6], (backend,), save)
         _glu_setup(ctx, inputs, out)
-        return out
+        return out[0]
 
     backward = staticmethod(_glu_backward)
 

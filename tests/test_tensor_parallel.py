@@ -147,8 +147,8 @@ def _count_fused_calls():
                "linear_glu_bwd": ("bwd", 8)}
 
     def recorded(method, kind, act_at):
-        def run(*args):
-            out = method(*args)
+        def run(*args, **kwargs):
+            out = method(*args, **kwargs)
             if args[act_at].name != "identity":
                 calls[kind].append(tuple((out[0] if kind == "fwd" else args[0]).shape))
             return out

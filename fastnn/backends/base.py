@@ -37,8 +37,15 @@ class Backend:
         """-> (y, saved); saved is empty when save is False or the activation needs nothing."""
         raise NotImplementedError
 
-    def linear_act_bwd(self, dy, x, weight, bias, saved, act: Activation, need_dx, need_dw, need_db):
-        """-> (dx, dw, db), None for those not needed. bias is the forward's (or None)."""
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act: Activation, need_dx, need_dw, need_db,
+                       reuse=()):
+        """-> (dx, dw, db), None for those not needed. bias is the forward's (or None).
+
+        reuse: tensors whose memory this call may take for its outputs (dZ, dX): ones nobody reads
+        after it, such as a saved tensor autograd is about to free. dY and saved may be among them
+        (dZ is formed element by element, each read before its own element is written). A backend
+        may ignore them; the CPU backend writes into them where shape and dtype fit, which spares
+        a fresh allocation and its page faults (see fastnn/autograd.py for when this is safe)."""
         raise NotImplementedError
 
     # -- linear_glu ----------------------------------------------------------------------------
@@ -49,8 +56,9 @@ class Backend:
         raise NotImplementedError
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
-                       gate_act: Activation, need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
-        """-> (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias), None for those not needed."""
+                       gate_act: Activation, need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
+        """-> (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias), None for those not needed.
+        reuse: as for linear_act_bwd (z_gate, z_up and dY may be among them)."""
         raise NotImplementedError
 
 

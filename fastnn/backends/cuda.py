@@ -333,7 +333,7 @@ class CudaBackend(Backend):
             return None
         return epilogue if call.linear(x, weight, y, n, bias=bias, epilogue=epilogue, aux=aux, aux_ld=aux_ld) else None
 
-    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
         dy = dy.contiguous()
         m, n = dy.shape
         with torch.cuda.device(dy.device):
@@ -460,7 +460,7 @@ class CudaBackend(Backend):
         return y, z_gate, z_up
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, gate_act,
-                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
+                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
         dy = dy.contiguous()
         m, n = dy.shape
         _record("linear_glu_bwd", dy.dtype, gate_act.name, "fastnn glu backward kernel + cuBLASLt GEMMs")

@@ -28,7 +28,7 @@ class TorchBackend(Backend):
         z = F.linear(x, weight, bias)
         return act_composite(z, act), (z if save and act.saves != "nothing" else empty_like_nothing(x))
 
-    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
         dz = dy if act.saves == "nothing" else act_dz(dy, saved, act)
         return (dz @ weight if need_dx else None, dz.t() @ x if need_dw else None,
                 _column_sum(dz) if need_db else None)
@@ -41,7 +41,7 @@ class TorchBackend(Backend):
         return y, z_gate, z_up
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, gate_act,
-                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
+                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
         dzg, dzu = glu_dz(dy, z_gate, z_up, gate_act)
         return (dzg @ gate_weight + dzu @ up_weight if need_dx else None,
                 dzg.t() @ x if need_dwg else None, dzu.t() @ x if need_dwu else None,

@@ -71,7 +71,7 @@ class TritonBackend(Backend):
         with _device_of(x):
             return K_act.forward(x, weight, bias, act.code, _save_mode(act, save))
 
-    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db):
+    def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
         with _device_of(dy):
             return _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, lambda k: k)
 
@@ -80,7 +80,7 @@ class TritonBackend(Backend):
             return K_glu.forward(x, gate_weight, up_weight, gate_bias, up_bias, gate_act.code, save)
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, a, b, gate_act,
-                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu):
+                       need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
         with _device_of(dy):
             return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
                                   need_dbg, need_dbu)
@@ -167,14 +167,14 @@ def register_ops():
     register_linear_act_autograd(
         "fastnn::triton_linear_act_fwd",
         lambda x, w, b, act, extra, save: torch.ops.fastnn.triton_linear_act_fwd(x, w, b, act, save),
-        lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb: torch.ops.fastnn.triton_linear_act_bwd(
+        lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb, reuse: torch.ops.fastnn.triton_linear_act_bwd(
             dy, x, w, b, saved, act, ndx, ndw, ndb),
     )
     register_linear_glu_autograd(
         "fastnn::triton_linear_glu_fwd",
         lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.triton_linear_glu_fwd(x, wg, wu, bg, bu, act,
                                                                                             save),
-        lambda dy, x, wg, wu, bg, bu, a, b, act, extra, needs: torch.ops.fastnn.triton_linear_glu_bwd(
+        lambda dy, x, wg, wu, bg, bu, a, b, act, extra, needs, reuse: torch.ops.fastnn.triton_linear_glu_bwd(
             dy, x, wg, wu, bg, bu, a, b, act, *needs),
     )
 
