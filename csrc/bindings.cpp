@@ -67,6 +67,20 @@ PYBIND11_MODULE(_C, m) {
           fastnn::cpu::bias_act_forward(d, a, rows, cols, cptr(acc), cptr(bias), mptr(y), mptr(mask), num_threads);
         });
 
+  m.def("cpu_act_forward_from_transposed",
+        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc_t, uintptr_t y, uintptr_t z,
+           uintptr_t mask, int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          if (rows * cols == 0) return;
+          require(acc_t, "acc_t");
+          require(y, "y");
+          const DType d = to_dtype(dtype);
+          const Act a = to_act(act);
+          py::gil_scoped_release nogil;
+          fastnn::cpu::act_forward_from_transposed(d, a, rows, cols, cptr(acc_t), mptr(y), mptr(z), mptr(mask),
+                                                   num_threads);
+        });
+
   m.def("cpu_act_backward",
         [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t saved,
            uintptr_t bias, uintptr_t dz, uintptr_t dbias, int num_threads) {

@@ -9,6 +9,8 @@
 #define FASTNN_DECLARE_ISA(NS)                                                                    \
   namespace fastnn { namespace cpu { namespace NS {                                               \
   void bias_act_forward(DType, Act, int64_t, int64_t, const void*, const void*, void*, void*, int); \
+  void act_forward_from_transposed(DType, Act, int64_t, int64_t, const void*, void*, void*, void*, \
+                                   int);                                                          \
   void act_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*, void*,    \
                     void*, int);                                                                  \
   void glu_forward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,            \
@@ -109,6 +111,11 @@ const char* compiled_isas() {
 void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
                       const void* bias, void* y, void* mask, int num_threads) {
   FASTNN_CALL(bias_act_forward, dtype, act, rows, cols, acc, bias, y, mask, num_threads)
+}
+
+void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc_t,
+                                 void* y, void* z, void* mask, int num_threads) {
+  FASTNN_CALL(act_forward_from_transposed, dtype, act, rows, cols, acc_t, y, z, mask, num_threads)
 }
 
 void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,

@@ -23,6 +23,11 @@ inline int64_t mask_row_bytes(int64_t cols) { return (cols + 7) / 8; }
 void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
                       const void* bias, void* y, void* mask, int num_threads);
 
+// The same from a product the GEMM wrote transposed: acc_t is Z^T, [cols, rows], the bias
+// already in it. Writes y = act(Z) and, when not null, Z row-major (z) and its sign mask (mask).
+void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc_t,
+                                 void* y, void* z, void* mask, int num_threads);
+
 // dz = dy * act'(z). `saved` is the sign mask (relu, leaky_relu), or the product acc of the
 // forward with z = acc + bias (bias may be null), or nothing (identity: dz is dy and is not
 // written; only dbias is computed). dbias, when not null, receives the column sums of the

@@ -1,0 +1,106 @@
+"""Tier 1: the cpu backend's two orientations of linear_act's forward GEMM (fastnn/backends/cpu.py):
+Z = x W^T, or Z^T = W x^T with the pass after it reading Z^T and writing y (and Z or its sign mask)
+row-major. Both run on every machine through FASTNN_CPU_PRODUCT and each must meet the numerics
+rule; awkward shapes cross the pass's 16-row x 256-column blocks and its threading threshold."""
+import pytest
+import torch
+
+import fastnn
+from fastnn.backends import BACKENDS
+from fastnn.backends import cpu as cpu_backend
+from numerics import check_against_reference, make_inputs, torch_linear_act
+
+ORIENTATIONS = ["direct", "transposed"]
+# (rows, in, out): one block; rows and columns off the block sizes; past the threading threshold
+SHAPES = [(5, 7, 9), (17, 33, 261), (100, 64, 700), (33, 20, 520)]
+
+
+@pytest.fixture
+def orientation(request, monkeypatch):
+    monkeypatch.setenv("FASTNN_CPU_PRODUCT", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "leaky_relu", "silu", "identity"])
+def test_linear_act_both_orientations(orientation, shape, dtype, activation):
+    m, k, n = shape
+    x, w, b = make_inputs((m, k), n, dtype, "cpu")
+    check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cpu"),
+                            lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b],
+                            what=f"{orientation} {activation} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_saved_tensors_match_the_direct_orientation(orientation, activation, bias):
+    """What forward keeps for backward is laid out alike either way: Z row-major (bias included) or
+    the sign mask of Z, bit for bit the same as the direct orientation's for the mask, and y and Z
+    within a float32 GEMM's reordering."""
+    act = fastnn.activations.get(activation)
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 29), torch.randn(300, 29)
+    b = torch.randn(300) if bias else None
+    y, kept = BACKENDS["cpu"].linear_act_fwd(x, w, b, act, True)
+    z = torch.addmm(b, x, w.t()) if bias else x @ w.t()
+    torch.testing.assert_close(y, act.fn(z), rtol=1e-6, atol=1e-6)
+    if act.saves == "preact":
+        torch.testing.assert_close(kept, z, rtol=1e-6, atol=1e-6)
+    elif act.saves == "mask":
+        flags = (z > 0).to(torch.uint8)
+        flags = torch.nn.functional.pad(flags, (0, (-flags.shape[1]) % 8)).view(37, -1, 8)
+        expect = (flags << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+        assert kept.dtype == torch.uint8 and torch.equal(kept, expect)
+    else:
+        assert kept.numel() == 0
+
+
+@pytest.mark.parametrize("orientation", ["transposed"], indirect=True)
+def test_transposed_pass_is_the_transpose(orientation):
+    """identity without bias: y is the GEMM's Z^T transposed, bit for bit."""
+    x, w = torch.randn(45, 31), torch.randn(270, 31)
+    y = fastnn.linear_act(x, w, None, "identity", backend="cpu")
+    assert torch.equal(y, torch.mm(w, x.t()).t())
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+@pytest.mark.parametrize("level", ["none", "activation"])
+def test_mlp_both_orientations(orientation, activation, level):
+    gated = activation in fastnn.GATED
+    torch.manual_seed(0)
+    m, k, hidden = 19, 24, 70
+    x = torch.randn(m, k, dtype=torch.float64).float().requires_grad_()
+    w1, b1 = (torch.randn(hidden, k) / 5).requires_grad_(), torch.randn(hidden).requires_grad_()
+    wu = (torch.randn(hidden, k) / 5).requires_grad_() if gated else None
+    bu = torch.randn(hidden).requires_grad_() if gated else None
+    w2, b2 = (torch.randn(k, hidden) / 8).requires_grad_(), torch.randn(k).requires_grad_()
+    params = [p for p in (x, w1, b1, wu, bu, w2, b2) if p is not None]
+
+    def ref(*ps):
+        x_, w1_, b1_, *rest = ps
+        if gated:
+            wu_, bu_, w2_, b2_ = rest
+            h = fastnn.activations.get_gated(activation).fn(x_ @ w1_.t() + b1_) * (x_ @ wu_.t() + bu_)
+        else:
+            w2_, b2_ = rest
+            h = fastnn.activations.get(activation).fn(x_ @ w1_.t() + b1_)
+        return h @ w2_.t() + b2_
+
+    check_against_reference(
+        lambda *ps: fastnn.mlp(ps[0], ps[1], ps[2], ps[-2], ps[-1], activation, up_weight=ps[3] if gated else None,
+                               up_bias=ps[4] if gated else None, recompute=level, backend="cpu"),
+        ref, params, what=f"{orientation} mlp {activation} {level}")
+
+
+def test_orientation_choice(monkeypatch):
+    monkeypatch.delenv("FASTNN_CPU_PRODUCT", raising=False)
+    limit = cpu_backend.TRANSPOSED_PRODUCT_MAX_ROWS
+    assert cpu_backend.product_transposed(limit, torch.float32)
+    assert not cpu_backend.product_transposed(limit + 1, torch.float32)
+    assert not cpu_backend.product_transposed(16, torch.bfloat16)  # measured for float32 GEMMs only
+    monkeypatch.setenv("FASTNN_CPU_PRODUCT", "transposed")
+    assert cpu_backend.product_transposed(10**6, torch.float16)
