@@ -29,7 +29,8 @@ def render(path: Path) -> str:
         key = (c["m"], c["k"], c["n"], c["dtype"], c["activation"], c["mode"])
         if key not in cases:
             cases.append(key)
-    out.append("| M×K×N | dtype | act | mode | config | ms | TFLOP/s | vs eager | / GEMM | saved MB | KiB/token | status |")
+    out.append("| M×K×N | dtype | act | mode | config | ms | TFLOP/s | vs eager (IQR) | / GEMM | saved MB | KiB/token | "
+               "status |")
     out.append("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for key in cases:
         for r in rows:
@@ -38,8 +39,12 @@ def render(path: Path) -> str:
                 continue
             status = "ok" if r["status"] == "ok" else r["status"].split(":")[0]
             per_token = None if r["saved_mb"] is None else r["saved_mb"] * 1024 / max(c["m"], 1)
+            speedup = _f(r['speedup_vs_eager'], '.2f', 'x')
+            quartiles = r.get("speedup_quartiles") or []  # records from before paired ratios have none
+            if len(quartiles) == 2 and r["config"] != "eager":
+                speedup += f" ({quartiles[0]:.2f}-{quartiles[1]:.2f})"
             out.append(f"| {c['m']}×{c['k']}×{c['n']} | {c['dtype']} | {c['activation']} | {c['mode']} | {r['config']} | "
-                       f"{_f(r['ms'], '.2f')} | {_f(r['tflops'], '.3f')} | {_f(r['speedup_vs_eager'], '.2f', 'x')} | "
+                       f"{_f(r['ms'], '.2f')} | {_f(r['tflops'], '.3f')} | {speedup} | "
                        f"{_f(r['ratio_to_gemm'], '.2f', 'x')} | {_f(r['saved_mb'], '.1f')} | {_f(per_token, '.2f')} | {status} |")
     return "\n".join(out)
 
