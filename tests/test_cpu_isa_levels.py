@@ -1,6 +1,7 @@
 """Every instruction-set build of the CPU kernels that this CPU can run gives correct results:
-each is forced in a subprocess with FASTNN_CPU_ISA and runs the activation checks and a slice of
-the linear_act / linear_glu matrix (the default run covers only the widest level)."""
+each is forced in a subprocess with FASTNN_CPU_ISA and runs the activation checks, a slice of
+the linear_act / linear_glu matrix and both forward GEMM orientations (the default run covers only
+the widest level)."""
 import os
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_isa_level(isa):
     assert probe.stdout.strip() == isa, probe.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_activations.py"),
-         str(HERE / "test_linear_act.py"), str(HERE / "test_linear_glu.py"), "-k",
-         "functor or mask or (matrix and (gelu or relu or swiglu)) or non_contiguous or gradcheck"],
+         str(HERE / "test_linear_act.py"), str(HERE / "test_linear_glu.py"), str(HERE / "test_cpu_product_orientation.py"),
+         "-k", "functor or mask or (matrix and (gelu or relu or swiglu)) or non_contiguous or gradcheck or "
+         "linear_act_both_orientations or transpose"],
         env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -217,10 +217,7 @@ void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, T
     alignas(64) uint8_t flags[kTCols];
     const int64_t r0 = task / col_blocks * kTRows, c0 = task % col_blocks * kTCols;
     const int64_t nr = std::min(kTRows, rows - r0), n = std::min(kTCols, cols - c0);
-    for (int64_t c = 0; c < n; ++c) {
-      const T* src = acc_t + (c0 + c) * rows + r0;
-      for (int64_t i = 0; i < nr; ++i) v[i * kTCols + c] = load(src[i]);
-    }
+    gather_transposed(acc_t + c0 * rows + r0, rows, nr, n, v, kTCols);
     for (int64_t i = 0; i < nr; ++i) {
       C* row = v + i * kTCols;
       const int64_t o = (r0 + i) * cols + c0;
