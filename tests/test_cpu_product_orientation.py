@@ -101,6 +101,7 @@ def test_orientation_choice(monkeypatch):
     limit = cpu_backend.TRANSPOSED_PRODUCT_MAX_ROWS
     assert cpu_backend.product_transposed(limit, torch.float32)
     assert not cpu_backend.product_transposed(limit + 1, torch.float32)
-    assert not cpu_backend.product_transposed(16, torch.bfloat16)  # measured for float32 GEMMs only
+    for dtype in (torch.bfloat16, torch.float16):  # measured for float32 GEMMs only
+        assert cpu_backend.product_transposed(16, dtype) == cpu_backend.gemm_in_float32(dtype)
     monkeypatch.setenv("FASTNN_CPU_PRODUCT", "transposed")
     assert cpu_backend.product_transposed(10**6, torch.float16)

@@ -24,7 +24,7 @@ numerics rule), and since a float32 GEMM adds the bias for free, it folds the bi
 FASTNN_CPU_GEMM16=native|float32 overrides the choice (tests run both).
 
 Two things this backend does for speed that eager PyTorch does not:
-- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32), linear_act's forward GEMM computes Z^T = W x^T,
+- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs), linear_act's forward GEMM computes Z^T = W x^T,
   which MKL runs faster at few rows, and the pass after it reads Z^T and writes y row-major;
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
@@ -79,12 +79,13 @@ TRANSPOSED_PRODUCT_MAX_ROWS = 512
 
 
 def product_transposed(rows, dtype) -> bool:
-    """Whether linear_act's forward multiplies in the transposed orientation (see above).
+    """Whether linear_act's forward multiplies in the transposed orientation (see above): for
+    float32 GEMMs, which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop.
     FASTNN_CPU_PRODUCT=direct|transposed overrides the choice (tests run both)."""
     choice = os.environ.get("FASTNN_CPU_PRODUCT", "")
     if choice in ("direct", "transposed"):
         return choice == "transposed"
-    return dtype == torch.float32 and rows <= TRANSPOSED_PRODUCT_MAX_ROWS
+    return (dtype == torch.float32 or gemm_in_float32(dtype)) and rows <= TRANSPOSED_PRODUCT_MAX_ROWS
 
 
 def torch_gemm_is_slow(dtype) -> bool:
