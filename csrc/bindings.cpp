@@ -116,6 +116,21 @@ PYBIND11_MODULE(_C, m) {
                                    cptr(bias_up), mptr(y), num_threads);
         });
 
+  m.def("cpu_glu_forward_from_transposed",
+        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t gate_t, uintptr_t up_t, uintptr_t y,
+           uintptr_t z_gate, uintptr_t z_up, int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          if (rows * cols == 0) return;
+          require(gate_t, "gate_t");
+          require(up_t, "up_t");
+          require(y, "y");
+          const DType d = to_dtype(dtype);
+          const Act a = to_act(gate_act);
+          py::gil_scoped_release nogil;
+          fastnn::cpu::glu_forward_from_transposed(d, a, rows, cols, cptr(gate_t), cptr(up_t), mptr(y), mptr(z_gate),
+                                                   mptr(z_up), num_threads);
+        });
+
   m.def("cpu_glu_backward",
         [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t dy, uintptr_t acc_gate,
            uintptr_t acc_up, uintptr_t bias_gate, uintptr_t bias_up, uintptr_t dz_gate, uintptr_t dz_up,

@@ -31,6 +31,6 @@ def test_isa_level(isa):
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_activations.py"),
          str(HERE / "test_linear_act.py"), str(HERE / "test_linear_glu.py"), str(HERE / "test_cpu_product_orientation.py"),
          "-k", "functor or mask or (matrix and (gelu or relu or swiglu)) or non_contiguous or gradcheck or "
-         "linear_act_both_orientations or transpose"],
+         "both_orientations or transpose"],
         env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -8,7 +8,7 @@ import torch
 import fastnn
 from fastnn.backends import BACKENDS
 from fastnn.backends import cpu as cpu_backend
-from numerics import check_against_reference, make_inputs, torch_linear_act
+from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
 
 ORIENTATIONS = ["direct", "transposed"]
 # (rows, in, out): one block; rows and columns off the block sizes; past the threading threshold
@@ -105,3 +105,26 @@ def test_orientation_choice(monkeypatch):
         assert cpu_backend.product_transposed(16, dtype) == cpu_backend.gemm_in_float32(dtype)
     monkeypatch.setenv("FASTNN_CPU_PRODUCT", "transposed")
     assert cpu_backend.product_transposed(10**6, torch.float16)
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "reglu"])
+def test_linear_glu_both_orientations(orientation, shape, dtype, activation):
+    m, k, n = shape
+    x, wg, wu, bg, bu = make_inputs((m, k), n, dtype, "cpu", glu=True)
+    check_against_reference(
+        lambda x, wg, wu, bg, bu: fastnn.linear_glu(x, wg, wu, bg, bu, activation, backend="cpu"),
+        lambda x, wg, wu, bg, bu: torch_linear_glu(x, wg, wu, bg, bu, activation), [x, wg, wu, bg, bu],
+        what=f"{orientation} {activation} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("orientation", ["transposed"], indirect=True)
+def test_glu_saved_products_are_row_major(orientation):
+    torch.manual_seed(0)
+    x, wg, wu, bg, bu = torch.randn(21, 13), torch.randn(270, 13), torch.randn(270, 13), torch.randn(270), None
+    y, z_gate, z_up = BACKENDS["cpu"].linear_glu_fwd(x, wg, wu, bg, bu, fastnn.activations.get_gated("swiglu"), True)
+    torch.testing.assert_close(z_gate, torch.addmm(bg, x, wg.t()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z_up, x @ wu.t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, torch.nn.functional.silu(z_gate) * z_up, rtol=1e-6, atol=1e-6)

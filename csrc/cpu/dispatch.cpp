@@ -15,6 +15,8 @@
                     void*, int);                                                                  \
   void glu_forward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,            \
                    const void*, void*, int);                                                      \
+  void glu_forward_from_transposed(DType, Act, int64_t, int64_t, const void*, const void*, void*,  \
+                                   void*, void*, int);                                            \
   void glu_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,           \
                     const void*, const void*, void*, void*, void*, void*, int);                   \
   void eval_activation(DType, Act, int64_t, const void*, void*, void*);                          \
@@ -127,6 +129,12 @@ void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const vo
                  const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
                  int num_threads) {
   FASTNN_CALL(glu_forward, dtype, gate_act, rows, cols, acc_gate, acc_up, bias_gate, bias_up, y,
+              num_threads)
+}
+
+void glu_forward_from_transposed(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* gate_t,
+                                 const void* up_t, void* y, void* z_gate, void* z_up, int num_threads) {
+  FASTNN_CALL(glu_forward_from_transposed, dtype, gate_act, rows, cols, gate_t, up_t, y, z_gate, z_up,
               num_threads)
 }
 

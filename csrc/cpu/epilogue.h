@@ -41,6 +41,11 @@ void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const vo
                  const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
                  int num_threads);
 
+// The same from products the GEMMs wrote transposed ([cols, rows], biases included): y, and
+// z_gate and z_up row-major when not null.
+void glu_forward_from_transposed(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* gate_t,
+                                 const void* up_t, void* y, void* z_gate, void* z_up, int num_threads);
+
 // With z_gate = acc_gate + bias_gate and z_up = acc_up + bias_up: dz_up = dy * act(z_gate),
 // dz_gate = dy * z_up * act'(z_gate); bias gradients as above.
 void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,

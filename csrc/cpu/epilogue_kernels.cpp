@@ -236,6 +236,37 @@ void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, T
   }
 }
 
+// The gated unit's forward from its two products computed transposed (as above): y, and z_gate and
+// z_up row-major when backward needs them.
+template <typename T, Act A>
+void glu_forward_from_transposed_t(int64_t rows, int64_t cols, const T* gate_t, const T* up_t, T* y, T* z_gate,
+                                   T* z_up, int num_threads) {
+  using F = Activation<A>;
+  using C = CT<T>;
+  const int64_t row_blocks = (rows + kTRows - 1) / kTRows, col_blocks = (cols + kTCols - 1) / kTCols;
+  const bool parallel = num_threads > 1 && rows * cols >= kMinParallelElems && row_blocks * col_blocks > 1;
+  (void)parallel;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t task = 0; task < row_blocks * col_blocks; ++task) {
+    alignas(64) C g[kTRows * kTCols];
+    alignas(64) C u[kTRows * kTCols];
+    const int64_t r0 = task / col_blocks * kTRows, c0 = task % col_blocks * kTCols;
+    const int64_t nr = std::min(kTRows, rows - r0), n = std::min(kTCols, cols - c0);
+    gather_transposed(gate_t + c0 * rows + r0, rows, nr, n, g, kTCols);
+    gather_transposed(up_t + c0 * rows + r0, rows, nr, n, u, kTCols);
+    for (int64_t i = 0; i < nr; ++i) {
+      C* gr = g + i * kTCols;
+      const C* ur = u + i * kTCols;
+      const int64_t o = (r0 + i) * cols + c0;
+      if (z_gate) from_compute(gr, z_gate + o, n);
+      if (z_up) from_compute(ur, z_up + o, n);
+      FASTNN_SIMD
+      for (int64_t k = 0; k < n; ++k) gr[k] = F::f(gr[k]) * ur[k];
+      from_compute(gr, y + o, n);
+    }
+  }
+}
+
 template <typename T, Act A>
 void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, const T* bias,
                     T* dz, CT<T>* dbias, int num_threads) {
@@ -403,6 +434,18 @@ void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t col
       act_forward_from_transposed_t<T, decltype(at)::value>(rows, cols, static_cast<const T*>(acc_t),
                                                             static_cast<T*>(y), static_cast<T*>(z),
                                                             static_cast<uint8_t*>(mask), num_threads);
+    });
+  });
+}
+
+void glu_forward_from_transposed(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* gate_t,
+                                 const void* up_t, void* y, void* z_gate, void* z_up, int num_threads) {
+  dispatch_dtype(dtype, [&](auto tv) {
+    using T = decltype(tv);
+    dispatch_act_or_throw(gate_act, [&](auto at) {
+      glu_forward_from_transposed_t<T, decltype(at)::value>(
+          rows, cols, static_cast<const T*>(gate_t), static_cast<const T*>(up_t), static_cast<T*>(y),
+          static_cast<T*>(z_gate), static_cast<T*>(z_up), num_threads);
     });
   });
 }

@@ -24,8 +24,8 @@ numerics rule), and since a float32 GEMM adds the bias for free, it folds the bi
 FASTNN_CPU_GEMM16=native|float32 overrides the choice (tests run both).
 
 Two things this backend does for speed that eager PyTorch does not:
-- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs), linear_act's forward GEMM computes Z^T = W x^T,
-  which MKL runs faster at few rows, and the pass after it reads Z^T and writes y row-major;
+- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs), the forward GEMMs compute Z^T = W x^T,
+  which MKL runs faster at few rows, and the pass after them reads Z^T and writes y row-major;
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
   4 KiB once it is too large for malloc to recycle.
@@ -70,11 +70,11 @@ def gemm_in_float32(dtype) -> bool:
     return not _onednn_has(dtype)
 
 
-# Below this many rows linear_act's forward GEMM computes Z^T = W x^T (+ b): MKL's float32 GEMM on
-# the AVX2 AMD EPYC this was measured on (2 threads) runs it 1.1-1.3x faster at 256 rows, 1.2-1.8x
-# at 64 and 1.5-2.1x at 16 than Z = x W^T (the orientation F.linear asks for), for
-# (in, out) = (768, 3072), (3072, 768), (1024, 4096), (256, 1024), (4096, 11008); 1.03-1.16x at
-# 512 and 0.97-1.06x from 1024 rows on. The pass after the GEMM reads Z^T and writes y row-major.
+# Below this many rows the forward GEMMs (linear_act's, linear_glu's two) compute Z^T = W x^T (+ b):
+# MKL's float32 GEMM on the AVX2 AMD EPYC this was measured on (2 threads) runs it 1.1-1.3x faster
+# at 256 rows, 1.2-1.8x at 64 and 1.5-2.1x at 16 than Z = x W^T (the orientation F.linear asks for),
+# for (in, out) = (768, 3072), (3072, 768), (1024, 4096), (256, 1024), (4096, 11008); 1.03-1.16x
+# at 512 and 0.97-1.06x from 1024 rows on. The pass after the GEMM reads Z^T and writes y row-major.
 TRANSPOSED_PRODUCT_MAX_ROWS = 512
 
 
@@ -257,6 +257,20 @@ class CpuBackend(Backend):
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
         C = _native.cpu_module()
         rows, cols = x.shape[0], gate_weight.shape[0]
+        fold_gate, fold_up = _fold_bias(x.dtype, gate_act if save else None), _fold_bias(x.dtype, None)
+        if ((fold_gate or gate_bias is None) and (fold_up or up_bias is None)
+                and product_transposed(rows, x.dtype)):
+            # as linear_act_fwd: both products transposed, the biases folded in as columns
+            p_gate, p_up = (_mm([(w, x.t())], None if b is None else b.unsqueeze(1))
+                            for w, b in ((gate_weight, gate_bias), (up_weight, up_bias)))
+            y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+            z_gate, z_up = (torch.empty_like(y), torch.empty_like(y)) if save else (None, None)
+            C.cpu_glu_forward_from_transposed(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols,
+                                              p_gate.data_ptr(), p_up.data_ptr(), y.data_ptr(), _ptr(z_gate),
+                                              _ptr(z_up), _native.num_threads())
+            if not save:
+                return y, empty_like_nothing(x), empty_like_nothing(x)
+            return y, z_gate, z_up
         p_gate, gate_bias = _gemm(x, gate_weight, gate_bias, _fold_bias(x.dtype, gate_act if save else None))
         p_up, up_bias = _gemm(x, up_weight, up_bias, _fold_bias(x.dtype, None))
         # without saving, y overwrites the gate product in place
