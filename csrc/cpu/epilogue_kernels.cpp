@@ -202,21 +202,28 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
 constexpr int64_t kTRows = 16;
 constexpr int64_t kTCols = 256;  // a multiple of 8: mask bytes never straddle blocks
 
+// Calls fn(r0, nr, c0, n) for the kTRows x kTCols blocks of a [rows, cols] output, one task each.
+template <typename Fn>
+void parallel_transposed_blocks(int64_t rows, int64_t cols, int num_threads, Fn&& fn) {
+  const int64_t row_blocks = (rows + kTRows - 1) / kTRows, col_blocks = (cols + kTCols - 1) / kTCols;
+  const bool parallel = num_threads > 1 && rows * cols >= kMinParallelElems && row_blocks * col_blocks > 1;
+  (void)parallel;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t task = 0; task < row_blocks * col_blocks; ++task) {
+    const int64_t r0 = task / col_blocks * kTRows, c0 = task % col_blocks * kTCols;
+    fn(r0, std::min(kTRows, rows - r0), c0, std::min(kTCols, cols - c0));
+  }
+}
+
 template <typename T, Act A>
 void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, T* y, T* z, uint8_t* mask,
                                    int num_threads) {
   using F = Activation<A>;
   using C = CT<T>;
   const int64_t mbytes = mask_row_bytes(cols);
-  const int64_t row_blocks = (rows + kTRows - 1) / kTRows, col_blocks = (cols + kTCols - 1) / kTCols;
-  const bool parallel = num_threads > 1 && rows * cols >= kMinParallelElems && row_blocks * col_blocks > 1;
-  (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
-  for (int64_t task = 0; task < row_blocks * col_blocks; ++task) {
+  parallel_transposed_blocks(rows, cols, num_threads, [&](int64_t r0, int64_t nr, int64_t c0, int64_t n) {
     alignas(64) C v[kTRows * kTCols];
     alignas(64) uint8_t flags[kTCols];
-    const int64_t r0 = task / col_blocks * kTRows, c0 = task % col_blocks * kTCols;
-    const int64_t nr = std::min(kTRows, rows - r0), n = std::min(kTCols, cols - c0);
     gather_transposed(acc_t + c0 * rows + r0, rows, nr, n, v, kTCols);
     for (int64_t i = 0; i < nr; ++i) {
       C* row = v + i * kTCols;
@@ -233,7 +240,7 @@ void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, T
       for (int64_t k = 0; k < n; ++k) row[k] = F::f(row[k]);
       from_compute(row, y + o, n);
     }
-  }
+  });
 }
 
 // The gated unit's forward from its two products computed transposed (as above): y, and z_gate and
@@ -243,15 +250,9 @@ void glu_forward_from_transposed_t(int64_t rows, int64_t cols, const T* gate_t, 
                                    T* z_up, int num_threads) {
   using F = Activation<A>;
   using C = CT<T>;
-  const int64_t row_blocks = (rows + kTRows - 1) / kTRows, col_blocks = (cols + kTCols - 1) / kTCols;
-  const bool parallel = num_threads > 1 && rows * cols >= kMinParallelElems && row_blocks * col_blocks > 1;
-  (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
-  for (int64_t task = 0; task < row_blocks * col_blocks; ++task) {
+  parallel_transposed_blocks(rows, cols, num_threads, [&](int64_t r0, int64_t nr, int64_t c0, int64_t n) {
     alignas(64) C g[kTRows * kTCols];
     alignas(64) C u[kTRows * kTCols];
-    const int64_t r0 = task / col_blocks * kTRows, c0 = task % col_blocks * kTCols;
-    const int64_t nr = std::min(kTRows, rows - r0), n = std::min(kTCols, cols - c0);
     gather_transposed(gate_t + c0 * rows + r0, rows, nr, n, g, kTCols);
     gather_transposed(up_t + c0 * rows + r0, rows, nr, n, u, kTCols);
     for (int64_t i = 0; i < nr; ++i) {
@@ -264,7 +265,7 @@ void glu_forward_from_transposed_t(int64_t rows, int64_t cols, const T* gate_t, 
       for (int64_t k = 0; k < n; ++k) gr[k] = F::f(gr[k]) * ur[k];
       from_compute(gr, y + o, n);
     }
-  }
+  });
 }
 
 template <typename T, Act A>
