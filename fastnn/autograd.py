@@ -32,6 +32,12 @@ def graph_freed_after_backward() -> bool:
     return kept is not None and not kept()
 
 
+def saved_may_be_overwritten(ctx) -> bool:
+    """Whether this backward may write over what ctx saved: kept private by its forward (which set
+    ctx.private_saved) and freed by autograd once this backward returns."""
+    return ctx.private_saved and graph_freed_after_backward()
+
+
 def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
     """(setup_context, backward) for a linear_act forward whose inputs are
     (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved), or with
@@ -70,13 +76,10 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
             return (None, None, None) + tail
         if functorch_active() or batched(dy):
             return _composite_act_backward(dy, x, weight, bias, ctx.activation, need_dx, need_dw, need_db) + tail
-        reuse = ()
         if ctx.recompute:
             with torch.no_grad():
                 _, saved = fwd_call(x, weight, bias, ctx.activation, ctx.extra, True)
-            reuse = (saved,)
-        elif ctx.private_saved and graph_freed_after_backward():
-            reuse = (saved,)
+        reuse = (saved,) if ctx.recompute or saved_may_be_overwritten(ctx) else ()
         # empty stand-ins (the ops' "nothing") for the inputs that were not kept: backends read x
         # only for dW and weight only for dX. Not backends.base's helper: importing the backends
         # package registers the Triton ops, which import this module.
@@ -173,14 +176,11 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
         if functorch_active() or batched(dy):
             return _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            needs) + none_tail
-        reuse = ()
         if ctx.recompute:
             with torch.no_grad():
                 _, z_gate, z_up = fwd_call(x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            ctx.extra, True)
-            reuse = (z_gate, z_up)
-        elif ctx.private_saved and graph_freed_after_backward():
-            reuse = (z_gate, z_up)
+        reuse = (z_gate, z_up) if ctx.recompute or saved_may_be_overwritten(ctx) else ()
         grads = bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, ctx.activation,
                          ctx.extra, needs, reuse)
         return tuple(g if need else None for g, need in zip(grads, needs)) + none_tail

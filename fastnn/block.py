@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import activations
-from .autograd import (act_composite, act_dz, glu_composite, glu_dz, graph_freed_after_backward,
+from .autograd import (act_composite, act_dz, glu_composite, glu_dz, saved_may_be_overwritten,
                        saved_tensor_hooks_active)
 from .backends import BACKENDS
 from .backends.base import empty_like_nothing
@@ -85,7 +85,7 @@ class MlpFunction(torch.autograd.Function):
         dy = dy.contiguous()
         # what backward may write its gradients into: the saved h and z1 once autograd frees them,
         # h rebuilt here, fc2's dgrad dH once fc1's backward has read it
-        freed = ctx.private_saved and graph_freed_after_backward()
+        freed = saved_may_be_overwritten(ctx)
         if h is None:  # the "activation" level
             if ctx.native_rebuild:
                 h = be.glu_hidden(*saved, b1, bu, act) if gated else be.act_hidden(saved[0], b1, act)

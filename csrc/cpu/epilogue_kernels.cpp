@@ -115,6 +115,17 @@ inline void pack_flags(const uint8_t* flags, int64_t n_flags, uint8_t* out) {
   }
 }
 
+// The sign mask of n values (z > 0), packed into out; flags is scratch for at least n rounded up
+// to 8 bytes.
+template <typename C>
+inline void store_sign_mask(const C* z, int64_t n, uint8_t* flags, uint8_t* out) {
+  FASTNN_SIMD
+  for (int64_t i = 0; i < n; ++i) flags[i] = z[i] > C(0);
+  const int64_t padded = (n + 7) & ~int64_t(7);
+  for (int64_t i = n; i < padded; ++i) flags[i] = 0;
+  pack_flags(flags, padded, out);
+}
+
 // The inverse: flags[8j + k] = bit k of bits[j], for n_flags (a multiple of 8) flags. Bytes are
 // spread to words and tested eight at a time, so the loops that read flags vectorise.
 inline void unpack_flags(const uint8_t* bits, int64_t n_flags, uint8_t* flags) {
@@ -179,13 +190,7 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) v[i] += bc[i];
       }
-      if (mask) {
-        FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) flags[i] = v[i] > C(0);
-        const int64_t padded = (n + 7) & ~int64_t(7);
-        for (int64_t i = n; i < padded; ++i) flags[i] = 0;
-        pack_flags(flags, padded, mask + r * mbytes + s / 8);
-      }
+      if (mask) store_sign_mask(v, n, flags, mask + r * mbytes + s / 8);
       FASTNN_SIMD
       for (int64_t i = 0; i < n; ++i) v[i] = F::f(v[i]);
       store_chunk(stream, v, y + o, n);
@@ -229,13 +234,7 @@ void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, T
       C* row = v + i * kTCols;
       const int64_t o = (r0 + i) * cols + c0;
       if (z) from_compute(row, z + o, n);
-      if (mask) {
-        FASTNN_SIMD
-        for (int64_t k = 0; k < n; ++k) flags[k] = row[k] > C(0);
-        const int64_t padded = (n + 7) & ~int64_t(7);
-        for (int64_t k = n; k < padded; ++k) flags[k] = 0;
-        pack_flags(flags, padded, mask + (r0 + i) * mbytes + c0 / 8);
-      }
+      if (mask) store_sign_mask(row, n, flags, mask + (r0 + i) * mbytes + c0 / 8);
       FASTNN_SIMD
       for (int64_t k = 0; k < n; ++k) row[k] = F::f(row[k]);
       from_compute(row, y + o, n);

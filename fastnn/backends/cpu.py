@@ -79,7 +79,7 @@ TRANSPOSED_PRODUCT_MAX_ROWS = 512
 
 
 def product_transposed(rows, dtype) -> bool:
-    """Whether linear_act's forward multiplies in the transposed orientation (see above): for
+    """Whether the forward GEMMs multiply in the transposed orientation (see above): for
     float32 GEMMs, which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop.
     FASTNN_CPU_PRODUCT=direct|transposed overrides the choice (tests run both)."""
     choice = os.environ.get("FASTNN_CPU_PRODUCT", "")
@@ -156,6 +156,11 @@ def _gemm(x, weight, bias, fold_bias):
     return _mm([(x, weight.t())]), (None if bias is None else bias.contiguous())
 
 
+def _gemm_transposed(x, weight, bias):
+    """Z^T = W x^T, the bias folded in as a column (see TRANSPOSED_PRODUCT_MAX_ROWS)."""
+    return _mm([(weight, x.t())], None if bias is None else bias.unsqueeze(1))
+
+
 def _saved_buffer(saves, rows, cols, x):
     """What linear_act's forward keeps for backward, to be filled: Z, its sign mask, or nothing."""
     if saves == "preact":
@@ -188,8 +193,8 @@ class CpuBackend(Backend):
         saves = act.saves if save else "nothing"
         fold = _fold_bias(x.dtype, act if save else None)
         if (fold or bias is None) and product_transposed(rows, x.dtype):
-            # Z^T with the bias folded in (a column), then one pass: y, and Z or its mask, row-major
-            product_t = _mm([(weight, x.t())], None if bias is None else bias.unsqueeze(1))
+            # Z^T, then one pass: y, and Z or its mask, row-major
+            product_t = _gemm_transposed(x, weight, bias)
             y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
             kept = _saved_buffer(saves, rows, cols, x)
             C.cpu_act_forward_from_transposed(code, act.code, rows, cols, product_t.data_ptr(), y.data_ptr(),
@@ -260,9 +265,8 @@ class CpuBackend(Backend):
         fold_gate, fold_up = _fold_bias(x.dtype, gate_act if save else None), _fold_bias(x.dtype, None)
         if ((fold_gate or gate_bias is None) and (fold_up or up_bias is None)
                 and product_transposed(rows, x.dtype)):
-            # as linear_act_fwd: both products transposed, the biases folded in as columns
-            p_gate, p_up = (_mm([(w, x.t())], None if b is None else b.unsqueeze(1))
-                            for w, b in ((gate_weight, gate_bias), (up_weight, up_bias)))
+            # as linear_act_fwd: both products transposed
+            p_gate, p_up = _gemm_transposed(x, gate_weight, gate_bias), _gemm_transposed(x, up_weight, up_bias)
             y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
             z_gate, z_up = (torch.empty_like(y), torch.empty_like(y)) if save else (None, None)
             C.cpu_glu_forward_from_transposed(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols,
@@ -271,8 +275,8 @@ class CpuBackend(Backend):
             if not save:
                 return y, empty_like_nothing(x), empty_like_nothing(x)
             return y, z_gate, z_up
-        p_gate, gate_bias = _gemm(x, gate_weight, gate_bias, _fold_bias(x.dtype, gate_act if save else None))
-        p_up, up_bias = _gemm(x, up_weight, up_bias, _fold_bias(x.dtype, None))
+        p_gate, gate_bias = _gemm(x, gate_weight, gate_bias, fold_gate)
+        p_up, up_bias = _gemm(x, up_weight, up_bias, fold_up)
         # without saving, y overwrites the gate product in place
         y = torch.empty_like(p_gate) if save else p_gate
         C.cpu_glu_forward(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols, p_gate.data_ptr(),
