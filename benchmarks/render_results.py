@@ -21,7 +21,9 @@ def _f(v, spec, suffix=""):
 def render(path: Path) -> str:
     data = json.loads(path.read_text())
     env, rows = data["environment"], data["rows"]
-    out = [f"**{env['device']}** — torch {env['torch']}, fastnn {env['fastnn']} ({env['git_commit']}), "
+    isa = (env.get("fastnn_cpu_build") or {}).get("cpu_isa_active") if env.get("device_type") == "cpu" else None
+    device = f"{env['device']}, {isa} kernels" if isa else env["device"]
+    out = [f"**{device}** — torch {env['torch']}, fastnn {env['fastnn']} ({env['git_commit']}), "
            f"{env['date']} — record `{path.relative_to(ROOT)}`", ""]
     cases = []
     for r in rows:
