@@ -89,6 +89,12 @@ inline void from_compute(const float* s, f16_t* d, int64_t n) {
   for (int64_t j = i; j < n; ++j) u[j] = float_to_f16(s[j]);
 }
 
+// Whether a loop can widen T to the compute type as it reads (a copy, or bfloat16's shift) instead
+// of converting each chunk in a loop of its own first: one pass less over the L1 buffer. Not
+// float16, whose conversion instructions (F16C, AVX-512) work in to_compute's own loop.
+template <typename T>
+constexpr bool widens_inline = !std::is_same<T, f16_t>::value;
+
 // dst[i * ld_dst + c] = src[c * ld_src + i] in the compute type, for i < nr and c < n: a block of a
 // transposed matrix gathered into an L1 buffer. float with AVX: 8x8 tiles transposed in registers
 // (eight loads, 24 shuffles, eight stores for 64 elements); the edges and other types one by one.

@@ -185,6 +185,22 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
         if (stream) from_compute_streaming(v, y + o, n);
         return;
       }
+      if constexpr (widens_inline<T>) {
+        if (!mask) {
+          // bfloat16: the widening joins the activation's loop (convert.h; 256x3072 gelu, 2 threads,
+          // AVX-512 AMD EPYC: 163-191 us against 233-247 with a loop of its own)
+          const T* a = acc + o;
+          if (bias) {
+            FASTNN_SIMD
+            for (int64_t i = 0; i < n; ++i) v[i] = F::f(load(a[i]) + bc[i]);
+          } else {
+            FASTNN_SIMD
+            for (int64_t i = 0; i < n; ++i) v[i] = F::f(load(a[i]));
+          }
+          store_chunk(stream, v, y + o, n);
+          return;
+        }
+      }
       to_compute(acc + o, v, n);  // the whole chunk is read before y (maybe acc) is written
       if (bias) {
         FASTNN_SIMD
@@ -302,6 +318,21 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         if (stream) from_compute_streaming(g, dz + o, n);
         return;
       }
+      if constexpr (widens_inline<T> && kind == Saved::kPreact) {
+        // bfloat16: both widenings join the act' loop, as in the forward pass (208-247 us against
+        // 278-292)
+        const T* d = dy + o;
+        const T* zr = static_cast<const T*>(saved) + o;
+        const C* bc = b.data() + s;
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] = load(d[i]) * F::df(load(zr[i]) + bc[i]);
+        if (part) {
+          FASTNN_SIMD
+          for (int64_t i = 0; i < n; ++i) part[i] += g[i];
+        }
+        store_chunk(stream, g, dz + o, n);
+        return;
+      }
       to_compute(dy + o, g, n);
       if (kind == Saved::kSignMask) {
         unpack_flags(static_cast<const uint8_t*>(saved) + r * mbytes + s / 8, (n + 7) & ~int64_t(7), flags);
@@ -339,10 +370,17 @@ void glu_forward_t(int64_t rows, int64_t cols, const T* acc_g, const T* acc_u, c
       const int64_t o = r * cols + s;
       const C* bgc = bg.data() + s;
       const C* buc = bu.data() + s;
-      to_compute(acc_g + o, g, n);
-      to_compute(acc_u + o, u, n);
-      FASTNN_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] = F::f(g[i] + bgc[i]) * (u[i] + buc[i]);
+      if constexpr (widens_inline<T>) {
+        const T* ag = acc_g + o;
+        const T* au = acc_u + o;
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] = F::f(load(ag[i]) + bgc[i]) * (load(au[i]) + buc[i]);
+      } else {
+        to_compute(acc_g + o, g, n);
+        to_compute(acc_u + o, u, n);
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) g[i] = F::f(g[i] + bgc[i]) * (u[i] + buc[i]);
+      }
       from_compute(g, y + o, n);
     });
   });
@@ -369,15 +407,28 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
       P* pu = dbias_u ? part_u.data() + rb * cols + s : nullptr;
       const C* bgc = bg.data() + s;
       const C* buc = bu.data() + s;
-      to_compute(dy + o, g, n);
-      to_compute(acc_g + o, zg, n);
-      to_compute(acc_u + o, zu, n);
-      // in place: zg becomes dz_gate, zu becomes dz_up
-      FASTNN_SIMD
-      for (int64_t i = 0; i < n; ++i) {
-        const C a = zg[i] + bgc[i], u = zu[i] + buc[i];
-        zg[i] = g[i] * u * F::df(a);
-        zu[i] = g[i] * F::f(a);
+      if constexpr (widens_inline<T>) {
+        // read straight from dY and the products; dz_gate and dz_up go to zg and zu
+        const T* d = dy + o;
+        const T* ag = acc_g + o;
+        const T* au = acc_u + o;
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const C a = load(ag[i]) + bgc[i], u = load(au[i]) + buc[i], gi = load(d[i]);
+          zg[i] = gi * u * F::df(a);
+          zu[i] = gi * F::f(a);
+        }
+      } else {
+        to_compute(dy + o, g, n);
+        to_compute(acc_g + o, zg, n);
+        to_compute(acc_u + o, zu, n);
+        // in place: zg becomes dz_gate, zu becomes dz_up
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const C a = zg[i] + bgc[i], u = zu[i] + buc[i];
+          zg[i] = g[i] * u * F::df(a);
+          zu[i] = g[i] * F::f(a);
+        }
       }
       if (pg) {
         FASTNN_SIMD
