@@ -170,34 +170,24 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       const C* bc = b.data() + s;
-      if (std::is_same<T, C>::value && !mask) {
-        // float / double: straight from acc to y (or to the buffer that is streamed out), no copy
-        // in first (each element is read before it is written, so y may be acc)
-        const C* a = reinterpret_cast<const C*>(acc + o);
-        C* out = stream ? v : reinterpret_cast<C*>(y + o);
-        if (bias) {
-          FASTNN_SIMD
-          for (int64_t i = 0; i < n; ++i) out[i] = F::f(a[i] + bc[i]);
-        } else {
-          FASTNN_SIMD
-          for (int64_t i = 0; i < n; ++i) out[i] = F::f(a[i]);
-        }
-        if (stream) from_compute_streaming(v, y + o, n);
-        return;
-      }
       if constexpr (widens_inline<T>) {
         if (!mask) {
-          // bfloat16: the widening joins the activation's loop (convert.h; 256x3072 gelu, 2 threads,
-          // AVX-512 AMD EPYC: 163-191 us against 233-247 with a loop of its own)
+          // widened as read (convert.h; bf16 256x3072 gelu, 2 threads, AVX-512 AMD EPYC: 163-191 us
+          // against 233-247 with a conversion loop of its own). float / double go straight to y
+          // unless streamed (each element is read before it is written, so y may be acc)
           const T* a = acc + o;
+          C* out = v;
+          if constexpr (std::is_same<T, C>::value) {
+            if (!stream) out = y + o;
+          }
           if (bias) {
             FASTNN_SIMD
-            for (int64_t i = 0; i < n; ++i) v[i] = F::f(load(a[i]) + bc[i]);
+            for (int64_t i = 0; i < n; ++i) out[i] = F::f(load(a[i]) + bc[i]);
           } else {
             FASTNN_SIMD
-            for (int64_t i = 0; i < n; ++i) v[i] = F::f(load(a[i]));
+            for (int64_t i = 0; i < n; ++i) out[i] = F::f(load(a[i]));
           }
-          store_chunk(stream, v, y + o, n);
+          if (out == v) store_chunk(stream, v, y + o, n);
           return;
         }
       }
@@ -302,35 +292,24 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       P* part = dbias ? partial.data() + rb * cols + s : nullptr;
-      if (kind == Saved::kPreact && std::is_same<T, C>::value) {
-        // float / double: dz straight to memory (or to the buffer that is streamed out), then its
-        // bias-gradient partial from the hot chunk
-        const C* d = reinterpret_cast<const C*>(dy + o);
-        const C* zr = reinterpret_cast<const C*>(static_cast<const T*>(saved) + o);
+      if constexpr (widens_inline<T> && kind == Saved::kPreact) {
+        // dY and the product widened as read (as the forward pass; bf16: 208-247 us against 278-292);
+        // float / double dz straight to memory unless streamed; then its bias-gradient partial
+        // from the hot chunk
+        const T* d = dy + o;
+        const T* zr = static_cast<const T*>(saved) + o;
         const C* bc = b.data() + s;
-        C* out = stream ? g : reinterpret_cast<C*>(dz + o);
+        C* out = g;
+        if constexpr (std::is_same<T, C>::value) {
+          if (!stream) out = dz + o;
+        }
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) out[i] = d[i] * F::df(zr[i] + bc[i]);
+        for (int64_t i = 0; i < n; ++i) out[i] = load(d[i]) * F::df(load(zr[i]) + bc[i]);
         if (part) {  // (its own loop: mixing the float math with double sums runs slower)
           FASTNN_SIMD
           for (int64_t i = 0; i < n; ++i) part[i] += out[i];
         }
-        if (stream) from_compute_streaming(g, dz + o, n);
-        return;
-      }
-      if constexpr (widens_inline<T> && kind == Saved::kPreact) {
-        // bfloat16: both widenings join the act' loop, as in the forward pass (208-247 us against
-        // 278-292)
-        const T* d = dy + o;
-        const T* zr = static_cast<const T*>(saved) + o;
-        const C* bc = b.data() + s;
-        FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) g[i] = load(d[i]) * F::df(load(zr[i]) + bc[i]);
-        if (part) {
-          FASTNN_SIMD
-          for (int64_t i = 0; i < n; ++i) part[i] += g[i];
-        }
-        store_chunk(stream, g, dz + o, n);
+        if (out == g) store_chunk(stream, g, dz + o, n);
         return;
       }
       to_compute(dy + o, g, n);
