@@ -108,7 +108,13 @@ def _mm(pairs, bias=None, out=None):
             result = torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
         else:
             result.addmm_(a, b)
-    return result.to(dtype)
+    # (.to is a dispatcher call even when it has nothing to do)
+    return result if result.dtype == dtype else result.to(dtype)
+
+
+def _rounded(t, dtype):
+    """t in dtype: the bias gradients' float32 / float64 sums."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _Reusable:
@@ -235,7 +241,7 @@ class CpuBackend(Backend):
                                dz.data_ptr(), _ptr(dbias), _native.num_threads())
         dx = _mm([(dz, weight)], out=reusable.find((rows, weight.shape[1]), dz)) if need_dx else None
         dw = _mm([(dz.t(), x)]) if need_dw else None
-        db = dbias.to(dy.dtype) if need_db else None
+        db = _rounded(dbias, dy.dtype) if need_db else None
         return dx, dw, db
 
     rebuilds_hidden = True
@@ -304,5 +310,5 @@ class CpuBackend(Backend):
                   out=reusable.find((rows, gate_weight.shape[1]), dy)) if need_dx else None)
         dwg = _mm([(dz_gate.t(), x)]) if need_dwg else None
         dwu = _mm([(dz_up.t(), x)]) if need_dwu else None
-        return (dx, dwg, dwu, dbg.to(dy.dtype) if need_dbg else None,
-                dbu.to(dy.dtype) if need_dbu else None)
+        return (dx, dwg, dwu, _rounded(dbg, dy.dtype) if need_dbg else None,
+                _rounded(dbu, dy.dtype) if need_dbu else None)
