@@ -4,8 +4,8 @@ Forward: one GEMM writes the product x @ W^T; one native pass adds the bias and 
 activation in float, writing y (and, for relu / leaky_relu, a 1-bit sign mask) while reading the
 product once. Backward keeps the product itself (the pre-activation minus the bias) and adds the
 bias again in float, so forward writes nothing but y. Backward: one native pass forms
-dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32),
-then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
+dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32
+with pairs of rows added in float first), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
 
 Where the bias goes. In float32 and float64 the GEMM adds it (addmm costs no more than mm there),
 so Z is the accumulator plus bias rounded once, bit for bit what F.linear computes. In bfloat16
