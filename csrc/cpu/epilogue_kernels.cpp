@@ -170,6 +170,17 @@ inline void add_partial(P* part, const C* v, const C* prev, int64_t n) {
   }
 }
 
+// The same for row r of a task's rows [r0, r1) of a row-major matrix with `cols` columns, chunk v
+// of which is already in memory: rows go in pairs, the first left to the second, which reads it
+// back (still in cache) and adds both; a last odd row is added alone.
+template <typename P, typename C>
+inline void add_partial_by_row_pairs(P* part, const C* v, int64_t cols, int64_t r, int64_t r0, int64_t r1,
+                                     int64_t n) {
+  const bool second = (r - r0) % 2 == 1;
+  if (!second && r + 1 < r1) return;  // added with the next row
+  add_partial(part, v, second ? v - cols : nullptr, n);
+}
+
 template <typename T, Act A>
 void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias, T* y,
                         uint8_t* mask, int num_threads) {
@@ -320,15 +331,15 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         }
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) out[i] = load(d[i]) * F::df(load(zr[i]) + bc[i]);
-        if (part) {
-          // float / double written straight to dz: the partial takes the sum of a pair of rows, the
-          // first read back from dz, still in cache (float32 2048x3072, 2 threads, AVX-512 AMD EPYC:
-          // gelu's pass with the bias gradient took 2.53-2.83 ms against 3.06-3.27, swiglu's
-          // 4.16-4.46 against 4.66-5.20)
-          if (out != g && (r - r0) % 2 == 0 && r + 1 < r1) return;  // added with the next row
-          add_partial(part, out, out != g && (r - r0) % 2 == 1 ? out - cols : nullptr, n);
+        if (out == g) {
+          if (part) add_partial(part, g, static_cast<const C*>(nullptr), n);
+          store_chunk(stream, g, dz + o, n);
+        } else if (part) {
+          // float / double written straight to dz: its partial by pairs of rows (float32 2048x3072,
+          // 2 threads, AVX-512 AMD EPYC: gelu's pass with the bias gradient took 2.53-2.83 ms
+          // against 3.06-3.27, swiglu's 4.16-4.46 against 4.66-5.20)
+          add_partial_by_row_pairs(part, out, cols, r, r0, r1, n);
         }
-        if (out == g) store_chunk(stream, g, dz + o, n);
         return;
       }
       to_compute(dy + o, g, n);
@@ -428,12 +439,9 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
       from_compute(zg, dz_g + o, n);
       from_compute(zu, dz_u + o, n);
       if constexpr (std::is_same<T, C>::value) {
-        // float / double: each partial takes the sum of a pair of rows, the first read back from
-        // dz, still in cache (as act_backward_t)
-        if ((r - r0) % 2 == 0 && r + 1 < r1) return;  // added with the next row
-        const bool second = (r - r0) % 2 == 1;
-        if (pg) add_partial(pg, zg, second ? dz_g + o - cols : nullptr, n);
-        if (pu) add_partial(pu, zu, second ? dz_u + o - cols : nullptr, n);
+        // float / double: the partials by pairs of rows, from dz (as act_backward_t)
+        if (pg) add_partial_by_row_pairs(pg, dz_g + o, cols, r, r0, r1, n);
+        if (pu) add_partial_by_row_pairs(pu, dz_u + o, cols, r, r0, r1, n);
       } else {
         if (pg) add_partial(pg, zg, static_cast<const C*>(nullptr), n);
         if (pu) add_partial(pu, zu, static_cast<const C*>(nullptr), n);

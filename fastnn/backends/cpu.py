@@ -94,6 +94,11 @@ def torch_gemm_is_slow(dtype) -> bool:
     return dtype in _HALF and not _onednn_has(dtype)
 
 
+def _rounded(t, dtype):
+    """t in dtype (.to is a dispatcher call even when it has nothing to do)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mm(pairs, bias=None, out=None):
     """sum of a @ b over pairs (+ bias), in the inputs' dtype, rounded once; written into `out`
     where one is given and the GEMM runs in the inputs' dtype."""
@@ -108,13 +113,7 @@ def _mm(pairs, bias=None, out=None):
             result = torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
         else:
             result.addmm_(a, b)
-    # (.to is a dispatcher call even when it has nothing to do)
-    return result if result.dtype == dtype else result.to(dtype)
-
-
-def _rounded(t, dtype):
-    """t in dtype: the bias gradients' float32 / float64 sums."""
-    return t if t.dtype == dtype else t.to(dtype)
+    return _rounded(result, dtype)
 
 
 class _Reusable:
