@@ -3,8 +3,9 @@
 They call the ops through the functions they are given and import no backend, so both can use them.
 
 Backward keeps only what it uses, recomputes what a forward run without `save` did not keep, and
-runs a PyTorch composite where fastnn's kernels cannot read the tensors (a torch.func transform, or
-a backward vmapped over its grad outputs)."""
+runs a PyTorch composite where fastnn's kernels cannot serve: a torch.func transform or a backward
+vmapped over its grad outputs (the kernels cannot read the tensors), and a backward run with
+create_graph=True (its gradients must be differentiable, and the kernels' are not)."""
 from __future__ import annotations
 
 import torch
@@ -38,6 +39,14 @@ def saved_may_be_overwritten(ctx) -> bool:
     return ctx.private_saved and graph_freed_after_backward()
 
 
+def differentiable_backward_wanted() -> bool:
+    """Whether this backward runs with create_graph=True (second derivatives, gradient penalties,
+    Hessian-vector products): autograd then runs it with grad mode on and differentiates its
+    gradients again, which the kernels' gradients (raw pointers, no graph) cannot be. (torch.compile
+    traces its backward with grad mode on too; it does not support double backward.)"""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
     """(setup_context, backward) for a linear_act forward whose inputs are
     (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved), or with
@@ -47,8 +56,8 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
     fwd_call(x, weight, bias, activation, extra, save) -> (y, saved) runs the forward op;
     bwd_call(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db, reuse)
     -> (dx, dw, db).
-    Backward keeps only what it will use: x for dW, weight for dX, the bias (a parameter, already
-    alive) and the backend's `saved`.
+    Backward keeps only what it will use: x for dW, the weight (for dX, and for the composite below,
+    which recomputes z; a parameter, already alive), the bias and the backend's `saved`.
     A forward run with save=False (fastnn's recompute mode, or a raw call of the op) keeps the
     inputs instead and recomputes `saved` in backward.
     """
@@ -60,12 +69,11 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
         ctx.has_bias = bias is not None
         ctx.recompute = not save and activations.get(activation).saves != "nothing"
         ctx.private_saved = private_saved and not saved_tensor_hooks_active()
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        keep_x, keep_w = need_dw or ctx.recompute, need_dx or ctx.recompute
+        keep_x = ctx.needs_input_grad[1] or ctx.recompute
         if not private_saved:
             ctx.mark_non_differentiable(output[1])
             ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
-        ctx.save_for_backward(x if keep_x else None, weight if keep_w else None, bias, output[1])
+        ctx.save_for_backward(x if keep_x else None, weight, bias, output[1])
 
     def backward(ctx, dy, _dsaved=None):
         x, weight, bias, saved = ctx.saved_tensors
@@ -74,17 +82,16 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
         tail = (None, *([None] * len(ctx.extra)), None)
         if dy is None or not (need_dx or need_dw or need_db):
             return (None, None, None) + tail
-        if functorch_active() or batched(dy):
+        if functorch_active() or batched(dy) or differentiable_backward_wanted():
             return _composite_act_backward(dy, x, weight, bias, ctx.activation, need_dx, need_dw, need_db) + tail
         if ctx.recompute:
             with torch.no_grad():
                 _, saved = fwd_call(x, weight, bias, ctx.activation, ctx.extra, True)
         reuse = (saved,) if ctx.recompute or saved_may_be_overwritten(ctx) else ()
-        # empty stand-ins (the ops' "nothing") for the inputs that were not kept: backends read x
-        # only for dW and weight only for dX. Not backends.base's helper: importing the backends
-        # package registers the Triton ops, which import this module.
+        # an empty stand-in (the ops' "nothing") for x when it was not kept: backends read it only
+        # for dW. Not backends.base's helper: importing the backends package registers the Triton
+        # ops, which import this module.
         x = x if x is not None else dy.new_empty((0,))
-        weight = weight if weight is not None else dy.new_empty((0,))
         dx, dw, db = bwd_call(dy, x, weight, bias, saved, ctx.activation, ctx.extra, need_dx, need_dw, need_db,
                               reuse)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + tail
@@ -124,15 +131,22 @@ def glu_dz(dy, z_gate, z_up, gate_act):
 
 
 def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):
-    """linear_act's backward in PyTorch ops, z recomputed from the inputs: for a backward that runs
-    under a torch.func transform although its forward did not (autograd.functional.jacobian with
-    vectorize=True, autograd.grad with is_grads_batched=True vmap over the grad outputs), where
-    fastnn's kernels cannot read the batched tensors."""
-    if (need_dx or need_dw or need_db) and (x is None or weight is None):
+    """linear_act's backward in PyTorch ops, z recomputed from the inputs: for a backward whose
+    gradients must be differentiable (create_graph=True), or that runs under a torch.func transform
+    although its forward did not (autograd.functional.jacobian with vectorize=True, autograd.grad
+    with is_grads_batched=True vmap over the grad outputs), where fastnn's kernels cannot read the
+    batched tensors."""
+    if x is None:
+        if batched(dy):
+            what = "is vmapped over its grad outputs (jacobian(vectorize=True), is_grads_batched=True)"
+            remedy = "use vectorize=False, or backend='torch' for this call"
+        else:
+            what = "runs with create_graph=True"
+            remedy = ("for gradients of gradients run this layer with backend='torch', or unfused "
+                      "(fastnn.unfuse(model))")
         raise RuntimeError(
-            "fastnn.linear_act: a backward vmapped over its grad outputs (jacobian(vectorize=True), "
-            "is_grads_batched=True) needs x and weight, which this forward did not keep because only one "
-            "of them needs a gradient; use vectorize=False or backend='torch' for this call")
+            f"fastnn.linear_act: this backward {what}, so it runs PyTorch's composite, which needs x; this "
+            f"forward did not keep x because its weight needs no gradient (as F.linear); {remedy}")
     dz = act_dz(dy, F.linear(x, weight, bias), activations.get(activation))
     return (dz @ weight if need_dx else None, dz.t() @ x if need_dw else None,
             dz.sum(0) if need_db else None)
@@ -173,7 +187,7 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
         none_tail = (None, *([None] * len(ctx.extra)), None)
         if dy is None or not any(needs):
             return (None,) * 5 + none_tail
-        if functorch_active() or batched(dy):
+        if functorch_active() or batched(dy) or differentiable_backward_wanted():
             return _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            needs) + none_tail
         if ctx.recompute:

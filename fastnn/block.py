@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 
 from . import activations
-from .autograd import (act_composite, act_dz, glu_composite, glu_dz, saved_may_be_overwritten,
-                       saved_tensor_hooks_active)
+from .autograd import (act_composite, act_dz, differentiable_backward_wanted, glu_composite, glu_dz,
+                       saved_may_be_overwritten, saved_tensor_hooks_active)
 from .backends import BACKENDS
 from .backends.base import empty_like_nothing
 from .dropin import batched, functorch_active
@@ -79,7 +79,7 @@ class MlpFunction(torch.autograd.Function):
         x, w1, b1, wu, bu, w2, h, *saved = ctx.saved_tensors
         n = ctx.needs_input_grad
         tail = (None, None, None)
-        if functorch_active() or batched(dy):
+        if functorch_active() or batched(dy) or differentiable_backward_wanted():
             return _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2) + tail
         be, act, gated = ctx.be, ctx.act, ctx.gated
         dy = dy.contiguous()
@@ -130,19 +130,27 @@ class MlpFunction(torch.autograd.Function):
 
 
 def _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2):
-    """The block's backward in PyTorch ops (a backward vmapped over its grad outputs)."""
+    """The block's backward in PyTorch ops: for a backward vmapped over its grad outputs, and for
+    one run with create_graph=True, whose gradients are then differentiable functions of the
+    block's inputs and dy (the block is run again on the inputs themselves, not detached copies)."""
+    n = ctx.needs_input_grad
     inputs = (x, w1, b1, wu, bu, w2)
+    differentiable = differentiable_backward_wanted()
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+        if differentiable:
+            leaves = list(inputs)
+        else:
+            leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
         x_, w1_, b1_, wu_, bu_, w2_ = leaves
         if ctx.gated:
             h = ctx.act.fn(torch.nn.functional.linear(x_, w1_, b1_)) * torch.nn.functional.linear(x_, wu_, bu_)
         else:
             h = ctx.act.fn(torch.nn.functional.linear(x_, w1_, b1_))
         y = torch.nn.functional.linear(h, w2_, None)
-    wanted = [t for t in leaves if t is not None]
-    got = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
-    grads = [None if t is None else next(got) for t in leaves]
+    wanted = [i for i, t in enumerate(leaves) if t is not None and n[i]]
+    got = torch.autograd.grad(y, [leaves[i] for i in wanted], dy, allow_unused=True, create_graph=differentiable)
+    grads = [None] * len(leaves)
+    for i, g in zip(wanted, got):
+        grads[i] = g
     db2 = dy.sum(0) if ctx.has_bias[2] else None
-    n = ctx.needs_input_grad
     return tuple(g if n[i] else None for i, g in enumerate((*grads, db2)))
