@@ -185,3 +185,20 @@ def test_cpu_outputs_past_the_streaming_size(cols, activation):
     check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cpu"),
                             lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b],
                             what=f"streamed {activation} {cols}")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_PARAMS)
+@pytest.mark.parametrize("gemm16", ["native", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_output_does_not_depend_on_grad_mode(backend, device, gemm16, dtype, monkeypatch):
+    """The same bits with and without a gradient to give, as eager PyTorch: a no_grad forward
+    (evaluation, or reentrant checkpointing's first pass) and its recomputation with grad agree."""
+    monkeypatch.setenv("FASTNN_CPU_GEMM16", gemm16)
+    x, w, b = make_inputs((37, 24), 40, dtype, device)
+    wu, bu = w.detach().flip(0).requires_grad_(), b.detach().flip(0).requires_grad_()
+    calls = [(a, lambda a=a: fastnn.linear_act(x, w, b, a, backend=backend)) for a in ACTS]
+    calls += [(a, lambda a=a: fastnn.linear_glu(x, w, wu, b, bu, a, backend=backend)) for a in fastnn.GATED]
+    for name, call in calls:
+        with torch.no_grad():
+            plain = call()
+        assert torch.equal(call().detach(), plain), name

@@ -140,6 +140,35 @@ def test_activation_level_rebuilds_the_same_bits(activation, dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reentrant_checkpoint_sees_the_same_bits(dtype):
+    """Reentrant checkpointing (transformers' gradient_checkpointing default) runs the block under
+    no_grad, then again with grad in backward: the two must agree bit for bit, as in eager
+    PyTorch, or the gradients mix two slightly different forwards."""
+    from torch.utils.checkpoint import checkpoint
+
+    for activation in ("gelu", "relu", "swiglu", "reglu"):
+        w1, b1, w2, b2, wu, bu = _weights(24, 40, 24, dtype, activation in fastnn.GATED)
+        params = [t for t in (w1, b1, w2, b2, wu, bu) if t is not None]
+        for level in LEVELS:
+            def block(x):
+                return fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu, recompute=level,
+                                  backend="cpu")
+
+            x = torch.randn(37, 24).to(dtype).requires_grad_()
+            with torch.no_grad():
+                plain = block(x)
+            assert torch.equal(block(x).detach(), plain), (activation, level)
+            grads = []
+            for f in (block, lambda x: checkpoint(block, x, use_reentrant=True)):
+                for t in (x, *params):
+                    t.grad = None
+                f(x).float().square().sum().backward()  # (reentrant checkpointing refuses .grad())
+                grads.append([t.grad for t in (x, *params)])
+            for a, c in zip(*grads):
+                assert torch.equal(a, c), (activation, level)
+
+
 def test_block_op_where_it_runs():
     """Eagerly, needing gradients and without dropout in training, the block is one autograd op;
     dropout in training composes PyTorch's dropout; without gradients nothing is saved."""

@@ -1,20 +1,24 @@
 """The `cpu` backend: GEMMs from torch (MKL / oneDNN), everything around them native (csrc/cpu).
 
-Forward: one GEMM writes the product x @ W^T; one native pass adds the bias and applies the
-activation in float, writing y (and, for relu / leaky_relu, a 1-bit sign mask) while reading the
-product once. Backward keeps the product itself (the pre-activation minus the bias) and adds the
-bias again in float, so forward writes nothing but y. Backward: one native pass forms
+Forward: one GEMM writes the pre-activation Z = x @ W^T + b (the bias added by the GEMM wherever
+that costs nothing, see below; else by the pass); one native pass applies the activation in float,
+writing y (and, for relu / leaky_relu, a 1-bit sign mask) while reading Z once. Backward keeps the
+GEMM's output itself (adding the bias again in float where the GEMM left it out), so forward writes
+nothing but y. Backward: one native pass forms
 dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32
 with pairs of rows added in float first), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
 
 Where the bias goes. In float32 and float64 the GEMM adds it (addmm costs no more than mm there),
 so Z is the accumulator plus bias rounded once, bit for bit what F.linear computes. In bfloat16
-and float16 torch's GEMM rounds its product to 16 bits and addmm's bias costs an extra pass over
-the output, so the native pass adds the bias in float instead: Z = round(x W^T) + b is never
-rounded again, which the smooth activations absorb within the error rule. The kinked ones (relu,
-leaky_relu, the relu gate of reglu) cannot: rounding the product before adding the bias can flip
-the sign of a Z near zero and with it a whole gradient element, so for them the GEMM adds the bias
-(addmm) and Z's sign is exactly PyTorch's.
+and float16 on oneDNN's native kernels, oneDNN's linear (torch.ops.mkldnn._linear_pointwise) adds
+it in its float accumulator at mm's own cost, bit for bit F.linear's Z too (a probe checks that
+once per dtype), where torch's addmm costs up to 1.3x mm (it first writes the bias into the whole
+output). Where that op is missing or its probe fails, the native pass adds the bias in float
+instead: Z = round(x W^T) + b is never rounded again, which the smooth activations absorb within
+the error rule. The kinked ones (relu, leaky_relu, the relu gate of reglu) cannot: rounding the
+product before adding the bias can flip the sign of a Z near zero and with it a whole gradient
+element, so for them the GEMM adds the bias (addmm) and Z's sign is exactly PyTorch's, in a
+forward that saves nothing too (so that no output depends on whether there is a gradient to give).
 
 16-bit GEMMs on CPUs without native 16-bit matrix instructions. torch multiplies bfloat16 and
 float16 with oneDNN only where the CPU has AVX512-BF16 / AVX512-FP16 or AMX; elsewhere (AVX2-only
@@ -142,10 +146,31 @@ class _Reusable:
         return torch.empty(shape, dtype=like.dtype, device=like.device) if t is None else t
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_exact(dtype) -> bool:
+    """Whether oneDNN's linear serves `dtype` here and gives F.linear's (addmm's) bits: checked once
+    on a few shapes, a long inner dimension among them. It needs a contiguous bias (a strided one
+    gave wrong sums in torch 2.13) and at least one input feature."""
+    if dtype not in _HALF or not _onednn_has(dtype):
+        return False
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        gen = torch.Generator().manual_seed(0)
+        for m, k, n in ((37, 24, 40), (3, 3000, 17), (1, 1, 1)):
+            x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((m, k), (n, k), (n,)))
+            if not torch.equal(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())):
+                return False
+        return True
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN, or without the op
+        return False
+
+
 def _fold_bias(dtype, act):
-    """Whether the GEMM adds the bias (see the module docstring). act is None where no sign is
-    kept for backward (an up projection, or a forward that saves nothing)."""
-    return (dtype in (torch.float32, torch.float64) or gemm_in_float32(dtype)
+    """Whether the GEMM adds the bias (see the module docstring). act is None for an up projection,
+    whose sign nothing reads. A forward that saves nothing folds it as one that saves: its output is
+    then bit for bit the same with or without a gradient to give (reentrant checkpointing compares
+    a no_grad forward with its recomputation; eager PyTorch gives the same bits either way)."""
+    return (dtype in (torch.float32, torch.float64) or gemm_in_float32(dtype) or _onednn_linear_exact(dtype)
             or (act is not None and act.saves == "mask"))
 
 
@@ -157,6 +182,9 @@ def _bias_to_add(bias, dtype, act):
 def _gemm(x, weight, bias, fold_bias):
     """x @ W^T, plus the bias when fold_bias; returns (product, bias still to add)."""
     if bias is not None and fold_bias:
+        if (not gemm_in_float32(x.dtype) and _onednn_linear_exact(x.dtype) and x.shape[1] > 0
+                and x.is_contiguous() and weight.is_contiguous()):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias.contiguous(), "none", [], ""), None
         return _mm([(x, weight.t())], bias), None
     return _mm([(x, weight.t())]), (None if bias is None else bias.contiguous())
 
@@ -196,7 +224,7 @@ class CpuBackend(Backend):
         rows, cols = x.shape[0], weight.shape[0]
         code = _native.DTYPE_CODES[x.dtype]
         saves = act.saves if save else "nothing"
-        fold = _fold_bias(x.dtype, act if save else None)
+        fold = _fold_bias(x.dtype, act)
         if (fold or bias is None) and product_transposed(rows, x.dtype):
             # Z^T, then one pass: y, and Z or its mask, row-major
             product_t = _gemm_transposed(x, weight, bias)
@@ -267,7 +295,7 @@ class CpuBackend(Backend):
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
         C = _native.cpu_module()
         rows, cols = x.shape[0], gate_weight.shape[0]
-        fold_gate, fold_up = _fold_bias(x.dtype, gate_act if save else None), _fold_bias(x.dtype, None)
+        fold_gate, fold_up = _fold_bias(x.dtype, gate_act), _fold_bias(x.dtype, None)
         if ((fold_gate or gate_bias is None) and (fold_up or up_bias is None)
                 and product_transposed(rows, x.dtype)):
             # as linear_act_fwd: both products transposed
