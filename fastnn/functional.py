@@ -228,7 +228,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     drop = dropout > 0.0 and training
 
     def block(x: Tensor, level: str) -> Tensor:
-        if not drop and _needs_grad(x, *params[1:]) and not ops.use_ops(x, *params[1:]) and not functorch_active():
+        if (not drop and _needs_grad(x, *params[1:]) and not ops.use_ops(x, *params[1:]) and not functorch_active()
+                and not torch.jit.is_tracing()):
             y = MlpFunction.apply(_rows(x), fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias,
                                   activation, name, level)
             return _unflatten(y, x.shape[:-1])

@@ -55,6 +55,14 @@ def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Te
         raise BackendUnavailableError(
             f"fastnn.{op}: backend {requested!r} cannot run under torch.func transforms (vmap, grad, jvp, "
             "jacrev, jacfwd) or forward-mode AD; backend='auto' runs PyTorch's composite there")
+    if torch.jit.is_tracing():
+        # torch.jit.trace (and the TorchScript ONNX exporter) records the ATen ops a call runs; the
+        # kernels write through raw pointers it cannot see, so their trace would replay empty buffers
+        if requested in ("auto", "torch"):
+            return "torch"
+        raise BackendUnavailableError(
+            f"fastnn.{op}: backend {requested!r} cannot be recorded by torch.jit.trace (its kernels write "
+            "through raw pointers the tracer does not see); backend='auto' records PyTorch's composite there")
     if requested == "auto":
         for name in auto_order(x.device.type, act, x.dtype):
             backend = BACKENDS.get(name)
