@@ -148,7 +148,8 @@ def _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2):
             h = ctx.act.fn(torch.nn.functional.linear(x_, w1_, b1_))
         y = torch.nn.functional.linear(h, w2_, None)
     wanted = [i for i, t in enumerate(leaves) if t is not None and n[i]]
-    got = torch.autograd.grad(y, [leaves[i] for i in wanted], dy, allow_unused=True, create_graph=differentiable)
+    got = (torch.autograd.grad(y, [leaves[i] for i in wanted], dy, allow_unused=True, create_graph=differentiable)
+           if wanted else ())  # (fc2's bias alone may need a gradient: no graph to ask)
     grads = [None] * len(leaves)
     for i, g in zip(wanted, got):
         grads[i] = g

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import activations
+from . import activations, flops
 from .autograd import (linear_act_autograd, linear_glu_autograd, register_linear_act_autograd,
                        register_linear_glu_autograd)
 from .backends import BACKENDS
@@ -182,11 +182,18 @@ class LinearGluFunction(torch.autograd.Function):
     backward = staticmethod(_glu_backward)
 
 
+flops.register(torch.ops.fastnn.linear_act_fwd, torch.ops.fastnn.linear_act_bwd, torch.ops.fastnn.linear_glu_fwd,
+               torch.ops.fastnn.linear_glu_bwd)
+
+
 def use_ops(*tensors) -> bool:
     """Whether to go through the torch.library ops rather than the eager autograd.Functions:
-    under torch.compile / export, and for tensor subclasses (fake tensors, DTensor, ...), which the
-    ops know how to dispatch and raw pointers do not."""
-    if torch.compiler.is_compiling():
+    under torch.compile / export, for tensor subclasses (fake tensors, DTensor, ...), which the ops
+    know how to dispatch and raw pointers do not, and under a TorchDispatchMode (make_fx's tracer,
+    selective checkpointing, FlopCounterMode, ...), which sees the ATen ops a call runs but not the
+    kernels' writes through raw pointers: it sees the op instead (a real-tensor make_fx trace of
+    the kernels replayed empty buffers)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
     return any(t is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
                for t in tensors)

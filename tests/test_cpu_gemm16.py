@@ -95,3 +95,20 @@ def test_route_follows_onednn(monkeypatch):
         assert cpu_backend.gemm_in_float32(torch.bfloat16) is (not has_native)
         assert cpu_backend.gemm_in_float32(torch.float16) is (not has_native)
         assert cpu_backend.gemm_in_float32(torch.float32) is False
+
+
+def test_onednn_linear_probe_ignores_the_callers_autocast():
+    """The probe runs once, on the first call, whatever that call runs under."""
+    probe = cpu_backend._onednn_linear_exact
+    probe.cache_clear()
+    try:
+        # (an autocast to the other 16-bit type would cast the probe's addmm and fail it)
+        with torch.autocast("cpu", dtype=torch.float16):
+            under_autocast = [probe(torch.bfloat16)]
+        probe.cache_clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast.append(probe(torch.float16))
+        probe.cache_clear()
+        assert under_autocast == [probe(dtype) for dtype in HALF]
+    finally:
+        probe.cache_clear()

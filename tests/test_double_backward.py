@@ -50,6 +50,18 @@ def test_mlp_gradgradcheck(activation, level):
     gradgradcheck(block, (x, w1, b1, w2, b2, *extra))
 
 
+def test_mlp_with_only_the_output_bias_trained():
+    """create_graph=True where fc2's bias alone needs a gradient (BitFit-style): nothing else to
+    differentiate."""
+    x, w1, w2 = (torch.randn(*shape, dtype=torch.float64) for shape in ((4, 5), (6, 5), (5, 6)))
+    b2 = _f64(5)
+    g, = torch.autograd.grad(fastnn.mlp(x, w1, None, w2, b2, "gelu", backend="cpu").square().sum(), b2,
+                             create_graph=True)
+    want, = torch.autograd.grad(F.linear(F.gelu(F.linear(x, w1)), w2, b2).square().sum(), b2, create_graph=True)
+    torch.testing.assert_close(g, want)
+    torch.testing.assert_close(torch.autograd.grad(g.sum(), b2)[0], torch.autograd.grad(want.sum(), b2)[0])
+
+
 def _penalty_grads(forward, x, params):
     """A WGAN-GP style gradient penalty: the parameters' gradients of (|d out / d x| - 1)^2."""
     out = forward(x)

@@ -156,10 +156,12 @@ def _onednn_linear_exact(dtype) -> bool:
     try:
         op = torch.ops.mkldnn._linear_pointwise
         gen = torch.Generator().manual_seed(0)
-        for m, k, n in ((37, 24, 40), (3, 3000, 17), (1, 1, 1)):
-            x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((m, k), (n, k), (n,)))
-            if not torch.equal(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())):
-                return False
+        # (whatever the first call runs under: an autocast region would cast addmm's inputs)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            for m, k, n in ((37, 24, 40), (3, 3000, 17), (1, 1, 1)):
+                x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((m, k), (n, k), (n,)))
+                if not torch.equal(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())):
+                    return False
         return True
     except (AttributeError, RuntimeError):  # a torch built without oneDNN, or without the op
         return False

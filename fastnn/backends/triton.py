@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import activations
+from .. import activations, flops
 from ..autograd import register_linear_act_autograd, register_linear_glu_autograd
 from .base import Backend, or_nothing
 
@@ -170,6 +170,8 @@ def register_ops():
         lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb, reuse: torch.ops.fastnn.triton_linear_act_bwd(
             dy, x, w, b, saved, act, ndx, ndw, ndb),
     )
+    flops.register(torch.ops.fastnn.triton_linear_act_fwd, torch.ops.fastnn.triton_linear_act_bwd,
+                   torch.ops.fastnn.triton_linear_glu_fwd, torch.ops.fastnn.triton_linear_glu_bwd)
     register_linear_glu_autograd(
         "fastnn::triton_linear_glu_fwd",
         lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.triton_linear_glu_fwd(x, wg, wu, bg, bu, act,

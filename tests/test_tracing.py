@@ -1,8 +1,11 @@
-"""torch.jit.trace (how models are often frozen for deployment, and what the TorchScript ONNX
-exporter runs): it records the ATen ops a call runs, and fastnn's kernels write through raw
-pointers it cannot see. Under tracing fastnn records PyTorch's composite instead, so a trace of a
-fastnn model is a trace of the unfused model: plain ATen ops that replay correctly on new inputs,
-save and load, and give gradients."""
+"""Tools that record or intercept the ATen ops a call runs, which fastnn's kernels (writing through
+raw pointers) would slip past:
+- torch.jit.trace (how models are often frozen for deployment, and what the TorchScript ONNX
+  exporter runs): fastnn records PyTorch's composite there, so a trace of a fastnn model is a trace
+  of the unfused model: plain ATen ops that replay correctly on new inputs, save, load and give
+  gradients;
+- a TorchDispatchMode (make_fx's tracer, selective checkpointing, FlopCounterMode): fastnn's calls
+  go through its torch.library ops there, which the mode sees as ops (with their flop counts)."""
 import copy
 import io
 import warnings
@@ -106,3 +109,38 @@ def test_traced_fused_transformers_model():
     with torch.no_grad():
         want = reference(new)["logits"]
     _close(traced(new)["logits"], want)
+
+
+def test_make_fx_real_tensors_records_the_ops():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    w, b, wu, w2 = torch.randn(12, 8), torch.randn(12), torch.randn(12, 8), torch.randn(8, 12)
+
+    def f(x):
+        return (fastnn.linear_act(x, w, b, "gelu").sum(1) + fastnn.linear_glu(x, w, wu, b, None, "swiglu").sum(1)
+                + fastnn.mlp(x, w, b, w2, None, "relu").sum(1))
+
+    graph = make_fx(f, tracing_mode="real")(torch.randn(5, 8))
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert {"fastnn.linear_act_fwd.default", "fastnn.linear_glu_fwd.default"} <= targets, targets
+    new = torch.randn(5, 8)
+    torch.testing.assert_close(graph(new), f(new), rtol=0, atol=0)
+
+
+def test_flop_counter_counts_the_fused_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m, k, n = 6, 8, 12
+    x = torch.randn(m, k, requires_grad=True)
+    mlp = fastnn.FusedMLP(k, n, activation="gelu")
+    glu = fastnn.FusedMLP(k, n, activation="swiglu")
+    gemm = 2 * m * k * n
+    for model, gemms in ((mlp, 6), (glu, 9)):  # fc1 (two for a gated unit) and fc2, each x3 with backward
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
+        assert counter.get_total_flops() == gemms * gemm, (model, counter.get_flop_counts())
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            fastnn.linear_act(x, mlp.fc1.weight, None, "gelu")
+    assert counter.get_total_flops() == gemm
