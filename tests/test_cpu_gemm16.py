@@ -56,36 +56,27 @@ def test_float32_route_rounds_once(route, dtype):
 
 @pytest.mark.parametrize("route", ["native"], indirect=True)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_native_route_keeps_f_linear_bits(route, dtype):
-    """Where oneDNN's linear passes its probe, the pre-activation is F.linear's own, bit for bit:
-    the bias is added in the GEMM's accumulator."""
-    if not cpu_backend._onednn_linear_exact(dtype):
+@pytest.mark.parametrize("onednn_linear", [True, False], ids=["onednn-linear", "addmm"])
+def test_native_route_bias(route, dtype, onednn_linear, monkeypatch):
+    """The kinked activations' GEMM adds the bias: F.linear's own pre-activation, bit for bit,
+    through oneDNN's linear where its probe passes and addmm elsewhere. The smooth ones add it in
+    float to the rounded product, in the pass (and again in backward)."""
+    if onednn_linear and not cpu_backend._onednn_linear_exact(dtype):
         pytest.skip(f"oneDNN's linear does not serve {dtype} on this machine")
+    monkeypatch.setattr(cpu_backend, "_onednn_linear_exact", lambda d: onednn_linear)
     be = fastnn.backends.BACKENDS["cpu"]
     x, w, b = make_inputs((64, 96), 80, dtype, "cpu", requires_grad=False)
     z = F.linear(x, w, b)
-    assert torch.equal(fastnn.linear_act(x, w, b, "identity", backend="cpu"), z)
     assert torch.equal(fastnn.linear_act(x, w, b, "relu", backend="cpu"), torch.relu(z))
-    assert torch.equal(be.linear_act_fwd(x, w, b, activations.get("gelu"), True)[1], z)
-    _, z_gate, z_up = be.linear_glu_fwd(x, w, w.flip(0), b, b.flip(0), activations.get_gated("swiglu"), True)
-    assert torch.equal(z_gate, z) and torch.equal(z_up, F.linear(x, w.flip(0), b.flip(0)))
-
-
-@pytest.mark.parametrize("route", ["native"], indirect=True)
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_native_route_without_onednn_linear(route, dtype, monkeypatch):
-    """Without oneDNN's linear (a torch built without it, or its probe failing) the pass adds the
-    bias in float to the rounded product, and the kinked activations fold it with addmm."""
-    monkeypatch.setattr(cpu_backend, "_onednn_linear_exact", lambda d: False)
-    x, w, b = make_inputs((37, 65), 47, dtype, "cpu")
-    with torch.no_grad():
-        y = fastnn.linear_act(x, w, b, "identity", backend="cpu")
-        assert torch.equal(y, (torch.mm(x, w.t()).float() + b.float()).to(dtype))
-        assert torch.equal(fastnn.linear_act(x, w, b, "relu", backend="cpu"), torch.relu(torch.addmm(b, x, w.t())))
-    for activation in ("gelu", "relu"):
+    _, z_gate, z_up = be.linear_glu_fwd(x, w, w.flip(0), b, b.flip(0), activations.get_gated("reglu"), True)
+    assert torch.equal(z_gate, z) and torch.equal(z_up, torch.mm(x, w.flip(0).t()))  # up: bias in the pass
+    assert torch.equal(be.linear_act_fwd(x, w, b, activations.get("gelu"), True)[1], torch.mm(x, w.t()))
+    assert torch.equal(fastnn.linear_act(x, w, b, "identity", backend="cpu"),
+                       (torch.mm(x, w.t()).float() + b.float()).to(dtype))
+    for activation in ("gelu", "relu", "leaky_relu"):
         check_against_reference(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cpu"),
-                                lambda x, w, b: torch_linear_act(x, w, b, activation), [x, w, b],
-                                what=f"without oneDNN's linear: {activation} {dtype}")
+                                lambda x, w, b: torch_linear_act(x, w, b, activation), list(make_inputs(
+                                    (37, 65), 47, dtype, "cpu")), what=f"{activation} {dtype}")
 
 
 def test_route_follows_onednn(monkeypatch):

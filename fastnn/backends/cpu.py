@@ -1,24 +1,25 @@
 """The `cpu` backend: GEMMs from torch (MKL / oneDNN), everything around them native (csrc/cpu).
 
-Forward: one GEMM writes the pre-activation Z = x @ W^T + b (the bias added by the GEMM wherever
-that costs nothing, see below; else by the pass); one native pass applies the activation in float,
-writing y (and, for relu / leaky_relu, a 1-bit sign mask) while reading Z once. Backward keeps the
-GEMM's output itself (adding the bias again in float where the GEMM left it out), so forward writes
-nothing but y. Backward: one native pass forms
+Forward: one GEMM writes the product x @ W^T (with the bias where it costs nothing or the sign
+must be exact, see below); one native pass adds the bias (where the GEMM did not) and applies the
+activation in float, writing y (and, for relu / leaky_relu, a 1-bit sign mask) while reading the
+product once. Backward keeps the GEMM's output itself and adds the bias again in float where the
+GEMM left it out, so forward writes nothing but y. Backward: one native pass forms
 dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32
 with pairs of rows added in float first), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
 
 Where the bias goes. In float32 and float64 the GEMM adds it (addmm costs no more than mm there),
 so Z is the accumulator plus bias rounded once, bit for bit what F.linear computes. In bfloat16
-and float16 on oneDNN's native kernels, oneDNN's linear (torch.ops.mkldnn._linear_pointwise) adds
-it in its float accumulator at mm's own cost, bit for bit F.linear's Z too (a probe checks that
-once per dtype), where torch's addmm costs up to 1.3x mm (it first writes the bias into the whole
-output). Where that op is missing or its probe fails, the native pass adds the bias in float
-instead: Z = round(x W^T) + b is never rounded again, which the smooth activations absorb within
-the error rule. The kinked ones (relu, leaky_relu, the relu gate of reglu) cannot: rounding the
-product before adding the bias can flip the sign of a Z near zero and with it a whole gradient
-element, so for them the GEMM adds the bias (addmm) and Z's sign is exactly PyTorch's, in a
-forward that saves nothing too (so that no output depends on whether there is a gradient to give).
+and float16 torch's GEMM rounds its product to 16 bits and addmm's bias costs an extra pass over
+the output (1.03-1.28x mm), so the native pass adds the bias in float instead: Z = round(x W^T) + b
+is never rounded again, which the smooth activations absorb within the error rule. The kinked ones
+(relu, leaky_relu, the relu gate of reglu) cannot: rounding the product before adding the bias can
+flip the sign of a Z near zero and with it a whole gradient element, so for them the GEMM adds the
+bias and Z's sign is exactly PyTorch's, in a forward that saves nothing too (so that no output
+depends on whether there is a gradient to give). That GEMM is oneDNN's linear
+(torch.ops.mkldnn._linear_pointwise) where a probe finds it bit for bit addmm: it costs what mm
+does. (Not for the smooth activations: at a few hundred rows it costs 1-3% more than mm plus the
+pass, about 10 us more per call and a slower kernel, and no less above that.)
 
 16-bit GEMMs on CPUs without native 16-bit matrix instructions. torch multiplies bfloat16 and
 float16 with oneDNN only where the CPU has AVX512-BF16 / AVX512-FP16 or AMX; elsewhere (AVX2-only
@@ -148,7 +149,7 @@ class _Reusable:
 
 @functools.lru_cache(maxsize=None)
 def _onednn_linear_exact(dtype) -> bool:
-    """Whether oneDNN's linear serves `dtype` here and gives F.linear's (addmm's) bits: checked once
+    """Whether oneDNN's linear serves `dtype` here and gives addmm's (F.linear's) bits: checked once
     on a few shapes, a long inner dimension among them. It needs a contiguous bias (a strided one
     gave wrong sums in torch 2.13) and at least one input feature."""
     if dtype not in _HALF or not _onednn_has(dtype):
@@ -172,7 +173,7 @@ def _fold_bias(dtype, act):
     whose sign nothing reads. A forward that saves nothing folds it as one that saves: its output is
     then bit for bit the same with or without a gradient to give (reentrant checkpointing compares
     a no_grad forward with its recomputation; eager PyTorch gives the same bits either way)."""
-    return (dtype in (torch.float32, torch.float64) or gemm_in_float32(dtype) or _onednn_linear_exact(dtype)
+    return (dtype in (torch.float32, torch.float64) or gemm_in_float32(dtype)
             or (act is not None and act.saves == "mask"))
 
 
