@@ -153,5 +153,5 @@ def _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2):
     grads = [None] * len(leaves)
     for i, g in zip(wanted, got):
         grads[i] = g
-    db2 = dy.sum(0) if ctx.has_bias[2] else None
-    return tuple(g if n[i] else None for i, g in enumerate((*grads, db2)))
+    db2 = dy.sum(0) if ctx.has_bias[2] and n[6] else None
+    return (*grads, db2)

@@ -93,7 +93,7 @@ using CT = typename Compute<T>::type;
 
 // Bias-gradient partial sums: double for float32 and float64 inputs (the sum must beat PyTorch's
 // own float32 reduction; pairs of float32 rows are added in float first, one rounding per pair,
-// see add_partial), float for the 16-bit types (already far finer than their rounding).
+// see add_partial_pair), float for the 16-bit types (already far finer than their rounding).
 template <typename T>
 using AccT = typename std::conditional<sizeof(T) >= 4, double, float>::type;
 
@@ -156,18 +156,19 @@ void reduce_partials(std::vector<P>& partial, int64_t row_blocks, int64_t cols, 
   });
 }
 
-// part[i] += v[i] (+ prev[i], a second row: one addition in the partial's type for two rows,
-// whose float sum adds one rounding, at most half an ulp of it). Its own loop: mixing the float
-// math of a pass with double sums runs slower.
+// part[i] += v[i]. Its own loop: mixing the float math of a pass with double sums runs slower.
 template <typename P, typename C>
-inline void add_partial(P* part, const C* v, const C* prev, int64_t n) {
-  if (prev) {
-    FASTNN_SIMD
-    for (int64_t i = 0; i < n; ++i) part[i] += P(prev[i] + v[i]);
-  } else {
-    FASTNN_SIMD
-    for (int64_t i = 0; i < n; ++i) part[i] += v[i];
-  }
+inline void add_partial(P* part, const C* v, int64_t n) {
+  FASTNN_SIMD
+  for (int64_t i = 0; i < n; ++i) part[i] += v[i];
+}
+
+// part[i] += prev[i] + v[i] for two rows: one addition in the partial's type for both, whose
+// float sum adds one rounding, at most half an ulp of it.
+template <typename P, typename C>
+inline void add_partial_pair(P* part, const C* v, const C* prev, int64_t n) {
+  FASTNN_SIMD
+  for (int64_t i = 0; i < n; ++i) part[i] += P(prev[i] + v[i]);
 }
 
 // The same for row r of a task's rows [r0, r1) of a row-major matrix with `cols` columns, chunk v
@@ -176,9 +177,11 @@ inline void add_partial(P* part, const C* v, const C* prev, int64_t n) {
 template <typename P, typename C>
 inline void add_partial_by_row_pairs(P* part, const C* v, int64_t cols, int64_t r, int64_t r0, int64_t r1,
                                      int64_t n) {
-  const bool second = (r - r0) % 2 == 1;
-  if (!second && r + 1 < r1) return;  // added with the next row
-  add_partial(part, v, second ? v - cols : nullptr, n);
+  if ((r - r0) % 2 == 1)
+    add_partial_pair(part, v, v - cols, n);
+  else if (r + 1 == r1)
+    add_partial(part, v, n);
+  // else: added with the next row
 }
 
 template <typename T, Act A>
@@ -332,7 +335,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) out[i] = load(d[i]) * F::df(load(zr[i]) + bc[i]);
         if (out == g) {
-          if (part) add_partial(part, g, static_cast<const C*>(nullptr), n);
+          if (part) add_partial(part, g, n);
           store_chunk(stream, g, dz + o, n);
         } else if (part) {
           // float / double written straight to dz: its partial by pairs of rows (float32 2048x3072,
@@ -354,7 +357,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) g[i] *= F::df(zc[i] + bc[i]);
       }
-      if (part) add_partial(part, g, static_cast<const C*>(nullptr), n);
+      if (part) add_partial(part, g, n);
       if (kind != Saved::kNothing) store_chunk(stream, g, dz + o, n);
     });
     if (stream) store_fence();
@@ -443,8 +446,8 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
         if (pg) add_partial_by_row_pairs(pg, dz_g + o, cols, r, r0, r1, n);
         if (pu) add_partial_by_row_pairs(pu, dz_u + o, cols, r, r0, r1, n);
       } else {
-        if (pg) add_partial(pg, zg, static_cast<const C*>(nullptr), n);
-        if (pu) add_partial(pu, zu, static_cast<const C*>(nullptr), n);
+        if (pg) add_partial(pg, zg, n);
+        if (pu) add_partial(pu, zu, n);
       }
     });
   });
