@@ -7,11 +7,14 @@ How: a stand-in Triton driver whose target is GPUTarget("cuda", ARCH, 32) (sm_90
 sm_90a), the backend's real launchers (fastnn.triton_kernels) called on small CPU tensors with a
 `wrap` that turns each launch into JITFunction.warmup (the JIT's own argument specialisation:
 integers equal to 1, 16-byte alignment), the autotuner's own pruning with the target's shared
-memory limit and SM count, then `ptxas -v` (the Triton wheel's) for registers and spills.
+memory limit and SM count; registers and spills from the log of the compile's own `ptxas -v`
+(the Triton wheel's ptxas run again for a kernel that came from Triton's cache).
 Fails (exit 1) on a compile error or on shared memory over the target's limit; spills are
 reported. Needs TRITON_INTERPRET unset (the script clears it).
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -65,8 +68,18 @@ class StandInDriver(DriverBase):
         return ty
 
 
+def parse_ptxas_log(text):
+    """(registers, spill store bytes, spill load bytes) from ptxas -v's log; None without one."""
+    regs = re.search(r"Used (\d+) registers", text)
+    if regs is None:
+        return None
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return int(regs.group(1)), int(spills.group(1)) if spills else -1, int(spills.group(2)) if spills else -1
+
+
 def ptxas_usage(ptx, arch):
-    """(registers, spill store bytes, spill load bytes) from the Triton wheel's ptxas -v."""
+    """(registers, spill store bytes, spill load bytes) from the Triton wheel's ptxas -v, for a
+    kernel whose compile left no log (it came from Triton's cache)."""
     import triton.backends.nvidia as nvidia
 
     bin_dir = os.path.join(os.path.dirname(nvidia.__file__), "bin")
@@ -85,10 +98,7 @@ def ptxas_usage(ptx, arch):
     text = out.stdout + out.stderr
     if out.returncode != 0:
         raise RuntimeError(f"ptxas -v failed: {text.strip()[-300:]}")
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return (int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1,
-            int(spills.group(2)) if spills else -1)
+    return parse_ptxas_log(text) or (-1, -1, -1)
 
 
 class Compiler:
@@ -127,8 +137,10 @@ class Compiler:
         name = fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__
         constants = {k: (str(v) if not isinstance(v, (int, float, bool)) or isinstance(v, bool) else v)
                      for k, v in kw.items()}
+        log = io.StringIO()
         try:
-            compiled = fn.warmup(*args, grid=(1,), **kw)
+            with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log (dump_ptxas_log)
+                compiled = fn.warmup(*args, grid=(1,), **kw)
         except Exception as exc:  # noqa: BLE001 -- every compile error is a finding
             msg = str(exc).strip().splitlines()
             self.failures.append(dict(kernel=name, variant=self.variant, error=" | ".join(msg[-3:])[:600],
@@ -140,7 +152,7 @@ class Compiler:
             return
         shared = compiled.metadata.shared
         try:
-            regs, spill_st, spill_ld = ptxas_usage(compiled.asm["ptx"], self.arch)
+            regs, spill_st, spill_ld = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], self.arch)
         except RuntimeError as exc:
             self.failures.append(dict(kernel=name, variant=self.variant, error=str(exc), **constants))
             regs = spill_st = spill_ld = -1
@@ -154,6 +166,7 @@ class Compiler:
 
 def run(arch, quick=False):
     driver.set_active(StandInDriver(GPUTarget("cuda", arch, 32)))
+    triton.knobs.nvidia.dump_ptxas_log = True  # registers and spills from the compile's own ptxas run
     from fastnn.triton_kernels import common
     from fastnn.triton_kernels import linear_act as K
     from fastnn.triton_kernels import linear_glu as G
