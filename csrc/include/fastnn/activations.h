@@ -148,11 +148,11 @@ FASTNN_HD float expm1_nonpos(float x) {
 // part added to the exponent bits. The rounding of z^2 and u is the largest error: a few ulp of q
 // for |z| < 3, growing as z^2 / 2 ulp into the tail (about 130 at z = -12.9). Below u = -120
 // (|z| > 12.9, where |gelu| < 3e-37) q and g are 0, as PyTorch's vectorised float math flushes
-// (its own gelu is 0 from z = -5.5 or so): flushing there keeps q = P g (P > 2^-5.1) and every
-// product after it normal. A subnormal in any lane costs a microcode assist on Intel cores: with
-// |z| spread to 13, -125 here made the loop about 2x slower on a Sapphire Rapids-class Xeon (no
-// change with the CPU's flush-to-zero on). Written for the multiply-add pipes, which bound these loops: 19
-// multiplies or multiply-adds per gelu element (the erfc-based form before it took 27) and one
+// (its own float32 gelu is 0 from z = -6 or so): flushing there keeps q = P g (P > 2^-5.1) and
+// every product after it normal. A subnormal in any lane costs a microcode assist on Intel cores:
+// with |z| spread to 13, -125 here made the loop about 2x slower on a Xeon with AMX (no change
+// with the CPU's flush-to-zero on). Written for the multiply-add pipes, which bound these loops:
+// 19 multiplies or multiply-adds per gelu element (the erfc-based form before it took 27) and one
 // division; 25% faster on an AVX-512 AMD EPYC, and more accurate everywhere.
 FASTNN_HD float gauss_tail(float z, float& g) {
 #if defined(__CUDA_ARCH__)
