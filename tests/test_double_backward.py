@@ -16,7 +16,6 @@ from fastnn.backends import triton as triton_backend
 from numerics import torch_linear_act, torch_linear_glu
 
 
-
 def _f64(*shape, scale=1.0):
     return (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()
 
