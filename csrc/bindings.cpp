@@ -68,8 +68,8 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("cpu_act_forward_from_transposed",
-        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc_t, uintptr_t y, uintptr_t z,
-           uintptr_t mask, int num_threads) {
+        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc_t, uintptr_t bias, uintptr_t y,
+           uintptr_t z, uintptr_t mask, int num_threads) {
           check_sizes(rows, cols, num_threads);
           if (rows * cols == 0) return;
           require(acc_t, "acc_t");
@@ -77,8 +77,8 @@ PYBIND11_MODULE(_C, m) {
           const DType d = to_dtype(dtype);
           const Act a = to_act(act);
           py::gil_scoped_release nogil;
-          fastnn::cpu::act_forward_from_transposed(d, a, rows, cols, cptr(acc_t), mptr(y), mptr(z), mptr(mask),
-                                                   num_threads);
+          fastnn::cpu::act_forward_from_transposed(d, a, rows, cols, cptr(acc_t), cptr(bias), mptr(y), mptr(z),
+                                                   mptr(mask), num_threads);
         });
 
   m.def("cpu_act_backward",
@@ -117,8 +117,8 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("cpu_glu_forward_from_transposed",
-        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t gate_t, uintptr_t up_t, uintptr_t y,
-           uintptr_t z_gate, uintptr_t z_up, int num_threads) {
+        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t gate_t, uintptr_t up_t,
+           uintptr_t bias_gate, uintptr_t bias_up, uintptr_t y, uintptr_t z_gate, uintptr_t z_up, int num_threads) {
           check_sizes(rows, cols, num_threads);
           if (rows * cols == 0) return;
           require(gate_t, "gate_t");
@@ -127,8 +127,8 @@ PYBIND11_MODULE(_C, m) {
           const DType d = to_dtype(dtype);
           const Act a = to_act(gate_act);
           py::gil_scoped_release nogil;
-          fastnn::cpu::glu_forward_from_transposed(d, a, rows, cols, cptr(gate_t), cptr(up_t), mptr(y), mptr(z_gate),
-                                                   mptr(z_up), num_threads);
+          fastnn::cpu::glu_forward_from_transposed(d, a, rows, cols, cptr(gate_t), cptr(up_t), cptr(bias_gate),
+                                                   cptr(bias_up), mptr(y), mptr(z_gate), mptr(z_up), num_threads);
         });
 
   m.def("cpu_glu_backward",

@@ -56,7 +56,7 @@ class MlpFunction(torch.autograd.Function):
         rebuild = level == "activation" and (gated or act.saves == "preact")
         native_rebuild = rebuild and be.rebuilds_hidden
         if rebuild and not native_rebuild:
-            z = [be.linear_act_fwd(x, w, b, IDENTITY, False)[0] for w, b in ((w1, b1), (wu, bu))[:1 + gated]]
+            z = [be.linear_act_y(x, w, b, IDENTITY) for w, b in ((w1, b1), (wu, bu))[:1 + gated]]
             h = glu_composite(*z, act) if gated else act_composite(z[0], act)
             saved = tuple(z)
         elif gated:
@@ -65,7 +65,7 @@ class MlpFunction(torch.autograd.Function):
         else:
             h, s = be.linear_act_fwd(x, w1, b1, act, True)
             saved = (s,)
-        y, _ = be.linear_act_fwd(h, w2, b2, IDENTITY, False)
+        y = be.linear_act_y(h, w2, b2, IDENTITY)
         ctx.be, ctx.act, ctx.gated = be, act, gated
         ctx.rebuild, ctx.native_rebuild = rebuild, native_rebuild
         ctx.has_bias = (b1 is not None, bu is not None, b2 is not None)

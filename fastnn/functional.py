@@ -31,13 +31,14 @@ def _check_tensor(op: str, name: str, t, dims=None) -> None:
 
 
 def _check_same(op: str, x: Tensor, named: list[tuple[str, Optional[Tensor]]]) -> None:
+    dtype, device = x.dtype, x.device
     for name, t in named:
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"fastnn.{op}: x is {x.dtype} but {name} is {t.dtype}; they must match")
-        if t.device != x.device:
-            raise ValueError(f"fastnn.{op}: x is on {x.device} but {name} is on {t.device}; they must match")
+        if t.dtype != dtype:
+            raise TypeError(f"fastnn.{op}: x is {dtype} but {name} is {t.dtype}; they must match")
+        if t.device != device:
+            raise ValueError(f"fastnn.{op}: x is on {device} but {name} is on {t.device}; they must match")
 
 
 def _check_linear(op: str, x, weight, bias, wname="weight", bname="bias") -> None:
@@ -119,7 +120,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
         # its own cost, which right after a large GEMM (caches cold for Python) was 2-4% of a
         # bfloat16 256x768x3072 call on a 2-core AMD EPYC
         y = (ops.LinearActFunction.apply(x2, weight, bias, activation, name, save) if save
-             else backends.BACKENDS[name].linear_act_fwd(x2, weight, bias, act, False)[0])
+             else backends.BACKENDS[name].linear_act_y(x2, weight, bias, act))
     elif name == "triton":
         y, _ = torch.ops.fastnn.triton_linear_act_fwd(x2, weight, bias, activation, save)
     else:

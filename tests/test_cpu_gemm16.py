@@ -1,7 +1,11 @@
 """Tier 1: the cpu backend's two routes for bfloat16 / float16 GEMMs (fastnn/backends/cpu.py):
 torch's own 16-bit GEMM where oneDNN has native kernels for the CPU, and float32 GEMMs (exact
 conversions, one rounding) where it would fall back to a slow reference loop. Both routes are run
-on every machine through FASTNN_CPU_GEMM16, and each must meet the numerics rule."""
+on every machine through GEMM16_OVERRIDE (FASTNN_CPU_GEMM16), and each must meet the numerics rule."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,7 +22,7 @@ HALF = [torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def route(request, monkeypatch):
-    monkeypatch.setenv("FASTNN_CPU_GEMM16", request.param)
+    monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", request.param)
     return request.param
 
 
@@ -80,7 +84,7 @@ def test_native_route_bias(route, dtype, onednn_linear, monkeypatch):
 
 
 def test_route_follows_onednn(monkeypatch):
-    monkeypatch.delenv("FASTNN_CPU_GEMM16", raising=False)
+    monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", None)
     for has_native in (True, False):
         monkeypatch.setattr(cpu_backend, "_onednn_has", lambda dtype, has=has_native: has)
         assert cpu_backend.gemm_in_float32(torch.bfloat16) is (not has_native)
@@ -103,3 +107,16 @@ def test_onednn_linear_probe_ignores_the_callers_autocast():
         assert under_autocast == [probe(dtype) for dtype in HALF]
     finally:
         probe.cache_clear()
+
+
+def test_env_overrides_are_read_at_import(tmp_path):
+    """FASTNN_CPU_GEMM16 and FASTNN_CPU_PRODUCT, as a user sets them before starting Python."""
+    code = ("import torch; from fastnn.backends import cpu; "
+            "print(cpu.gemm_in_float32(torch.bfloat16), cpu.product_transposed(10**6, torch.float32))")
+    for gemm16, product, expected in (("float32", "transposed", "True True"), ("native", "direct", "False False")):
+        env = dict(os.environ, FASTNN_CPU_GEMM16=gemm16, FASTNN_CPU_PRODUCT=product)
+        # away from the repository root, whose unbuilt fastnn/ would shadow the installed one
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == expected, (gemm16, product, proc.stdout)

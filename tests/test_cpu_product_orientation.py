@@ -1,7 +1,8 @@
 """Tier 1: the cpu backend's two orientations of linear_act's forward GEMM (fastnn/backends/cpu.py):
 Z = x W^T, or Z^T = W x^T with the pass after it reading Z^T and writing y (and Z or its sign mask)
-row-major. Both run on every machine through FASTNN_CPU_PRODUCT and each must meet the numerics
-rule; awkward shapes cross the pass's 16-row x 256-column blocks and its threading threshold."""
+row-major. Both run on every machine through PRODUCT_OVERRIDE (FASTNN_CPU_PRODUCT) and each must
+meet the numerics rule; awkward shapes cross the pass's blocks (16 x 256 in float32, 32 x 128 in 16
+bits) and its threading threshold."""
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ SHAPES = [(5, 7, 9), (17, 33, 261), (100, 64, 700), (33, 20, 520)]
 
 @pytest.fixture
 def orientation(request, monkeypatch):
-    monkeypatch.setenv("FASTNN_CPU_PRODUCT", request.param)
+    monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", request.param)
     return request.param
 
 
@@ -97,13 +98,20 @@ def test_mlp_both_orientations(orientation, activation, level):
 
 
 def test_orientation_choice(monkeypatch):
-    monkeypatch.delenv("FASTNN_CPU_PRODUCT", raising=False)
+    monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", None)
     limit = cpu_backend.TRANSPOSED_PRODUCT_MAX_ROWS
     assert cpu_backend.product_transposed(limit, torch.float32)
     assert not cpu_backend.product_transposed(limit + 1, torch.float32)
-    for dtype in (torch.bfloat16, torch.float16):  # measured for float32 GEMMs only
+    for dtype in (torch.bfloat16, torch.float16):  # float32 GEMMs; 16-bit ones only with AMX
         assert cpu_backend.product_transposed(16, dtype) == cpu_backend.gemm_in_float32(dtype)
-    monkeypatch.setenv("FASTNN_CPU_PRODUCT", "transposed")
+    monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
+    for amx in (True, False):
+        monkeypatch.setattr(cpu_backend, "_has_amx", lambda amx=amx: amx)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert cpu_backend.product_transposed(limit, dtype, fold_bias=False) is amx
+            assert not cpu_backend.product_transposed(limit, dtype, fold_bias=True)
+            assert not cpu_backend.product_transposed(limit + 1, dtype, fold_bias=False)
+    monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", "transposed")
     assert cpu_backend.product_transposed(10**6, torch.float16)
 
 
@@ -128,3 +136,24 @@ def test_glu_saved_products_are_row_major(orientation):
     torch.testing.assert_close(z_gate, torch.addmm(bg, x, wg.t()), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(z_up, x @ wu.t(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y, torch.nn.functional.silu(z_gate) * z_up, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu"])
+def test_pass_over_the_product_is_the_rebuild(orientation, dtype, activation):
+    """Either orientation's forward pass gives y bit for bit as the row-major pass over the product
+    it keeps (act_hidden / glu_hidden: what the MLP block rebuilds h with), the bias added in the
+    pass where the GEMM left it out (16-bit GEMMs)."""
+    torch.manual_seed(0)
+    be = BACKENDS["cpu"]
+    x, w, wu = torch.randn(45, 31).to(dtype), torch.randn(270, 31).to(dtype), torch.randn(270, 31).to(dtype)
+    b, bu = torch.randn(270).to(dtype), torch.randn(270).to(dtype)
+    if activation in fastnn.GATED:
+        act = fastnn.activations.get_gated(activation)
+        y, z_gate, z_up = be.linear_glu_fwd(x, w, wu, b, bu, act, True)
+        assert torch.equal(y, be.glu_hidden(z_gate, z_up, b, bu, act))
+    else:
+        act = fastnn.activations.get(activation)
+        y, kept = be.linear_act_fwd(x, w, b, act, True)
+        assert torch.equal(y, be.act_hidden(kept, b, act))

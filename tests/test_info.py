@@ -3,6 +3,7 @@ import sys
 
 import fastnn
 from fastnn import info
+from fastnn.backends import cpu as cpu_backend
 
 
 def test_info_runs_and_reports(tmp_path):
@@ -21,7 +22,7 @@ def test_info_runs_and_reports(tmp_path):
 
 
 def test_info_says_the_16bit_gemm_route(monkeypatch):
-    monkeypatch.setenv("FASTNN_CPU_GEMM16", "float32")
+    monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "float32")
     assert info.collect()["cpu_16bit_gemm"]["bfloat16"].startswith("float32 GEMM")
-    monkeypatch.setenv("FASTNN_CPU_GEMM16", "native")
+    monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
     assert info.collect()["cpu_16bit_gemm"]["float16"] == "torch's own 16-bit GEMM"

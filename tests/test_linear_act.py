@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastnn
+from fastnn.backends import cpu as cpu_backend
 from cases import DTYPES, SHAPES, native_backends
 from numerics import check_against_reference, make_inputs, torch_linear_act
 
@@ -193,7 +194,7 @@ def test_cpu_outputs_past_the_streaming_size(cols, activation):
 def test_output_does_not_depend_on_grad_mode(backend, device, gemm16, dtype, monkeypatch):
     """The same bits with and without a gradient to give, as eager PyTorch: a no_grad forward
     (evaluation, or reentrant checkpointing's first pass) and its recomputation with grad agree."""
-    monkeypatch.setenv("FASTNN_CPU_GEMM16", gemm16)
+    monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", gemm16)
     x, w, b = make_inputs((37, 24), 40, dtype, device)
     wu, bu = w.detach().flip(0).requires_grad_(), b.detach().flip(0).requires_grad_()
     calls = [(a, lambda a=a: fastnn.linear_act(x, w, b, a, backend=backend)) for a in ACTS]

@@ -7,6 +7,8 @@
 // Included only by epilogue_kernels.cpp (its per-ISA namespace keeps each build's copy apart).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -96,12 +98,38 @@ template <typename T>
 constexpr bool widens_inline = !std::is_same<T, f16_t>::value;
 
 // dst[i * ld_dst + c] = src[c * ld_src + i] in the compute type, for i < nr and c < n: a block of a
-// transposed matrix gathered into an L1 buffer. float with AVX: 8x8 tiles transposed in registers
-// (eight loads, 24 shuffles, eight stores for 64 elements); the edges and other types one by one.
+// transposed matrix gathered into an L1 buffer. With AVX: 8x8 tiles loaded as eight vectors of
+// eight floats (16-bit types widened on the way: AVX2's shift for bfloat16, F16C for float16),
+// transposed in registers (24 shuffles) and stored as eight vectors; the edges and other types one
+// by one (one element at a time made a bfloat16 256x3072 gelu pass from Z^T 1.6x slower than the
+// row-major pass).
+template <typename T>
+struct Gathers8x8 : std::false_type {};
+
 #if defined(__AVX__)
-inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+template <>
+struct Gathers8x8<float> : std::true_type {};
+#endif
+#if defined(__AVX2__)
+inline __m256 load8(const bf16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <>
+struct Gathers8x8<bf16_t> : std::true_type {};
+#endif
+#if defined(__AVX__) && defined(__F16C__)
+inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+template <>
+struct Gathers8x8<f16_t> : std::true_type {};
+#endif
+
+#if defined(__AVX__)
+template <typename T>
+inline void transpose_8x8(const T* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   __m256 r[8], t[8];
-  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * ld_src);
+  for (int k = 0; k < 8; ++k) r[k] = load8(src + k * ld_src);
   for (int k = 0; k < 8; k += 2) {
     t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
     t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
@@ -124,12 +152,19 @@ inline void gather_transposed(const T* src, int64_t ld_src, int64_t nr, int64_t 
                               typename Compute<T>::type* dst, int64_t ld_dst) {
   int64_t c = 0;
 #if defined(__AVX__)
-  if constexpr (std::is_same<T, float>::value) {
+  if constexpr (Gathers8x8<T>::value) {
     const int64_t nr8 = nr & ~int64_t(7);
+    // Each column is a short run at its own address, which the hardware prefetchers do not follow:
+    // the lines kAhead columns on are asked for while these are transposed.
+    constexpr int64_t kAhead = 16;
     for (; c + 8 <= n; c += 8) {
+      for (int64_t k = c + kAhead; k < std::min(c + kAhead + 8, n); ++k) {
+        __builtin_prefetch(src + k * ld_src);
+        __builtin_prefetch(src + k * ld_src + nr - 1);
+      }
       for (int64_t i = 0; i < nr8; i += 8) transpose_8x8(src + c * ld_src + i, ld_src, dst + i * ld_dst + c, ld_dst);
       for (int64_t i = nr8; i < nr; ++i)
-        for (int64_t k = 0; k < 8; ++k) dst[i * ld_dst + c + k] = src[(c + k) * ld_src + i];
+        for (int64_t k = 0; k < 8; ++k) dst[i * ld_dst + c + k] = load(src[(c + k) * ld_src + i]);
     }
   }
 #endif

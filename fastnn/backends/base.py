@@ -37,6 +37,10 @@ class Backend:
         """-> (y, saved); saved is empty when save is False or the activation needs nothing."""
         raise NotImplementedError
 
+    def linear_act_y(self, x, weight, bias, act: Activation):
+        """y alone, for a call with no gradient to give (no placeholder for what is not saved)."""
+        return self.linear_act_fwd(x, weight, bias, act, False)[0]
+
     def linear_act_bwd(self, dy, x, weight, bias, saved, act: Activation, need_dx, need_dw, need_db,
                        reuse=()):
         """-> (dx, dw, db), None for those not needed. bias is the forward's (or None).

@@ -26,11 +26,12 @@ float16 with oneDNN only where the CPU has AVX512-BF16 / AVX512-FP16 or AMX; els
 x86, for one) it falls back to a reference loop 40-80x slower than its own float32 GEMM. There the
 cpu backend multiplies in float32: exact conversions in, float32 accumulation, one rounding out (the
 numerics rule), and since a float32 GEMM adds the bias for free, it folds the bias in as for float32.
-FASTNN_CPU_GEMM16=native|float32 overrides the choice (tests run both).
+FASTNN_CPU_GEMM16=native|float32, read at import, overrides the choice (tests run both).
 
 Two things this backend does for speed that eager PyTorch does not:
-- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs), the forward GEMMs compute Z^T = W x^T,
-  which MKL runs faster at few rows, and the pass after them reads Z^T and writes y row-major;
+- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs, and 16-bit ones on oneDNN's AMX kernels),
+  the forward GEMMs compute Z^T = W x^T, which MKL and oneDNN run faster at few rows, and the pass
+  after them reads Z^T and writes y row-major;
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
   4 KiB once it is too large for malloc to recycle.
@@ -65,13 +66,24 @@ def _onednn_has(dtype) -> bool:
         return True
 
 
+def _env_choice(name, choices):
+    value = os.environ.get(name, "")
+    return value if value in choices else None
+
+
+# The overrides below are read once, at import: a lookup in os.environ on every call cost tens of
+# microseconds right after a large GEMM, when Python's own data has left the caches (tests set
+# these attributes instead).
+GEMM16_OVERRIDE = _env_choice("FASTNN_CPU_GEMM16", ("native", "float32"))
+PRODUCT_OVERRIDE = _env_choice("FASTNN_CPU_PRODUCT", ("direct", "transposed"))
+
+
 def gemm_in_float32(dtype) -> bool:
     """Whether this backend runs a `dtype` GEMM in float32 (see the module docstring)."""
     if dtype not in _HALF:
         return False
-    choice = os.environ.get("FASTNN_CPU_GEMM16", "")
-    if choice in ("native", "float32"):
-        return choice == "float32"
+    if GEMM16_OVERRIDE is not None:
+        return GEMM16_OVERRIDE == "float32"
     return not _onednn_has(dtype)
 
 
@@ -83,14 +95,30 @@ def gemm_in_float32(dtype) -> bool:
 TRANSPOSED_PRODUCT_MAX_ROWS = 512
 
 
-def product_transposed(rows, dtype) -> bool:
-    """Whether the forward GEMMs multiply in the transposed orientation (see above): for
-    float32 GEMMs, which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop.
-    FASTNN_CPU_PRODUCT=direct|transposed overrides the choice (tests run both)."""
-    choice = os.environ.get("FASTNN_CPU_PRODUCT", "")
-    if choice in ("direct", "transposed"):
-        return choice == "transposed"
-    return (dtype == torch.float32 or gemm_in_float32(dtype)) and rows <= TRANSPOSED_PRODUCT_MAX_ROWS
+@functools.lru_cache(maxsize=None)
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.4
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def product_transposed(rows, dtype, fold_bias=True) -> bool:
+    """Whether the forward GEMMs multiply in the transposed orientation (see above): for float32
+    GEMMs, which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop, and for
+    16-bit GEMMs on CPUs with AMX, where oneDNN multiplies W x^T faster too (bfloat16, Xeon with
+    AMX, 2 threads: 1.78x at 256 x 768 -> 3072, 1.53x at 64 rows, 1.08x at 256 x 3072 -> 768,
+    1.13x at 512 x 1024 -> 4096), but only where the pass adds the bias (fold_bias False): a GEMM
+    that adds it keeps F.linear's orientation, whose bits the kinked activations' sign follows.
+    FASTNN_CPU_PRODUCT=direct|transposed, read at import, overrides the choice (tests run both)."""
+    if PRODUCT_OVERRIDE is not None:
+        return PRODUCT_OVERRIDE == "transposed"
+    if rows > TRANSPOSED_PRODUCT_MAX_ROWS:
+        return False
+    if dtype == torch.float32 or gemm_in_float32(dtype):
+        return True
+    return dtype in _HALF and not fold_bias and _has_amx()
 
 
 def torch_gemm_is_slow(dtype) -> bool:
@@ -192,18 +220,21 @@ def _gemm(x, weight, bias, fold_bias):
     return _mm([(x, weight.t())]), (None if bias is None else bias.contiguous())
 
 
-def _gemm_transposed(x, weight, bias):
-    """Z^T = W x^T, the bias folded in as a column (see TRANSPOSED_PRODUCT_MAX_ROWS)."""
-    return _mm([(weight, x.t())], None if bias is None else bias.unsqueeze(1))
+def _gemm_transposed(x, weight, bias, fold_bias):
+    """Z^T = W x^T (see TRANSPOSED_PRODUCT_MAX_ROWS), plus the bias as a column when fold_bias;
+    returns (product, bias still to add)."""
+    if bias is not None and fold_bias:
+        return _mm([(weight, x.t())], bias.unsqueeze(1)), None
+    return _mm([(weight, x.t())]), (None if bias is None else bias.contiguous())
 
 
 def _saved_buffer(saves, rows, cols, x):
-    """What linear_act's forward keeps for backward, to be filled: Z, its sign mask, or nothing."""
+    """What linear_act's forward keeps for backward, to be filled: Z, its sign mask, or None."""
     if saves == "preact":
         return torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     if saves == "mask":
         return torch.empty((rows, (cols + 7) // 8), dtype=torch.uint8, device=x.device)
-    return empty_like_nothing(x)
+    return None
 
 
 def _bias_grad_buffer(dtype, cols, device):
@@ -216,24 +247,32 @@ class CpuBackend(Backend):
     def unsupported_reason(self, op, x, weights, act):
         if _native._C is None:
             return f"the native module fastnn._C is not available ({_native.C_IMPORT_ERROR})"
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return f"it runs on CPU tensors; these are on {x.device}"
         if x.dtype not in _SUPPORTED:
             return f"it supports float32, bfloat16, float16 and float64, not {x.dtype}"
         return None
 
     def linear_act_fwd(self, x, weight, bias, act, save):
+        y, kept = self._linear_act(x, weight, bias, act, act.saves if save else "nothing")
+        return y, (empty_like_nothing(x) if kept is None else kept)
+
+    def linear_act_y(self, x, weight, bias, act):
+        return self._linear_act(x, weight, bias, act, "nothing")[0]
+
+    def _linear_act(self, x, weight, bias, act, saves):
+        """-> (y, what backward needs: Z, its mask, or None)."""
         C = _native.cpu_module()
         rows, cols = x.shape[0], weight.shape[0]
         code = _native.DTYPE_CODES[x.dtype]
-        saves = act.saves if save else "nothing"
         fold = _fold_bias(x.dtype, act)
-        if (fold or bias is None) and product_transposed(rows, x.dtype):
-            # Z^T, then one pass: y, and Z or its mask, row-major
-            product_t = _gemm_transposed(x, weight, bias)
+        if product_transposed(rows, x.dtype, fold):
+            # Z^T, then one pass: y, and the product or Z's mask, row-major
+            product_t, bias = _gemm_transposed(x, weight, bias, fold)
             y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
             kept = _saved_buffer(saves, rows, cols, x)
-            C.cpu_act_forward_from_transposed(code, act.code, rows, cols, product_t.data_ptr(), y.data_ptr(),
+            C.cpu_act_forward_from_transposed(code, act.code, rows, cols, product_t.data_ptr(), _ptr(bias),
+                                              y.data_ptr(),
                                               _ptr(kept) if saves == "preact" else 0,
                                               _ptr(kept) if saves == "mask" else 0, _native.num_threads())
             return y, kept
@@ -246,7 +285,7 @@ class CpuBackend(Backend):
         mask = _saved_buffer(saves, rows, cols, x)
         if act.name != "identity" or bias is not None:
             C.cpu_bias_act_forward(code, act.code, rows, cols, product.data_ptr(), _ptr(bias), product.data_ptr(),
-                                   _ptr(mask) if saves == "mask" else 0, _native.num_threads())
+                                   _ptr(mask), _native.num_threads())
         return product, mask
 
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
@@ -299,15 +338,15 @@ class CpuBackend(Backend):
         C = _native.cpu_module()
         rows, cols = x.shape[0], gate_weight.shape[0]
         fold_gate, fold_up = _fold_bias(x.dtype, gate_act), _fold_bias(x.dtype, None)
-        if ((fold_gate or gate_bias is None) and (fold_up or up_bias is None)
-                and product_transposed(rows, x.dtype)):
-            # as linear_act_fwd: both products transposed
-            p_gate, p_up = _gemm_transposed(x, gate_weight, gate_bias), _gemm_transposed(x, up_weight, up_bias)
+        if product_transposed(rows, x.dtype, fold_gate):
+            # as linear_act_fwd: both products transposed (the gate's bias decides, as its sign does)
+            p_gate, gate_bias = _gemm_transposed(x, gate_weight, gate_bias, fold_gate)
+            p_up, up_bias = _gemm_transposed(x, up_weight, up_bias, fold_up)
             y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
             z_gate, z_up = (torch.empty_like(y), torch.empty_like(y)) if save else (None, None)
             C.cpu_glu_forward_from_transposed(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols,
-                                              p_gate.data_ptr(), p_up.data_ptr(), y.data_ptr(), _ptr(z_gate),
-                                              _ptr(z_up), _native.num_threads())
+                                              p_gate.data_ptr(), p_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias),
+                                              y.data_ptr(), _ptr(z_gate), _ptr(z_up), _native.num_threads())
             if not save:
                 return y, empty_like_nothing(x), empty_like_nothing(x)
             return y, z_gate, z_up
