@@ -112,7 +112,7 @@ def test_onednn_linear_probe_ignores_the_callers_autocast():
 def test_env_overrides_are_read_at_import(tmp_path):
     """FASTNN_CPU_GEMM16 and FASTNN_CPU_PRODUCT, as a user sets them before starting Python."""
     code = ("import torch; from fastnn.backends import cpu; "
-            "print(cpu.gemm_in_float32(torch.bfloat16), cpu.product_transposed(10**6, torch.float32))")
+            "print(cpu.gemm_in_float32(torch.bfloat16), cpu.product_transposed(10**6, torch.float32, True))")
     for gemm16, product, expected in (("float32", "transposed", "True True"), ("native", "direct", "False False")):
         env = dict(os.environ, FASTNN_CPU_GEMM16=gemm16, FASTNN_CPU_PRODUCT=product)
         # away from the repository root, whose unbuilt fastnn/ would shadow the installed one

@@ -100,10 +100,10 @@ def test_mlp_both_orientations(orientation, activation, level):
 def test_orientation_choice(monkeypatch):
     monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", None)
     limit = cpu_backend.TRANSPOSED_PRODUCT_MAX_ROWS
-    assert cpu_backend.product_transposed(limit, torch.float32)
-    assert not cpu_backend.product_transposed(limit + 1, torch.float32)
+    assert cpu_backend.product_transposed(limit, torch.float32, fold_bias=True)
+    assert not cpu_backend.product_transposed(limit + 1, torch.float32, fold_bias=True)
     for dtype in (torch.bfloat16, torch.float16):  # float32 GEMMs; 16-bit ones only with AMX
-        assert cpu_backend.product_transposed(16, dtype) == cpu_backend.gemm_in_float32(dtype)
+        assert cpu_backend.product_transposed(16, dtype, fold_bias=True) == cpu_backend.gemm_in_float32(dtype)
     monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
     for amx in (True, False):
         monkeypatch.setattr(cpu_backend, "_has_amx", lambda amx=amx: amx)
@@ -112,7 +112,7 @@ def test_orientation_choice(monkeypatch):
             assert not cpu_backend.product_transposed(limit, dtype, fold_bias=True)
             assert not cpu_backend.product_transposed(limit + 1, dtype, fold_bias=False)
     monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", "transposed")
-    assert cpu_backend.product_transposed(10**6, torch.float16)
+    assert cpu_backend.product_transposed(10**6, torch.float16, fold_bias=False)
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)

@@ -104,7 +104,7 @@ def _has_amx() -> bool:
         return False
 
 
-def product_transposed(rows, dtype, fold_bias=True) -> bool:
+def product_transposed(rows, dtype, fold_bias) -> bool:
     """Whether the forward GEMMs multiply in the transposed orientation (see above): for float32
     GEMMs, which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop, and for
     16-bit GEMMs on CPUs with AMX, where oneDNN multiplies W x^T faster too (bfloat16, Xeon with
