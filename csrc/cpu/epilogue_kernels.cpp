@@ -184,6 +184,13 @@ inline void add_partial_by_row_pairs(P* part, const C* v, int64_t cols, int64_t 
   // else: added with the next row
 }
 
+// v[i] += b[i]: a chunk's bias, in the compute type.
+template <typename C>
+inline void add_bias(C* v, const C* b, int64_t n) {
+  FASTNN_SIMD
+  for (int64_t i = 0; i < n; ++i) v[i] += b[i];
+}
+
 template <typename T, Act A>
 void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias, T* y,
                         uint8_t* mask, int num_threads) {
@@ -221,10 +228,7 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
         }
       }
       to_compute(acc + o, v, n);  // the whole chunk is read before y (maybe acc) is written
-      if (bias) {
-        FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) v[i] += bc[i];
-      }
+      if (bias) add_bias(v, bc, n);
       if (mask) store_sign_mask(v, n, flags, mask + r * mbytes + s / 8);
       FASTNN_SIMD
       for (int64_t i = 0; i < n; ++i) v[i] = F::f(v[i]);
@@ -263,12 +267,6 @@ void parallel_transposed_blocks(int64_t rows, int64_t cols, int num_threads, Fn&
     const int64_t r0 = task / col_blocks * kTRows, c0 = task % col_blocks * kTCols;
     fn(r0, std::min(kTRows, rows - r0), c0, std::min(kTCols, cols - c0));
   }
-}
-
-template <typename C>
-inline void add_bias(C* v, const C* b, int64_t n) {
-  FASTNN_SIMD
-  for (int64_t i = 0; i < n; ++i) v[i] += b[i];
 }
 
 template <typename T, Act A>
