@@ -157,8 +157,8 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     if not ops.use_ops(x2, gate_weight, up_weight, gate_bias, up_bias):
         # (no gradient to give: the backend's forward alone, as linear_act)
         y = (ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, name, save)
-             if save else backends.BACKENDS[name].linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
-                                                                gate_act, False)[0])
+             if save else backends.BACKENDS[name].linear_glu_y(x2, gate_weight, up_weight, gate_bias, up_bias,
+                                                              gate_act))
     elif name == "triton":
         y, _, _ = torch.ops.fastnn.triton_linear_glu_fwd(x2, gate_weight, up_weight, gate_bias, up_bias,
                                                          activation, save)

@@ -59,6 +59,10 @@ class Backend:
         is False)."""
         raise NotImplementedError
 
+    def linear_glu_y(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act: Activation):
+        """y alone, for a call with no gradient to give (as linear_act_y)."""
+        return self.linear_glu_fwd(x, gate_weight, up_weight, gate_bias, up_bias, gate_act, False)[0]
+
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up,
                        gate_act: Activation, need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
         """-> (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias), None for those not needed.

@@ -335,6 +335,16 @@ class CpuBackend(Backend):
         return h
 
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
+        y, z_gate, z_up = self._linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save)
+        if not save:
+            return y, empty_like_nothing(x), empty_like_nothing(x)
+        return y, z_gate, z_up
+
+    def linear_glu_y(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act):
+        return self._linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act, False)[0]
+
+    def _linear_glu(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
+        """-> (y, z_gate, z_up), the products None without save."""
         C = _native.cpu_module()
         rows, cols = x.shape[0], gate_weight.shape[0]
         fold_gate, fold_up = _fold_bias(x.dtype, gate_act), _fold_bias(x.dtype, None)
@@ -347,8 +357,6 @@ class CpuBackend(Backend):
             C.cpu_glu_forward_from_transposed(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols,
                                               p_gate.data_ptr(), p_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias),
                                               y.data_ptr(), _ptr(z_gate), _ptr(z_up), _native.num_threads())
-            if not save:
-                return y, empty_like_nothing(x), empty_like_nothing(x)
             return y, z_gate, z_up
         p_gate, gate_bias = _gemm(x, gate_weight, gate_bias, fold_gate)
         p_up, up_bias = _gemm(x, up_weight, up_bias, fold_up)
@@ -356,9 +364,7 @@ class CpuBackend(Backend):
         y = torch.empty_like(p_gate) if save else p_gate
         C.cpu_glu_forward(_native.DTYPE_CODES[x.dtype], gate_act.code, rows, cols, p_gate.data_ptr(),
                           p_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias), y.data_ptr(), _native.num_threads())
-        if not save:
-            return y, empty_like_nothing(x), empty_like_nothing(x)
-        return y, p_gate, p_up  # backward adds the biases again
+        return (y, p_gate, p_up) if save else (y, None, None)  # backward adds the biases again
 
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, gate_act,
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
