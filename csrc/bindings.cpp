@@ -40,6 +40,11 @@ void check_sizes(int64_t rows, int64_t cols, int num_threads) {
   if (num_threads < 1) throw std::invalid_argument("fastnn._C: num_threads must be >= 1");
 }
 
+// A transposed product's rows are ld_t >= rows elements apart.
+void check_leading_dim(int64_t ld_t, int64_t rows) {
+  if (ld_t < rows) throw std::invalid_argument("fastnn._C: leading dimension ld_t is below rows");
+}
+
 // With no rows the bias gradient is zero (float32 sums, float64 for float64).
 void zero_bias_grad(uintptr_t dbias, int64_t cols, DType d) {
   if (dbias && cols > 0) std::memset(mptr(dbias), 0, size_t(cols) * (d == DType::kFloat64 ? 8 : 4));
@@ -68,17 +73,18 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("cpu_act_forward_from_transposed",
-        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc_t, uintptr_t bias, uintptr_t y,
-           uintptr_t z, uintptr_t mask, int num_threads) {
+        [](int dtype, int act, int64_t rows, int64_t cols, uintptr_t acc_t, int64_t ld_t, uintptr_t bias,
+           uintptr_t y, uintptr_t z, uintptr_t mask, int num_threads) {
           check_sizes(rows, cols, num_threads);
+          check_leading_dim(ld_t, rows);
           if (rows * cols == 0) return;
           require(acc_t, "acc_t");
           require(y, "y");
           const DType d = to_dtype(dtype);
           const Act a = to_act(act);
           py::gil_scoped_release nogil;
-          fastnn::cpu::act_forward_from_transposed(d, a, rows, cols, cptr(acc_t), cptr(bias), mptr(y), mptr(z),
-                                                   mptr(mask), num_threads);
+          fastnn::cpu::act_forward_from_transposed(d, a, rows, cols, cptr(acc_t), ld_t, cptr(bias), mptr(y),
+                                                   mptr(z), mptr(mask), num_threads);
         });
 
   m.def("cpu_act_backward",
@@ -117,9 +123,10 @@ PYBIND11_MODULE(_C, m) {
         });
 
   m.def("cpu_glu_forward_from_transposed",
-        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t gate_t, uintptr_t up_t,
+        [](int dtype, int gate_act, int64_t rows, int64_t cols, uintptr_t gate_t, uintptr_t up_t, int64_t ld_t,
            uintptr_t bias_gate, uintptr_t bias_up, uintptr_t y, uintptr_t z_gate, uintptr_t z_up, int num_threads) {
           check_sizes(rows, cols, num_threads);
+          check_leading_dim(ld_t, rows);
           if (rows * cols == 0) return;
           require(gate_t, "gate_t");
           require(up_t, "up_t");
@@ -127,8 +134,9 @@ PYBIND11_MODULE(_C, m) {
           const DType d = to_dtype(dtype);
           const Act a = to_act(gate_act);
           py::gil_scoped_release nogil;
-          fastnn::cpu::glu_forward_from_transposed(d, a, rows, cols, cptr(gate_t), cptr(up_t), cptr(bias_gate),
-                                                   cptr(bias_up), mptr(y), mptr(z_gate), mptr(z_up), num_threads);
+          fastnn::cpu::glu_forward_from_transposed(d, a, rows, cols, cptr(gate_t), cptr(up_t), ld_t,
+                                                   cptr(bias_gate), cptr(bias_up), mptr(y), mptr(z_gate), mptr(z_up),
+                                                   num_threads);
         });
 
   m.def("cpu_glu_backward",

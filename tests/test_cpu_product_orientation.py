@@ -12,8 +12,9 @@ from fastnn.backends import cpu as cpu_backend
 from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
 
 ORIENTATIONS = ["direct", "transposed"]
-# (rows, in, out): one block; rows and columns off the block sizes; past the threading threshold
-SHAPES = [(5, 7, 9), (17, 33, 261), (100, 64, 700), (33, 20, 520)]
+# (rows, in, out): one block; rows and columns off the block sizes; past the threading threshold;
+# rows a multiple of 128 bytes (Z^T's rows padded, fastnn/backends/cpu.py: _transposed_out)
+SHAPES = [(5, 7, 9), (17, 33, 261), (100, 64, 700), (33, 20, 520), (64, 20, 300)]
 
 
 @pytest.fixture
@@ -60,11 +61,24 @@ def test_saved_tensors_match_the_direct_orientation(orientation, activation, bia
 
 
 @pytest.mark.parametrize("orientation", ["transposed"], indirect=True)
-def test_transposed_pass_is_the_transpose(orientation):
-    """identity without bias: y is the GEMM's Z^T transposed, bit for bit."""
-    x, w = torch.randn(45, 31), torch.randn(270, 31)
+@pytest.mark.parametrize("rows", [45, 64, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transposed_pass_is_the_transpose(orientation, rows, dtype):
+    """identity without bias: y is the GEMM's Z^T transposed, bit for bit, whether Z^T's rows are
+    padded (rows a multiple of 128 bytes) or not."""
+    x, w = torch.randn(rows, 31).to(dtype), torch.randn(270, 31).to(dtype)
+    product, _ = cpu_backend._gemm_transposed(x, w, None, False)
+    padded = rows * x.element_size() % 128 == 0 and not cpu_backend.gemm_in_float32(dtype)
+    assert product.stride() == ((rows + 64 // x.element_size()) if padded else rows, 1)
     y = fastnn.linear_act(x, w, None, "identity", backend="cpu")
     assert torch.equal(y, torch.mm(w, x.t()).t())
+
+
+def test_transposed_pass_rejects_a_short_leading_dimension():
+    C = fastnn._native.cpu_module()
+    zt, y = torch.zeros(8, 4), torch.empty(4, 8)
+    with pytest.raises(ValueError, match="leading dimension"):
+        C.cpu_act_forward_from_transposed(0, 0, 4, 8, zt.data_ptr(), 3, 0, y.data_ptr(), 0, 0, 1)
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)

@@ -9,13 +9,13 @@
 #define FASTNN_DECLARE_ISA(NS)                                                                    \
   namespace fastnn { namespace cpu { namespace NS {                                               \
   void bias_act_forward(DType, Act, int64_t, int64_t, const void*, const void*, void*, void*, int); \
-  void act_forward_from_transposed(DType, Act, int64_t, int64_t, const void*, const void*, void*,  \
-                                   void*, void*, int);                                            \
+  void act_forward_from_transposed(DType, Act, int64_t, int64_t, const void*, int64_t, const void*, \
+                                   void*, void*, void*, int);                                     \
   void act_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*, void*,    \
                     void*, int);                                                                  \
   void glu_forward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,            \
                    const void*, void*, int);                                                      \
-  void glu_forward_from_transposed(DType, Act, int64_t, int64_t, const void*, const void*,         \
+  void glu_forward_from_transposed(DType, Act, int64_t, int64_t, const void*, const void*, int64_t,\
                                    const void*, const void*, void*, void*, void*, int);           \
   void glu_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,           \
                     const void*, const void*, void*, void*, void*, void*, int);                   \
@@ -116,8 +116,8 @@ void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const vo
 }
 
 void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc_t,
-                                 const void* bias, void* y, void* z, void* mask, int num_threads) {
-  FASTNN_CALL(act_forward_from_transposed, dtype, act, rows, cols, acc_t, bias, y, z, mask, num_threads)
+                                 int64_t ld_t, const void* bias, void* y, void* z, void* mask, int num_threads) {
+  FASTNN_CALL(act_forward_from_transposed, dtype, act, rows, cols, acc_t, ld_t, bias, y, z, mask, num_threads)
 }
 
 void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
@@ -133,10 +133,10 @@ void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const vo
 }
 
 void glu_forward_from_transposed(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* gate_t,
-                                 const void* up_t, const void* bias_gate, const void* bias_up, void* y,
-                                 void* z_gate, void* z_up, int num_threads) {
-  FASTNN_CALL(glu_forward_from_transposed, dtype, gate_act, rows, cols, gate_t, up_t, bias_gate, bias_up, y,
-              z_gate, z_up, num_threads)
+                                 const void* up_t, int64_t ld_t, const void* bias_gate, const void* bias_up,
+                                 void* y, void* z_gate, void* z_up, int num_threads) {
+  FASTNN_CALL(glu_forward_from_transposed, dtype, gate_act, rows, cols, gate_t, up_t, ld_t, bias_gate, bias_up,
+              y, z_gate, z_up, num_threads)
 }
 
 void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,

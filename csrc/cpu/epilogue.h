@@ -23,11 +23,13 @@ inline int64_t mask_row_bytes(int64_t cols) { return (cols + 7) / 8; }
 void bias_act_forward(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
                       const void* bias, void* y, void* mask, int num_threads);
 
-// The same from a product the GEMM wrote transposed: acc_t is [cols, rows], Z^T with the bias in
-// it, or without and `bias` (not null) added here in float. Writes y = act(Z) and, when not null,
-// the product row-major (z: acc_t's values, without the bias added here) and Z's sign mask (mask).
+// The same from a product the GEMM wrote transposed: acc_t is [cols, rows] with rows ld_t >= rows
+// elements apart, Z^T with the bias in it, or without and `bias` (not null) added here in float.
+// Writes y = act(Z) and, when not null, the product row-major (z: acc_t's values, without the bias
+// added here) and Z's sign mask (mask).
 void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t cols, const void* acc_t,
-                                 const void* bias, void* y, void* z, void* mask, int num_threads);
+                                 int64_t ld_t, const void* bias, void* y, void* z, void* mask,
+                                 int num_threads);
 
 // dz = dy * act'(z). `saved` is the sign mask (relu, leaky_relu), or the product acc of the
 // forward with z = acc + bias (bias may be null), or nothing (identity: dz is dy and is not
@@ -42,11 +44,12 @@ void glu_forward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const vo
                  const void* acc_up, const void* bias_gate, const void* bias_up, void* y,
                  int num_threads);
 
-// The same from products the GEMMs wrote transposed ([cols, rows]; each bias in its product, or
-// not null and added here in float): y, and the products row-major (z_gate, z_up) when not null.
+// The same from products the GEMMs wrote transposed ([cols, rows], both with rows ld_t elements
+// apart; each bias in its product, or not null and added here in float): y, and the products
+// row-major (z_gate, z_up) when not null.
 void glu_forward_from_transposed(DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* gate_t,
-                                 const void* up_t, const void* bias_gate, const void* bias_up, void* y,
-                                 void* z_gate, void* z_up, int num_threads);
+                                 const void* up_t, int64_t ld_t, const void* bias_gate, const void* bias_up,
+                                 void* y, void* z_gate, void* z_up, int num_threads);
 
 // With z_gate = acc_gate + bias_gate and z_up = acc_up + bias_up: dz_up = dy * act(z_gate),
 // dz_gate = dy * z_up * act'(z_gate); bias gradients as above.
