@@ -114,10 +114,13 @@ def test_mlp_both_orientations(orientation, activation, level):
 def test_orientation_choice(monkeypatch):
     monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", None)
     limit = cpu_backend.TRANSPOSED_PRODUCT_MAX_ROWS
-    assert cpu_backend.product_transposed(limit, torch.float32, fold_bias=True)
-    assert not cpu_backend.product_transposed(limit + 1, torch.float32, fold_bias=True)
-    for dtype in (torch.bfloat16, torch.float16):  # float32 GEMMs; 16-bit ones only with AMX
-        assert cpu_backend.product_transposed(16, dtype, fold_bias=True) == cpu_backend.gemm_in_float32(dtype)
+    for intel in (True, False):  # float32 GEMMs on CPUs other than Intel's
+        monkeypatch.setattr(cpu_backend, "_intel_cpu", lambda intel=intel: intel)
+        assert cpu_backend.product_transposed(limit, torch.float32, fold_bias=True) is not intel
+        assert not cpu_backend.product_transposed(limit + 1, torch.float32, fold_bias=True)
+        for dtype in (torch.bfloat16, torch.float16):  # 16-bit inputs multiplied in float32 too
+            expect = cpu_backend.gemm_in_float32(dtype) and not intel
+            assert cpu_backend.product_transposed(16, dtype, fold_bias=True) == expect
     monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
     for amx in (True, False):
         monkeypatch.setattr(cpu_backend, "_has_amx", lambda amx=amx: amx)

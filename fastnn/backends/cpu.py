@@ -29,7 +29,7 @@ numerics rule), and since a float32 GEMM adds the bias for free, it folds the bi
 FASTNN_CPU_GEMM16=native|float32, read at import, overrides the choice (tests run both).
 
 Two things this backend does for speed that eager PyTorch does not:
-- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs, and 16-bit ones on oneDNN's AMX kernels),
+- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs on AMD CPUs, 16-bit ones on oneDNN's AMX kernels),
   the forward GEMMs compute Z^T = W x^T, which MKL and oneDNN run faster at few rows, and the pass
   after them reads Z^T and writes y row-major;
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
@@ -87,12 +87,26 @@ def gemm_in_float32(dtype) -> bool:
     return not _onednn_has(dtype)
 
 
-# Below this many rows the forward GEMMs (linear_act's, linear_glu's two) compute Z^T = W x^T (+ b):
+# Below this many rows the forward GEMMs (linear_act's, linear_glu's two) compute Z^T = W x^T (+ b)
+# (not float32 GEMMs on Intel CPUs, see product_transposed):
 # MKL's float32 GEMM on the AVX2 AMD EPYC this was measured on (2 threads) runs it 1.1-1.3x faster
 # at 256 rows, 1.2-1.8x at 64 and 1.5-2.1x at 16 than Z = x W^T (the orientation F.linear asks for),
 # for (in, out) = (768, 3072), (3072, 768), (1024, 4096), (256, 1024), (4096, 11008); 1.03-1.16x
 # at 512 and 0.97-1.06x from 1024 rows on. The pass after the GEMM reads Z^T and writes y row-major.
 TRANSPOSED_PRODUCT_MAX_ROWS = 512
+
+
+@functools.lru_cache(maxsize=None)
+def _intel_cpu() -> bool:
+    """Whether this is an Intel CPU (Linux: /proc/cpuinfo; elsewhere assumed not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" in line
+    except OSError:
+        pass
+    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,18 +120,22 @@ def _has_amx() -> bool:
 
 def product_transposed(rows, dtype, fold_bias) -> bool:
     """Whether the forward GEMMs multiply in the transposed orientation (see above): for float32
-    GEMMs, which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop, and for
-    16-bit GEMMs on CPUs with AMX, where oneDNN multiplies W x^T faster too (bfloat16, Xeon with
-    AMX, 2 threads: 1.78x at 256 x 768 -> 3072, 1.53x at 64 rows, 1.08x at 256 x 3072 -> 768,
-    1.13x at 512 x 1024 -> 4096), but only where the pass adds the bias (fold_bias False): a GEMM
-    that adds it keeps F.linear's orientation, whose bits the kinked activations' sign follows.
-    FASTNN_CPU_PRODUCT=direct|transposed, read at import, overrides the choice (tests run both)."""
+    GEMMs (which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop) on CPUs
+    other than Intel's, and for 16-bit GEMMs on CPUs with AMX, where oneDNN multiplies W x^T faster
+    too (bfloat16, Xeon with AMX, 2 threads: 1.78x at 256 x 768 -> 3072, 1.53x at 64 rows, 1.08x at
+    256 x 3072 -> 768, 1.13x at 512 x 1024 -> 4096), but only where the pass adds the bias
+    (fold_bias False): a GEMM that adds it keeps F.linear's orientation, whose bits the kinked
+    activations' sign follows. On Intel's CPUs MKL's float32 GEMM gains nothing from the transposed
+    orientation that the pass from Z^T does not give back (Xeon with AMX, gelu forward, paired:
+    0.92-0.95x of the direct orientation at 64, 128, 512 rows and 256 x 3072 -> 768, 1.00x at 256 x
+    768 -> 3072). FASTNN_CPU_PRODUCT=direct|transposed, read at import, overrides the choice (tests
+    run both)."""
     if PRODUCT_OVERRIDE is not None:
         return PRODUCT_OVERRIDE == "transposed"
     if rows > TRANSPOSED_PRODUCT_MAX_ROWS:
         return False
     if dtype == torch.float32 or gemm_in_float32(dtype):
-        return True
+        return not _intel_cpu()
     return dtype in _HALF and not fold_bias and _has_amx()
 
 
