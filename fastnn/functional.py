@@ -116,19 +116,26 @@ def _plain_cpu_call(backend, x, weights, biases) -> bool:
     forward AD, jit tracing, autocast) that makes fastnn take another path, and the cpu backend
     asked for or auto's choice."""
     if (_is_compiling() or (backend != "auto" and backend != "cpu") or type(x) is not Tensor or not x.is_cpu
-            or x.dtype not in FLOAT_DTYPES or x.dim() < 1 or _native._C is None):
+            or x.dtype not in FLOAT_DTYPES or x.dim() < 1 or _native._C is None
+            or not _plain_cpu_params(x.dtype, x.shape[-1], weights, biases)):
         return False
-    dtype, out = x.dtype, weights[0].shape[0]
+    return not (_any_autocast() or _dispatch_depth() or _functorch_level() is not None
+                or _forward_ad._current_level >= 0 or _jit_tracing())
+
+
+def _plain_cpu_params(dtype, in_features, weights, biases) -> bool:
+    """Whether the weights are plain CPU tensors (out, in_features) and the biases (out,) or None,
+    all of one dtype and one `out`."""
+    out = weights[0].shape[0]
     for w in weights:
         if ((type(w) is not Tensor and type(w) is not _Parameter) or not w.is_cpu or w.dtype != dtype
-                or w.dim() != 2 or w.shape[0] != out or w.shape[1] != x.shape[-1]):
+                or w.dim() != 2 or w.shape[0] != out or w.shape[1] != in_features):
             return False
     for b in biases:
         if b is not None and ((type(b) is not Tensor and type(b) is not _Parameter) or not b.is_cpu
                               or b.dtype != dtype or b.dim() != 1 or b.shape[0] != out):
             return False
-    return not (_any_autocast() or _dispatch_depth() or _functorch_level() is not None
-                or _forward_ad._current_level >= 0 or _jit_tracing())
+    return True
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "gelu", *,
@@ -248,6 +255,19 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     backend: fc2 runs there too, and the hidden gradient goes straight into fc1's act' pass.
     """
     gated = activation in activations.GATED
+    if ((gated or activation in activations.ACTIVATIONS) and (up_weight is not None) == gated
+            and (up_bias is None or gated) and (dropout == 0.0 or (not training and 0.0 < dropout <= 1.0))
+            and recompute in ("none", "activation")
+            and _plain_cpu_call(backend, x, (fc1_weight, up_weight) if gated else (fc1_weight,), (fc1_bias, up_bias))
+            and _plain_cpu_params(x.dtype, fc1_weight.shape[0], (fc2_weight,), (fc2_bias,))):
+        # (a plain eager CPU call, as linear_act's; dropout that would run goes the general way)
+        if _needs_grad(x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias):
+            y = MlpFunction.apply(x if x.dim() == 2 else _rows(x), fc1_weight, fc1_bias, up_weight, up_bias,
+                                  fc2_weight, fc2_bias, activation, "cpu", recompute)
+            return y if x.dim() == 2 else _unflatten(y, x.shape[:-1])
+        h = (linear_glu(x, fc1_weight, up_weight, fc1_bias, up_bias, activation, backend=backend) if gated
+             else linear_act(x, fc1_weight, fc1_bias, activation, backend=backend))
+        return linear_act(h, fc2_weight, fc2_bias, "identity", backend=backend)
     if gated:
         act = activations.get_gated(activation)
         if up_weight is None:

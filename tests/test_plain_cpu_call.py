@@ -88,3 +88,44 @@ def test_same_bits_as_the_general_path(dtype, grad, activation):
         outs.append((y, *grads))
     for a, c in zip(*outs):
         assert (a is None and c is None) or torch.equal(a, c)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("level", ["none", "activation"])
+def test_mlp_same_bits_as_the_general_path(grad, activation, level):
+    """fastnn.mlp's screened call against the general path's own choice for it: the block op with
+    a gradient to give, fc1 then fc2 without."""
+    x, w, wu, b = _inputs(torch.float32, rows=(3, 70), grad=grad)
+    w2 = torch.nn.Parameter(torch.randn(7, 12) / 3, requires_grad=grad)
+    b2 = torch.randn(7).requires_grad_(grad)
+    gated = activation in fastnn.GATED
+    up = wu if gated else None
+    assert FN._plain_cpu_call("auto", x, (w, up) if gated else (w,), (b, None))
+    y = fastnn.mlp(x, w, b, w2, b2, activation, up_weight=up, recompute=level, training=False, dropout=0.5)
+    if grad:
+        ref = FN.MlpFunction.apply(x.reshape(-1, 10), w, b, up, None, w2, b2, activation, "cpu", level).reshape(3, 70, 7)
+    else:
+        h = (FN.linear_glu(x, w, wu, b, None, activation, backend="cpu") if gated
+             else FN.linear_act(x, w, b, activation, backend="cpu"))
+        ref = FN.linear_act(h, w2, b2, "identity", backend="cpu")
+    assert torch.equal(y, ref)
+    if grad:
+        leaves = [t for t in (x, w, b, up, w2, b2) if t is not None]
+        for a, c in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+            assert torch.equal(a, c)
+
+
+def test_mlp_errors_still_raised():
+    x, w, wu, b = _inputs()
+    w2 = torch.randn(7, 12)
+    with pytest.raises(ValueError, match="dropout probability"):
+        fastnn.mlp(x, w, b, w2, None, "gelu", dropout=1.5, training=False)
+    with pytest.raises(ValueError, match="up_weight / up_bias are for gated"):
+        fastnn.mlp(x, w, b, w2, None, "gelu", up_bias=b)
+    with pytest.raises(ValueError, match="needs up_weight"):
+        fastnn.mlp(x, w, b, w2, None, "swiglu")
+    with pytest.raises(ValueError, match="unknown recompute level"):
+        fastnn.mlp(x, w, b, w2, None, "gelu", recompute="all")
+    with pytest.raises(ValueError, match="in_features"):
+        fastnn.mlp(x, w, b, torch.randn(7, 11), None, "gelu")
