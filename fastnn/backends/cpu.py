@@ -250,8 +250,9 @@ def _transposed_out(x, cols):
 
 def _gemm_transposed(x, weight, bias, fold_bias):
     """Z^T = W x^T (see TRANSPOSED_PRODUCT_MAX_ROWS), plus the bias as a column when fold_bias;
-    returns (product, bias still to add). The product's rows may be padded (its stride(0))."""
-    out = _transposed_out(x, weight.shape[0])
+    returns (product, bias still to add). The product's rows may be padded (its stride(0)); a GEMM
+    run in float32 for 16-bit inputs makes its own product, so it gets no padded memory to fill."""
+    out = None if gemm_in_float32(x.dtype) else _transposed_out(x, weight.shape[0])
     if bias is not None and fold_bias:
         return _mm([(weight, x.t())], bias.unsqueeze(1), out=out), None
     return _mm([(weight, x.t())], out=out), (None if bias is None else bias.contiguous())
