@@ -151,8 +151,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     act = activations.ACTIVATIONS.get(activation) if type(activation) is str else None
     if act is not None and _plain_cpu_call(backend, x, (weight,), (bias,)):
         x2 = x if x.dim() == 2 else _rows(x)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
+        if _needs_grad(x, weight, bias):
             y = ops.LinearActFunction.apply(x2, weight, bias, activation, "cpu", True)
         else:
             y = _CPU.linear_act_y(x2, weight, bias, act)
@@ -260,14 +259,17 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             and recompute in ("none", "activation")
             and _plain_cpu_call(backend, x, (fc1_weight, up_weight) if gated else (fc1_weight,), (fc1_bias, up_bias))
             and _plain_cpu_params(x.dtype, fc1_weight.shape[0], (fc2_weight,), (fc2_bias,))):
-        # (a plain eager CPU call, as linear_act's; dropout that would run goes the general way)
+        # (a plain eager CPU call, as linear_act's, screened once for the whole block; dropout that
+        # would run goes the general way)
+        x2 = x if x.dim() == 2 else _rows(x)
         if _needs_grad(x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias):
-            y = MlpFunction.apply(x if x.dim() == 2 else _rows(x), fc1_weight, fc1_bias, up_weight, up_bias,
-                                  fc2_weight, fc2_bias, activation, "cpu", recompute)
-            return y if x.dim() == 2 else _unflatten(y, x.shape[:-1])
-        h = (linear_glu(x, fc1_weight, up_weight, fc1_bias, up_bias, activation, backend=backend) if gated
-             else linear_act(x, fc1_weight, fc1_bias, activation, backend=backend))
-        return linear_act(h, fc2_weight, fc2_bias, "identity", backend=backend)
+            y = MlpFunction.apply(x2, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias, activation,
+                                  "cpu", recompute)
+        else:
+            h = (_CPU.linear_glu_y(x2, fc1_weight, up_weight, fc1_bias, up_bias, activations.get_gated(activation))
+                 if gated else _CPU.linear_act_y(x2, fc1_weight, fc1_bias, activations.ACTIVATIONS[activation]))
+            y = _CPU.linear_act_y(h, fc2_weight, fc2_bias, activations.ACTIVATIONS["identity"])
+        return y if x.dim() == 2 else _unflatten(y, x.shape[:-1])
     if gated:
         act = activations.get_gated(activation)
         if up_weight is None:
