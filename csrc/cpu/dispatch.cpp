@@ -72,22 +72,33 @@ Isa isa() {
   return chosen;
 }
 
+// The build a call of this dtype runs in. Only bfloat16 differs between avx512 and avx512bf16 (the
+// one-instruction rounding), so the avx512bf16 build holds bfloat16 alone; float64 runs the baseline
+// build everywhere (its exp / erfc / tanh are scalar libm calls at every level, and it is the
+// reference dtype, not a speed one). CMakeLists.txt builds each level with just these types.
+[[maybe_unused]] Isa level_for(DType dtype) {
+  const Isa level = isa();
+  if (dtype == DType::kFloat64) return Isa::kBaseline;
+  if (level == Isa::kAvx512Bf16 && dtype != DType::kBFloat16) return Isa::kAvx512;
+  return level;
+}
+
 }  // namespace
 
 #if defined(FASTNN_HAVE_AVX512) && defined(FASTNN_HAVE_AVX2)
-#define FASTNN_CALL(fn, ...)                                     \
-  switch (isa()) {                                               \
-    case Isa::kAvx512Bf16: return avx512bf16::fn(__VA_ARGS__);   \
-    case Isa::kAvx512: return avx512::fn(__VA_ARGS__);           \
-    case Isa::kAvx2: return avx2::fn(__VA_ARGS__);               \
-    default: return baseline::fn(__VA_ARGS__);                   \
+#define FASTNN_CALL(fn, dtype, ...)                                     \
+  switch (level_for(dtype)) {                                           \
+    case Isa::kAvx512Bf16: return avx512bf16::fn(dtype, __VA_ARGS__);   \
+    case Isa::kAvx512: return avx512::fn(dtype, __VA_ARGS__);           \
+    case Isa::kAvx2: return avx2::fn(dtype, __VA_ARGS__);               \
+    default: return baseline::fn(dtype, __VA_ARGS__);                   \
   }
 #elif defined(FASTNN_HAVE_AVX2)
-#define FASTNN_CALL(fn, ...)                                     \
-  if (isa() == Isa::kAvx2) return avx2::fn(__VA_ARGS__);         \
-  return baseline::fn(__VA_ARGS__);
+#define FASTNN_CALL(fn, dtype, ...)                                          \
+  if (level_for(dtype) == Isa::kAvx2) return avx2::fn(dtype, __VA_ARGS__);   \
+  return baseline::fn(dtype, __VA_ARGS__);
 #else
-#define FASTNN_CALL(fn, ...) return baseline::fn(__VA_ARGS__);
+#define FASTNN_CALL(fn, dtype, ...) return baseline::fn(dtype, __VA_ARGS__);
 #endif
 
 const char* active_isa() {

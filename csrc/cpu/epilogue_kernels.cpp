@@ -1,7 +1,8 @@
 // The CPU epilogue and backward passes. This file is compiled once per instruction-set level
-// (CMakeLists.txt: baseline, avx2, avx512), each time with FASTNN_ISA_NS naming the level, and
-// dispatch.cpp picks one at run time. The loops are plain C++ that the compiler vectorises at
-// the level's width: every function they call is inline and branch-free.
+// (CMakeLists.txt: baseline, avx2, avx512, avx512bf16), each time with FASTNN_ISA_NS naming the
+// level, and dispatch.cpp picks one at run time for each call's dtype. The loops are plain C++
+// that the compiler vectorises at the level's width: every function they call is inline and
+// branch-free.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -479,16 +480,23 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
   if (dbias_u) reduce_partials(part_u, t.row_blocks, cols, dbias_u, num_threads);
 }
 
-// Calls fn(T{}) with the storage type of dtype.
+// Calls fn(T{}) with the storage type of dtype. A level builds only the types dispatch.cpp sends
+// it (FASTNN_ISA_BF16_ONLY, FASTNN_ISA_NO_FLOAT64: see CMakeLists.txt); the others are not
+// instantiated here, which is most of the build's time.
 template <typename Fn>
 void dispatch_dtype(DType d, Fn&& fn) {
   switch (d) {
+#ifndef FASTNN_ISA_BF16_ONLY
     case DType::kFloat32: fn(float{}); return;
-    case DType::kFloat64: fn(double{}); return;
-    case DType::kBFloat16: fn(bf16_t{}); return;
     case DType::kFloat16: fn(f16_t{}); return;
+#ifndef FASTNN_ISA_NO_FLOAT64
+    case DType::kFloat64: fn(double{}); return;
+#endif
+#endif
+    case DType::kBFloat16: fn(bf16_t{}); return;
+    default: break;
   }
-  throw std::invalid_argument("fastnn cpu: unknown dtype code");
+  throw std::invalid_argument("fastnn cpu: dtype code not built at this instruction-set level");
 }
 
 template <typename Fn>
@@ -580,23 +588,24 @@ void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const v
 }
 
 void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout) {
-  auto run = [&](auto tv) {
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat64)
+    throw std::invalid_argument("fastnn cpu: eval_activation takes float32 or float64");
+  dispatch_dtype(dtype, [&](auto tv) {
     using T = decltype(tv);
-    dispatch_act_or_throw(act, [&](auto at) {
-      using F = Activation<decltype(at)::value>;
-      const T* zi = static_cast<const T*>(z);
-      T* o = static_cast<T*>(out);
-      T* d = static_cast<T*>(dout);
-      FASTNN_SIMD
-      for (int64_t i = 0; i < n; ++i) {
-        o[i] = F::f(zi[i]);
-        d[i] = F::df(zi[i]);
-      }
-    });
-  };
-  if (dtype == DType::kFloat32) run(float{});
-  else if (dtype == DType::kFloat64) run(double{});
-  else throw std::invalid_argument("fastnn cpu: eval_activation takes float32 or float64");
+    if constexpr (std::is_floating_point<T>::value) {
+      dispatch_act_or_throw(act, [&](auto at) {
+        using F = Activation<decltype(at)::value>;
+        const T* zi = static_cast<const T*>(z);
+        T* o = static_cast<T*>(out);
+        T* d = static_cast<T*>(dout);
+        FASTNN_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          o[i] = F::f(zi[i]);
+          d[i] = F::df(zi[i]);
+        }
+      });
+    }
+  });
 }
 
 }  // namespace FASTNN_ISA_NS
