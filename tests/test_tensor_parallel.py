@@ -3,7 +3,9 @@ weights (fastnn/distributed.py's sharding rules) run fastnn's kernels on each ra
 and give one process's outputs and gradients. parallelize_module with the usual
 ColwiseParallel / RowwiseParallel plan on a FusedMLP, and on a fused Hugging Face LLaMA MLP (gate
 and up column-wise, down row-wise), gives them too, with fastnn's fused kernels running on each
-rank's half of the hidden features (counted)."""
+rank's half of the hidden features (counted). All cases run in one 2-process run."""
+import contextlib
+import importlib.util
 import os
 
 import pytest
@@ -71,11 +73,26 @@ def _forward(case, x, w1, b1, wu, bu, w2, b2):
                       recompute="fc1" if case.endswith("fc1") else "none", backend=backend)
 
 
-def _worker(rank, case, out_dir):
+def _worker_all(rank, cases, out_dir):
+    """Every case in one 2-process run (starting the processes is most of a case's time); a case
+    that raises leaves its traceback in failed-<case>.txt and ends the run."""
+    import traceback
+
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (gloo.WORLD,))
+    for case in cases:
+        try:
+            _worker(rank, mesh, case, out_dir)
+        except BaseException:
+            with open(os.path.join(out_dir, f"failed-{case}.txt"), "w") as f:
+                f.write(f"rank {rank}:\n{traceback.format_exc()}")
+            raise
+
+
+def _worker(rank, mesh, case, out_dir):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
     if case.startswith(("module", "llama", "fusedlinear")):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -93,17 +110,19 @@ def _worker(rank, case, out_dir):
         parallelize_module(model, mesh, plan)
         if case == "llama-shard-then-fuse":
             assert [r.fused for r in fastnn.fuse(model).fastnn_fuse_report] == [True]
-        calls = _count_fused_calls()
         if case.endswith("compiled"):  # Dynamo traces the parallel style's hooks: the module runs unfused
             model = torch.compile(model, backend="eager")
         seen = []
-        if case.endswith("globalhook"):  # a hook for every module must see fc1's call: unfused
-            handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
         x = _module_input(case)
-        y = model(x)
-        y.square().sum().backward()
+        with _count_fused_calls() as calls:
+            if case.endswith("globalhook"):  # a hook for every module must see fc1's call: unfused
+                handle = torch.nn.modules.module.register_module_forward_hook(
+                    lambda m, i, o: seen.append(type(m).__name__))
+            y = model(x)
+            y.square().sum().backward()
+            if case.endswith("globalhook"):
+                handle.remove()
         if case.endswith("globalhook"):
-            handle.remove()
             assert seen == ["Linear", "Dropout", "Linear", "FusedMLP"], seen
         # fastnn's fused forward and backward ran, each on this rank's 8 of the 16 hidden features
         # (the "fc1" level runs the forward a second time in backward)
@@ -133,11 +152,12 @@ def _worker(rank, case, out_dir):
         got = [y.detach(), xl.grad] + [d[k].grad.full_tensor() if d[k].grad is not None else None
                                        for k in ("w1", "b1", "wu", "bu", "w2", "b2")]
     if rank == 0:  # "* 1": plain tensors (an AsyncCollectiveTensor waits and unwraps)
-        torch.save([None if t is None else t.detach() * 1 for t in got], os.path.join(out_dir, "got.pt"))
+        torch.save([None if t is None else t.detach() * 1 for t in got], os.path.join(out_dir, f"got-{case}.pt"))
 
 
+@contextlib.contextmanager
 def _count_fused_calls():
-    """From now on records the (rows, hidden) shape of every fused activation the cpu backend
+    """Inside, records the (rows, hidden) shape of every fused activation the cpu backend
     computes, forward and backward (fc1's; not fc2's, whose activation is the identity)."""
     from fastnn.backends import BACKENDS
 
@@ -156,20 +176,46 @@ def _count_fused_calls():
 
     for name, (kind, act_at) in methods.items():
         setattr(be, name, recorded(getattr(be, name), kind, act_at))
-    return calls
+    try:
+        yield calls
+    finally:
+        for name in methods:
+            delattr(be, name)  # the class's methods again
+
+
+def _skip_reason(case):
+    if case.startswith("llama") and importlib.util.find_spec("transformers") is None:
+        return "needs transformers"
+    if case.endswith("@triton"):
+        from fastnn.backends import triton as triton_backend
+        if triton_backend.IMPORT_ERROR is not None or torch.cuda.is_available():
+            return "the Triton cases run the interpreter on CPU tensors (gloo)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory):
+    """One 2-process run of every case that runs here: (its folder, the run's error or None)."""
+    out_dir = tmp_path_factory.mktemp("tensor_parallel")
+    try:
+        gloo.spawn(_worker_all, ([c for c in CASES + TRITON_CASES if _skip_reason(c) is None], str(out_dir)),
+                   out_dir)
+    except Exception as e:  # each case's test says what it means for that case
+        return out_dir, e
+    return out_dir, None
 
 
 @pytest.mark.skipif(not gloo.available(), reason="needs torch.distributed with gloo (Linux/macOS)")
 @pytest.mark.parametrize("case", CASES + TRITON_CASES)
-def test_tensor_parallel_matches_one_process(case, tmp_path):
-    if case.startswith("llama"):
-        pytest.importorskip("transformers")
-    if case.endswith("@triton"):
-        from fastnn.backends import triton as triton_backend
-        if triton_backend.IMPORT_ERROR is not None or torch.cuda.is_available():
-            pytest.skip("the Triton cases run the interpreter on CPU tensors (gloo)")
-    gloo.spawn(_worker, (case, str(tmp_path)), tmp_path)
-    got = torch.load(tmp_path / "got.pt")
+def test_tensor_parallel_matches_one_process(case, parallel_run):
+    reason = _skip_reason(case)
+    if reason:
+        pytest.skip(reason)
+    out_dir, error = parallel_run
+    if (out_dir / f"failed-{case}.txt").exists():
+        pytest.fail((out_dir / f"failed-{case}.txt").read_text())
+    assert (out_dir / f"got-{case}.pt").exists(), f"the 2-process run ended before this case: {error!r}"
+    got = torch.load(out_dir / f"got-{case}.pt")
     ref = _single(case)
     assert len(got) == len(ref)
     for i, (a, b) in enumerate(zip(got, ref)):
