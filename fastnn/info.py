@@ -3,6 +3,7 @@ backend `auto` picks for each device and dtype."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 
@@ -114,6 +115,21 @@ def _cpu_16bit_gemm() -> dict:
             for dt in (torch.bfloat16, torch.float16)}
 
 
+def _cpu_huge_pages() -> str:
+    """Whether the cpu backend's large buffers ask for transparent huge pages here."""
+    from .backends import cpu as cpu_backend
+
+    if cpu_backend._madvise() is not None:
+        return "asked for (madvise) on buffers of 4 MiB and up"
+    if os.environ.get("FASTNN_CPU_HUGEPAGES", "1").strip() == "0":
+        return "off (FASTNN_CPU_HUGEPAGES=0)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f"not asked for: transparent huge pages here are {f.read().strip()}"
+    except OSError:
+        return "not asked for: no transparent huge pages here"
+
+
 def collect() -> dict:
     native = {"cpu": None, "cuda": None}
     if _native._C is not None:
@@ -134,6 +150,7 @@ def collect() -> dict:
         "backends": _backend_status(devices),
         "auto_picks_for_gelu": _auto_choices(devices),
         "cpu_16bit_gemm": _cpu_16bit_gemm(),
+        "cpu_huge_pages": _cpu_huge_pages(),
         "cuda_paths": _cuda_paths(),
         "activations": list(activations.ACTIVATIONS),
         "gated_activations": list(activations.GATED),
@@ -166,6 +183,7 @@ def main(argv=None) -> int:
     for name, per_dev in info["backends"].items():
         print(f"  {name:7s} " + "; ".join(f"{dev}: {why}" for dev, why in per_dev.items()))
     print("cpu backend, 16-bit GEMMs: " + "; ".join(f"{dt}: {how}" for dt, how in info["cpu_16bit_gemm"].items()))
+    print(f"cpu backend, huge pages: {info['cpu_huge_pages']}")
     print("auto picks (linear_act, gelu):")
     for key, name in info["auto_picks_for_gelu"].items():
         print(f"  {key:18s} -> {name}")

@@ -16,6 +16,7 @@ def test_info_runs_and_reports(tmp_path):
     assert "native CPU kernels: ISA levels compiled baseline" in out
     assert "auto picks" in out and "cpu/float32" in out
     assert "cpu backend, 16-bit GEMMs: bfloat16: " in out
+    assert "cpu backend, huge pages: " in out
     data = info.collect()
     assert data["auto_picks_for_gelu"]["cpu/float32"] == "cpu"
     assert data["native"]["cpu"]["cpu_isa_active"] in ("baseline", "avx2", "avx512", "avx512bf16")
@@ -26,3 +27,13 @@ def test_info_says_the_16bit_gemm_route(monkeypatch):
     assert info.collect()["cpu_16bit_gemm"]["bfloat16"].startswith("float32 GEMM")
     monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
     assert info.collect()["cpu_16bit_gemm"]["float16"] == "torch's own 16-bit GEMM"
+
+
+def test_info_says_whether_huge_pages_are_asked_for(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_madvise", lambda: print)
+    assert info.collect()["cpu_huge_pages"].startswith("asked for")
+    monkeypatch.setattr(cpu_backend, "_madvise", lambda: None)
+    monkeypatch.setenv("FASTNN_CPU_HUGEPAGES", "0")
+    assert info.collect()["cpu_huge_pages"] == "off (FASTNN_CPU_HUGEPAGES=0)"
+    monkeypatch.setenv("FASTNN_CPU_HUGEPAGES", "1")
+    assert info.collect()["cpu_huge_pages"].startswith("not asked for")
