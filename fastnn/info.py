@@ -3,7 +3,6 @@ backend `auto` picks for each device and dtype."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 
@@ -121,13 +120,7 @@ def _cpu_huge_pages() -> str:
 
     if cpu_backend._madvise() is not None:
         return "asked for (madvise) on buffers of 4 MiB and up"
-    if os.environ.get("FASTNN_CPU_HUGEPAGES", "1").strip() == "0":
-        return "off (FASTNN_CPU_HUGEPAGES=0)"
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f"not asked for: transparent huge pages here are {f.read().strip()}"
-    except OSError:
-        return "not asked for: no transparent huge pages here"
+    return cpu_backend.huge_pages_off_reason() or "not asked for: libc's madvise could not be loaded"
 
 
 def collect() -> dict:

@@ -159,16 +159,28 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
-@functools.lru_cache(maxsize=None)
-def _madvise():
-    """libc's madvise where asking for huge pages changes something: Linux with transparent huge
-    pages in "madvise" mode ("always" gives them to every large mapping already, "never" to none)."""
+def huge_pages_off_reason():
+    """Why the large buffers do not ask for huge pages here, or None where they may: Linux with
+    transparent huge pages in "madvise" mode ("always" gives them to every large mapping already,
+    "never" to none)."""
     if os.environ.get("FASTNN_CPU_HUGEPAGES", "1").strip() == "0":
-        return None
+        return "off (FASTNN_CPU_HUGEPAGES=0)"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[madvise]" not in f.read():
-                return None
+            mode = f.read().strip()
+    except OSError:
+        return "not asked for: no transparent huge pages here"
+    if "[madvise]" not in mode:
+        return f"not asked for: transparent huge pages here are {mode}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise where asking for huge pages changes something (huge_pages_off_reason)."""
+    if huge_pages_off_reason() is not None:
+        return None
+    try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
