@@ -160,6 +160,20 @@ PYBIND11_MODULE(_C, m) {
                                     mptr(dbias_up), num_threads);
         });
 
+  m.def("cpu_transpose",
+        [](int dtype, int64_t rows, int64_t cols, uintptr_t src, int64_t ld_src, uintptr_t dst, int64_t ld_dst,
+           int num_threads) {
+          check_sizes(rows, cols, num_threads);
+          if (ld_src < cols || ld_dst < rows)
+            throw std::invalid_argument("fastnn._C: cpu_transpose's leading dimensions are below its sizes");
+          if (rows * cols == 0) return;
+          require(src, "src");
+          require(dst, "dst");
+          const DType d = to_dtype(dtype);
+          py::gil_scoped_release nogil;
+          fastnn::cpu::transpose(d, rows, cols, cptr(src), ld_src, mptr(dst), ld_dst, num_threads);
+        });
+
   m.def("cpu_eval_activation", [](int dtype, int act, int64_t n, uintptr_t z, uintptr_t out, uintptr_t dout) {
     if (n < 0) throw std::invalid_argument("fastnn._C: negative size");
     if (n == 0) return;

@@ -1,7 +1,7 @@
 """Every instruction-set build of the CPU kernels that this CPU can run gives correct results:
 each is forced in a subprocess with FASTNN_CPU_ISA and runs the activation checks, a slice of
-the linear_act / linear_glu matrix and both forward GEMM orientations (the default run covers only
-the widest level)."""
+the linear_act / linear_glu matrix, both forward GEMM orientations, the transpose and both
+weight-gradient routes (the default run covers only the widest level)."""
 import os
 import subprocess
 import sys
@@ -30,8 +30,9 @@ def test_isa_level(isa):
     proc = subprocess.run(
         [sys.executable, "-c", run, "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_activations.py"),
          str(HERE / "test_linear_act.py"), str(HERE / "test_linear_glu.py"), str(HERE / "test_cpu_product_orientation.py"),
+         str(HERE / "test_cpu_wgrad.py"),
          "-k", "functor or mask or (matrix and (gelu or relu or swiglu)) or non_contiguous or gradcheck or "
-         "both_orientations or transpose"],
+         "both_orientations or transpose or wgrad"],
         env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]

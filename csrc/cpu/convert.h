@@ -14,7 +14,7 @@
 
 #include "fastnn/dtype.h"
 
-#if defined(__x86_64__) && (defined(__F16C__) || defined(__AVX512F__) || defined(__AVX__))
+#if defined(__SSE2__)  // every x86-64 CPU: the transpose's 16-bit unpacks (epilogue_kernels.cpp)
 #include <immintrin.h>
 #endif
 
@@ -184,6 +184,19 @@ inline void from_compute_streaming(const float* s, float* d, int64_t n) {
 #endif
   copy_chunk(s + i, d + i, n - i);
 }
+// n elements copied with non-temporal stores where d is 16-byte aligned (SSE2, any x86-64), the
+// rest with ordinary stores. The caller fences (store_fence) before other threads read d.
+template <typename T>
+inline void copy_streaming(const T* s, T* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  constexpr int64_t kPer = 16 / int64_t(sizeof(T));
+  if ((reinterpret_cast<uintptr_t>(d) & 15) == 0)
+    for (; i + kPer <= n; i += kPer)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+#endif
+  copy_chunk(s + i, d + i, n - i);
+}
 // 16-bit outputs are half the bytes; they keep ordinary stores.
 template <typename T>
 inline void from_compute_streaming(const typename Compute<T>::type* s, T* d, int64_t n) { from_compute(s, d, n); }
@@ -197,7 +210,7 @@ inline void store_chunk(bool stream, const C* s, T* d, int64_t n) {
     from_compute(s, d, n);
 }
 inline void store_fence() {
-#if defined(__AVX__)
+#if defined(__SSE2__)
   _mm_sfence();
 #endif
 }

@@ -20,6 +20,7 @@
   void glu_backward(DType, Act, int64_t, int64_t, const void*, const void*, const void*,           \
                     const void*, const void*, void*, void*, void*, void*, int);                   \
   void eval_activation(DType, Act, int64_t, const void*, void*, void*);                          \
+  void transpose(DType, int64_t, int64_t, const void*, int64_t, void*, int64_t, int);           \
   } } }
 
 FASTNN_DECLARE_ISA(baseline)
@@ -156,6 +157,11 @@ void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const v
                   void* dbias_up, int num_threads) {
   FASTNN_CALL(glu_backward, dtype, gate_act, rows, cols, dy, acc_gate, acc_up, bias_gate, bias_up,
               dz_gate, dz_up, dbias_gate, dbias_up, num_threads)
+}
+
+void transpose(DType dtype, int64_t rows, int64_t cols, const void* src, int64_t ld_src, void* dst,
+               int64_t ld_dst, int num_threads) {
+  FASTNN_CALL(transpose, dtype, rows, cols, src, ld_src, dst, ld_dst, num_threads)
 }
 
 void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout) {

@@ -144,6 +144,44 @@ def product_transposed(rows, dtype, fold_bias) -> bool:
     return dtype in _HALF and not fold_bias and _has_amx()
 
 
+# Backward's weight-gradient GEMM dW = dZ^T X: oneDNN's 16-bit GEMMs run it far faster with dZ^T as
+# a row-major matrix than as the transposed view dZ.t() (the layout eager PyTorch's linear backward
+# hands them): bfloat16, Xeon with AMX, 2 threads, the GEMM alone 1.3-2.3x (2048 x 768 -> 3072: 13.9
+# against 6.1 ms; 8192 x 256 -> 1024: 7.0 / 3.5). The cpu backend copies dZ^T with a native transpose
+# (csrc/cpu, cpu_transpose) that costs about a plain copy of dZ (3.1 ms at 2048 x 3072 from memory),
+# so the copy pays where the GEMM is long per element of dZ, i.e. with many input features:
+# linear_act gelu forward+backward 1.15-1.3x faster at 2048 x 768 -> 3072, 4096 x 1024 -> 4096,
+# 8192 x 512 -> 2048 and 64 x 4096 -> 11008, 1.03x slower at 8192 x 256 -> 1024. MKL's float32 GEMM
+# gained nothing from it (2048 x 768 -> 3072, 256 x 768 -> 3072) or lost (8192 x 256 -> 1024: 1.06x).
+WGRAD_COPY_MIN_IN_FEATURES = 512
+WGRAD_OVERRIDE = _env_choice("FASTNN_CPU_WGRAD", ("view", "copy"))
+
+
+def wgrad_from_copy(dtype, in_features) -> bool:
+    """Whether the weight-gradient GEMM reads dZ^T from a row-major copy (see above) rather than the
+    view dZ.t(): for oneDNN's 16-bit GEMMs with at least WGRAD_COPY_MIN_IN_FEATURES input features;
+    not for 16-bit inputs multiplied in float32, float32 or float64. FASTNN_CPU_WGRAD=view|copy,
+    read at import, overrides the choice (tests run both)."""
+    if WGRAD_OVERRIDE is not None:
+        return WGRAD_OVERRIDE == "copy"
+    return dtype in _HALF and not gemm_in_float32(dtype) and in_features >= WGRAD_COPY_MIN_IN_FEATURES
+
+
+def _wgrad(dz, x):
+    """dW = dZ^T X, dZ^T from a row-major copy where wgrad_from_copy, else the view dZ.t()."""
+    return _mm([(_wgrad_lhs(dz, x.shape[1]), x)])
+
+
+def _wgrad_lhs(dz, in_features):
+    rows, cols = dz.shape
+    if not wgrad_from_copy(dz.dtype, in_features) or dz.stride(1) != 1 or rows * cols == 0:
+        return dz.t()
+    out = _empty((cols, rows), dz.dtype, dz.device)
+    _native.cpu_module().cpu_transpose(_native.DTYPE_CODES[dz.dtype], rows, cols, dz.data_ptr(), dz.stride(0),
+                                       out.data_ptr(), rows, _native.num_threads())
+    return out
+
+
 def torch_gemm_is_slow(dtype) -> bool:
     """Whether torch's own CPU GEMM in `dtype` is the slow reference loop on this CPU (what eager
     PyTorch runs; the benchmark leaves such dtypes out of its default set)."""
@@ -397,7 +435,7 @@ class CpuBackend(Backend):
             C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), saved.data_ptr(), _ptr(bias),
                                dz.data_ptr(), _ptr(dbias), _native.num_threads())
         dx = _mm([(dz, weight)], out=reusable.find((rows, weight.shape[1]), dz)) if need_dx else None
-        dw = _mm([(dz.t(), x)]) if need_dw else None
+        dw = _wgrad(dz, x) if need_dw else None
         db = _rounded(dbias, dy.dtype) if need_db else None
         return dx, dw, db
 
@@ -473,7 +511,7 @@ class CpuBackend(Backend):
                            dz_up.data_ptr(), _ptr(dbg), _ptr(dbu), _native.num_threads())
         dx = (_mm([(dz_gate, gate_weight), (dz_up, up_weight)],
                   out=reusable.find((rows, gate_weight.shape[1]), dy)) if need_dx else None)
-        dwg = _mm([(dz_gate.t(), x)]) if need_dwg else None
-        dwu = _mm([(dz_up.t(), x)]) if need_dwu else None
+        dwg = _wgrad(dz_gate, x) if need_dwg else None
+        dwu = _wgrad(dz_up, x) if need_dwu else None
         return (dx, dwg, dwu, _rounded(dbg, dy.dtype) if need_dbg else None,
                 _rounded(dbu, dy.dtype) if need_dbu else None)
