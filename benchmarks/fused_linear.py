@@ -14,10 +14,13 @@ Configurations: fastnn on each backend usable here; eager PyTorch (act(F.linear(
 (default mode, and mode="max-autotune" on CUDA); torch._addmm_activation (cuBLASLt epilogue, CUDA,
 relu and gelu_tanh, forward); torch.ops.mkldnn._linear_pointwise (oneDNN post-op, CPU, forward);
 and the bare GEMMs alone (x @ W^T forward; plus dY @ W and dY^T @ X backward): the limit a fused op
-approaches. Per row: median time, TFLOP/s, effective GB/s (the bytes the op must move: inputs,
-outputs, and in backward the gradients), speed-up vs eager and ratio to the bare GEMM (each the
-median over rounds of that round's ratio, with the speed-up's interquartile range), the activation
-memory held for backward (fwd+bwd and mlp modes), and peak memory (CUDA).
+approaches; on CPUs, with backward, the bare GEMMs again with the weight gradients' dY^T (and the
+MLP's dH^T) given as row-major copies made before timing ("dW lhs copied": torch's 16-bit CPU GEMMs
+run dY^T @ X far faster so, and fastnn's cpu backend makes that copy; the "/ GEMM" column stays
+relative to the plain bare-GEMM row). Per row: median time, TFLOP/s, effective GB/s (the bytes the
+op must move: inputs, outputs, and in backward the gradients), speed-up vs eager and ratio to the
+bare GEMM (each the median over rounds of that round's ratio, with the speed-up's interquartile
+range), the activation memory held for backward (fwd+bwd and mlp modes), and peak memory (CUDA).
 """
 from __future__ import annotations
 
@@ -164,13 +167,20 @@ def with_backward(case: Case, fwd, inputs, grad_out):
     return run
 
 
-def bare_gemm_fn(case: Case, inputs, grad_out):
-    """The GEMMs alone: the work of the case with no bias, activation or saved tensors."""
+def bare_gemm_fn(case: Case, inputs, grad_out, lhs_copied=False):
+    """The GEMMs alone: the work of the case with no bias, activation or saved tensors. With
+    lhs_copied, the weight-gradient GEMMs' left factors (dY^T, and the MLP's dH^T) are row-major
+    copies made once before timing instead of transposed views: the GEMM work in the layout the cpu
+    backend gives torch's 16-bit GEMMs (fastnn/backends/cpu.py: wgrad_from_copy), without the copies."""
     x = inputs["x"].detach()
     ws = [inputs[k].detach() for k in (("wg", "wu") if case.gated else ("w",))]
     w2 = inputs["w2"].detach() if case.mode == "mlp" else None
     dy = grad_out.detach() if grad_out is not None else None
     backward = case.mode != "fwd"
+    dy_t = dh_t = None
+    if backward and lhs_copied:
+        dy_t = dy.t().contiguous()
+        dh_t = (torch.mm(dy, w2) if w2 is not None else dy).t().contiguous()
 
     def run():
         with torch.no_grad():
@@ -179,10 +189,10 @@ def bare_gemm_fn(case: Case, inputs, grad_out):
             if backward:
                 dh = torch.mm(dy, w2) if w2 is not None else dy
                 if w2 is not None:
-                    out.append(torch.mm(dy.t(), hs[0]))
+                    out.append(torch.mm(dy.t() if dy_t is None else dy_t, hs[0]))
                 for w in ws:
                     out.append(torch.mm(dh, w))
-                    out.append(torch.mm(dh.t(), x))
+                    out.append(torch.mm(dh.t() if dh_t is None else dh_t, x))
             return tuple(out)
     return run
 
@@ -249,6 +259,9 @@ def build_configs(case: Case, inputs, grad_out, device, fastnn_backends, compile
             impl = lambda x, w, b, _n: torch.ops.mkldnn._linear_pointwise(x, w, b, attr, scalars, algo)  # noqa: E731
             cfgs.append(Config(name, with_backward(case, forward_fn(case, impl, None), inputs, grad_out)))
     cfgs.append(Config("bare GEMM", bare_gemm_fn(case, inputs, grad_out), checked=False))
+    if device.type == "cpu" and case.mode != "fwd":
+        cfgs.append(Config("bare GEMM, dW lhs copied", bare_gemm_fn(case, inputs, grad_out, lhs_copied=True),
+                           checked=False))
     return cfgs
 
 
@@ -380,7 +393,7 @@ def run_case(case: Case, device, args, log) -> list[Row]:
                 if problem:
                     row.status = f"WRONG (outside the error rule): {problem}"
                     continue
-            if case.mode != "fwd" and cfg.name != "bare GEMM":
+            if case.mode != "fwd" and cfg.checked:  # (not the bare GEMMs)
                 row.saved_mb = saved_bytes(cfg, inputs) / 2**20
             row.peak_mb = peak_mb(cfg.run, device)
             live.append((cfg, row))

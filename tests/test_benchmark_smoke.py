@@ -26,6 +26,10 @@ def test_quick_run(tmp_path):
         assert configs[name]["ms"] > 0
     bwd = {r["config"]: r for r in rows if r["case"]["mode"] == "fwd+bwd"}
     assert bwd["fastnn[cpu]"]["saved_mb"] > 0 and bwd["fastnn[cpu]"]["speedup_vs_eager"] > 0
+    # the bare GEMMs with dY^T copied beforehand: a timed limit row, with no saved memory of its own
+    copied = bwd["bare GEMM, dW lhs copied"]
+    assert copied["status"] == "ok" and copied["ms"] > 0 and copied["saved_mb"] is None
+    assert "bare GEMM, dW lhs copied" not in configs
     assert "fastnn[cpu]" in proc.stdout and "vs eager" in proc.stdout
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_linear.py"), "--quick", "--no-compile",
                            "--mode", "mlp", "--activation", "swiglu", "--out", str(csv_out)],
