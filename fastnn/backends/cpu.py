@@ -28,13 +28,15 @@ cpu backend multiplies in float32: exact conversions in, float32 accumulation, o
 numerics rule), and since a float32 GEMM adds the bias for free, it folds the bias in as for float32.
 FASTNN_CPU_GEMM16=native|float32, read at import, overrides the choice (tests run both).
 
-Two things this backend does for speed that eager PyTorch does not:
+What this backend does for speed that eager PyTorch does not:
 - up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs on AMD CPUs, 16-bit ones on oneDNN's AMX kernels),
   the forward GEMMs compute Z^T = W x^T, which MKL and oneDNN run faster at few rows, and the pass
   after them reads Z^T and writes y row-major;
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
   4 KiB once it is too large for malloc to recycle;
+- 16-bit weight-gradient GEMMs dW = dZ^T X get dZ^T as a row-major copy (a native transpose)
+  rather than the transposed view, which oneDNN multiplies 1.3-2.3x slower (wgrad_from_copy);
 - the large buffers it allocates itself (products, outputs, gradients: `_empty`) ask Linux for
   transparent huge pages, where the kernel gives them on request ("madvise" mode, the common
   default): a fresh 90 MB buffer then takes 45 page faults instead of 22 000.
@@ -149,10 +151,13 @@ def product_transposed(rows, dtype, fold_bias) -> bool:
 # hands them): bfloat16, Xeon with AMX, 2 threads, the GEMM alone 1.3-2.3x (2048 x 768 -> 3072: 13.9
 # against 6.1 ms; 8192 x 256 -> 1024: 7.0 / 3.5). The cpu backend copies dZ^T with a native transpose
 # (csrc/cpu, cpu_transpose) that costs about a plain copy of dZ (3.1 ms at 2048 x 3072 from memory),
-# so the copy pays where the GEMM is long per element of dZ, i.e. with many input features:
-# linear_act gelu forward+backward 1.15-1.3x faster at 2048 x 768 -> 3072, 4096 x 1024 -> 4096,
-# 8192 x 512 -> 2048 and 64 x 4096 -> 11008, 1.03x slower at 8192 x 256 -> 1024. MKL's float32 GEMM
-# gained nothing from it (2048 x 768 -> 3072, 256 x 768 -> 3072) or lost (8192 x 256 -> 1024: 1.06x).
+# so the copy pays where the GEMM is long per element of dZ, i.e. with many input features: gelu
+# forward+backward 1.14-1.28x faster at 256 x 768 -> 3072, 2048 x 768 -> 3072, 2048 x 3072 -> 768,
+# 4096 x 1024 -> 4096, 8192 x 512 -> 2048 and 64 x 4096 -> 11008, the BERT-base MLP block 1.18-1.38x
+# (paired runs in one process), but 1.03-1.09x slower at 8192 x 256 -> 1024. Writing dZ^T from the
+# act' pass itself, each block while in the caches, measured no faster (0.96-1.07x of the separate
+# transpose) and was dropped. MKL's float32 GEMM gained nothing from the copy (2048 x 768 -> 3072,
+# 256 x 768 -> 3072) or lost (8192 x 256 -> 1024: 1.06x).
 WGRAD_COPY_MIN_IN_FEATURES = 512
 WGRAD_OVERRIDE = _env_choice("FASTNN_CPU_WGRAD", ("view", "copy"))
 
