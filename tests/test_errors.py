@@ -1,4 +1,8 @@
 """Bad inputs raise a clear Python exception that names what was wrong."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -121,3 +125,28 @@ def test_raw_op_without_save_recomputes_in_backward():
 def test_meta_tensors_go_through_the_torch_backend():
     x, w, b = (t.to("meta") for t in _inputs())
     assert fastnn.linear_act(x, w, b).shape == (4, 3)
+
+
+def test_triton_is_left_unimported_where_it_cannot_run(tmp_path):
+    """Without a CUDA device and without TRITON_INTERPRET=1, the triton backend cannot serve a call:
+    importing fastnn then skips Triton's kernels (and torch._inductor), and asking for the backend
+    says why."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the triton backend is imported")
+    code = (
+        "import sys, torch, fastnn\n"
+        "from fastnn.backends import triton as tb\n"
+        "assert 'fastnn.triton_kernels.linear_act' not in sys.modules and 'torch._inductor' not in sys.modules\n"
+        "assert 'TRITON_INTERPRET=1' in tb.IMPORT_ERROR, tb.IMPORT_ERROR\n"
+        "x, w = torch.randn(3, 5), torch.randn(4, 5)\n"
+        "try:\n"
+        "    fastnn.linear_act(x, w, None, 'relu', backend='triton')\n"
+        "    raise SystemExit('no error')\n"
+        "except fastnn.BackendUnavailableError as e:\n"
+        "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+        "assert torch.equal(fastnn.linear_act(x, w, None, 'relu'), torch.relu(x @ w.t()))\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr

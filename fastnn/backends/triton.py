@@ -19,6 +19,7 @@ CPU tensors, set TRITON_INTERPRET=1 before importing fastnn.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -28,16 +29,30 @@ from .. import activations, flops
 from ..autograd import register_linear_act_autograd, register_linear_glu_autograd
 from .base import Backend, or_nothing
 
-try:
-    import triton  # noqa: F401
 
-    from ..triton_kernels import linear_act as K_act
-    from ..triton_kernels import linear_glu as K_glu
-    from ..triton_kernels.common import interpreting, pointers_real
+def _cannot_run_here() -> Optional[str]:
+    """Why no Triton kernel can run in this process, or None. Triton is imported only where its
+    kernels can run: with a CUDA device, or with its interpreter asked for (TRITON_INTERPRET=1 before
+    importing fastnn, for CPU tensors). Elsewhere importing it, with the torch._inductor modules that
+    torch.library.triton_op brings, took 1.6 s of `import fastnn`'s 3.6 s (Xeon, 2 cores) for a
+    backend that could not serve a call."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # (as triton_kernels.common.interpreting)
+        return None
+    if torch.cuda.is_available():  # (ROCm's torch too)
+        return None
+    return "no CUDA device here, and TRITON_INTERPRET=1 was not set before importing fastnn"
 
-    IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
-    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+IMPORT_ERROR: Optional[str] = _cannot_run_here()
+if IMPORT_ERROR is None:
+    try:
+        import triton  # noqa: F401
+
+        from ..triton_kernels import linear_act as K_act
+        from ..triton_kernels import linear_glu as K_glu
+        from ..triton_kernels.common import interpreting, pointers_real
+    except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
+        IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
