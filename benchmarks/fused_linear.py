@@ -15,7 +15,7 @@ Configurations: fastnn on each backend usable here; eager PyTorch (act(F.linear(
 relu and gelu_tanh, forward); torch.ops.mkldnn._linear_pointwise (oneDNN post-op, CPU, forward);
 and the bare GEMMs alone (x @ W^T forward; plus dY @ W and dY^T @ X backward): the limit a fused op
 approaches; on CPUs, with backward, the bare GEMMs again with the weight gradients' dY^T (and the
-MLP's dH^T) given as row-major copies made before timing ("dW lhs copied": torch's 16-bit CPU GEMMs
+MLP's dH^T) given as row-major copies made before timing ("dW lhs copied": torch's bfloat16 CPU GEMMs
 run dY^T @ X far faster so, and fastnn's cpu backend makes that copy; the "/ GEMM" column stays
 relative to the plain bare-GEMM row). Per row: median time, TFLOP/s, effective GB/s (the bytes the
 op must move: inputs, outputs, and in backward the gradients), speed-up vs eager and ratio to the
@@ -171,7 +171,7 @@ def bare_gemm_fn(case: Case, inputs, grad_out, lhs_copied=False):
     """The GEMMs alone: the work of the case with no bias, activation or saved tensors. With
     lhs_copied, the weight-gradient GEMMs' left factors (dY^T, and the MLP's dH^T) are row-major
     copies made once before timing instead of transposed views: the GEMM work in the layout the cpu
-    backend gives torch's 16-bit GEMMs (fastnn/backends/cpu.py: wgrad_from_copy), without the copies."""
+    backend gives torch's bfloat16 GEMMs (fastnn/backends/cpu.py: wgrad_from_copy), without the copies."""
     x = inputs["x"].detach()
     ws = [inputs[k].detach() for k in (("wg", "wu") if case.gated else ("w",))]
     w2 = inputs["w2"].detach() if case.mode == "mlp" else None

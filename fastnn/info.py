@@ -109,9 +109,15 @@ def _cpu_16bit_gemm() -> dict:
     """How the cpu backend multiplies each 16-bit dtype here (see fastnn/backends/cpu.py)."""
     from .backends import cpu as cpu_backend
 
-    return {str(dt).replace("torch.", ""): ("float32 GEMM (torch has no native kernel for this CPU)"
-                                            if cpu_backend.gemm_in_float32(dt) else "torch's own 16-bit GEMM")
-            for dt in (torch.bfloat16, torch.float16)}
+    def route(dt):
+        if cpu_backend.gemm_in_float32(dt):
+            return "float32 GEMM (torch has no native kernel for this CPU)"
+        limit = cpu_backend.WGRAD_COPY_MIN_IN_FEATURES
+        if cpu_backend.wgrad_from_copy(dt, limit):
+            return f"torch's own 16-bit GEMM; dW from a row-major copy of dZ^T from {limit} input features on"
+        return "torch's own 16-bit GEMM; dW from the view dZ.t()"
+
+    return {str(dt).replace("torch.", ""): route(dt) for dt in (torch.bfloat16, torch.float16)}
 
 
 def _cpu_huge_pages() -> str:

@@ -35,7 +35,7 @@ What this backend does for speed that eager PyTorch does not:
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
   4 KiB once it is too large for malloc to recycle;
-- 16-bit weight-gradient GEMMs dW = dZ^T X get dZ^T as a row-major copy (a native transpose)
+- bfloat16 weight-gradient GEMMs dW = dZ^T X get dZ^T as a row-major copy (a native transpose)
   rather than the transposed view, which oneDNN multiplies 1.3-2.3x slower (wgrad_from_copy);
 - the large buffers it allocates itself (products, outputs, gradients: `_empty`) ask Linux for
   transparent huge pages, where the kernel gives them on request ("madvise" mode, the common
@@ -146,7 +146,7 @@ def product_transposed(rows, dtype, fold_bias) -> bool:
     return dtype in _HALF and not fold_bias and _has_amx()
 
 
-# Backward's weight-gradient GEMM dW = dZ^T X: oneDNN's 16-bit GEMMs run it far faster with dZ^T as
+# Backward's weight-gradient GEMM dW = dZ^T X: oneDNN's bfloat16 GEMMs run it far faster with dZ^T as
 # a row-major matrix than as the transposed view dZ.t() (the layout eager PyTorch's linear backward
 # hands them): bfloat16, Xeon with AMX, 2 threads, the GEMM alone 1.3-2.3x (2048 x 768 -> 3072: 13.9
 # against 6.1 ms; 8192 x 256 -> 1024: 7.0 / 3.5). The cpu backend copies dZ^T with a native transpose
@@ -157,19 +157,21 @@ def product_transposed(rows, dtype, fold_bias) -> bool:
 # (paired runs in one process), but 1.03-1.09x slower at 8192 x 256 -> 1024. Writing dZ^T from the
 # act' pass itself, each block while in the caches, measured no faster (0.96-1.07x of the separate
 # transpose) and was dropped. MKL's float32 GEMM gained nothing from the copy (2048 x 768 -> 3072,
-# 256 x 768 -> 3072) or lost (8192 x 256 -> 1024: 1.06x).
+# 256 x 768 -> 3072) or lost (8192 x 256 -> 1024: 1.06x), nor did float16 on that Xeon (no AMX-FP16:
+# the GEMM alone 43.6 ms either way at 2048 x 768 -> 3072).
 WGRAD_COPY_MIN_IN_FEATURES = 512
 WGRAD_OVERRIDE = _env_choice("FASTNN_CPU_WGRAD", ("view", "copy"))
 
 
 def wgrad_from_copy(dtype, in_features) -> bool:
     """Whether the weight-gradient GEMM reads dZ^T from a row-major copy (see above) rather than the
-    view dZ.t(): for oneDNN's 16-bit GEMMs with at least WGRAD_COPY_MIN_IN_FEATURES input features;
-    not for 16-bit inputs multiplied in float32, float32 or float64. FASTNN_CPU_WGRAD=view|copy,
-    read at import, overrides the choice (tests run both)."""
+    view dZ.t(): for oneDNN's bfloat16 GEMMs with at least WGRAD_COPY_MIN_IN_FEATURES input features;
+    not for bfloat16 multiplied in float32, nor float16, float32 or float64 (measured no faster).
+    FASTNN_CPU_WGRAD=view|copy, read at import, overrides the choice (tests run both)."""
     if WGRAD_OVERRIDE is not None:
         return WGRAD_OVERRIDE == "copy"
-    return dtype in _HALF and not gemm_in_float32(dtype) and in_features >= WGRAD_COPY_MIN_IN_FEATURES
+    return (dtype == torch.bfloat16 and not gemm_in_float32(dtype)
+            and in_features >= WGRAD_COPY_MIN_IN_FEATURES)
 
 
 def _wgrad(dz, x):
