@@ -106,9 +106,11 @@ def test_wgrad_choice(monkeypatch):
         assert not cpu_backend.wgrad_from_copy(dtype, 4096)
     for gemm16 in ("native", "float32"):
         monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", gemm16)
-        assert cpu_backend.wgrad_from_copy(torch.bfloat16, limit) == (gemm16 == "native")
-        assert not cpu_backend.wgrad_from_copy(torch.bfloat16, limit - 1)
-        assert not cpu_backend.wgrad_from_copy(torch.float16, limit)
+        for amx in (True, False):
+            monkeypatch.setattr(cpu_backend, "_has_amx", lambda amx=amx: amx)
+            assert cpu_backend.wgrad_from_copy(torch.bfloat16, limit) == (gemm16 == "native" and amx)
+            assert not cpu_backend.wgrad_from_copy(torch.bfloat16, limit - 1)
+            assert not cpu_backend.wgrad_from_copy(torch.float16, limit)
     monkeypatch.setattr(cpu_backend, "WGRAD_OVERRIDE", "copy")
     assert cpu_backend.wgrad_from_copy(torch.float64, 1)
 

@@ -26,6 +26,7 @@ def test_info_says_the_16bit_gemm_route(monkeypatch):
     monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "float32")
     assert info.collect()["cpu_16bit_gemm"]["bfloat16"].startswith("float32 GEMM")
     monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
+    monkeypatch.setattr(cpu_backend, "_has_amx", lambda: True)
     assert info.collect()["cpu_16bit_gemm"]["bfloat16"].startswith("torch's own 16-bit GEMM; dW from a row-major copy")
     assert info.collect()["cpu_16bit_gemm"]["float16"] == "torch's own 16-bit GEMM; dW from the view dZ.t()"
 

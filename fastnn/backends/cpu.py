@@ -35,8 +35,9 @@ What this backend does for speed that eager PyTorch does not:
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
   4 KiB once it is too large for malloc to recycle;
-- bfloat16 weight-gradient GEMMs dW = dZ^T X get dZ^T as a row-major copy (a native transpose)
-  rather than the transposed view, which oneDNN multiplies 1.3-2.3x slower (wgrad_from_copy);
+- bfloat16 weight-gradient GEMMs dW = dZ^T X on CPUs with AMX get dZ^T as a row-major copy (a
+  native transpose) rather than the transposed view, which oneDNN multiplies 1.3-2.3x slower
+  (wgrad_from_copy);
 - the large buffers it allocates itself (products, outputs, gradients: `_empty`) ask Linux for
   transparent huge pages, where the kernel gives them on request ("madvise" mode, the common
   default): a fresh 90 MB buffer then takes 45 page faults instead of 22 000.
@@ -165,12 +166,13 @@ WGRAD_OVERRIDE = _env_choice("FASTNN_CPU_WGRAD", ("view", "copy"))
 
 def wgrad_from_copy(dtype, in_features) -> bool:
     """Whether the weight-gradient GEMM reads dZ^T from a row-major copy (see above) rather than the
-    view dZ.t(): for oneDNN's bfloat16 GEMMs with at least WGRAD_COPY_MIN_IN_FEATURES input features;
-    not for bfloat16 multiplied in float32, nor float16, float32 or float64 (measured no faster).
+    view dZ.t(): for oneDNN's bfloat16 GEMMs on CPUs with AMX (where it was measured), with at least
+    WGRAD_COPY_MIN_IN_FEATURES input features; not for bfloat16 multiplied in float32, nor float16,
+    float32 or float64 (measured no faster).
     FASTNN_CPU_WGRAD=view|copy, read at import, overrides the choice (tests run both)."""
     if WGRAD_OVERRIDE is not None:
         return WGRAD_OVERRIDE == "copy"
-    return (dtype == torch.bfloat16 and not gemm_in_float32(dtype)
+    return (dtype == torch.bfloat16 and not gemm_in_float32(dtype) and _has_amx()
             and in_features >= WGRAD_COPY_MIN_IN_FEATURES)
 
 
