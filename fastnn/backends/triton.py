@@ -32,15 +32,16 @@ from .base import Backend, or_nothing
 
 def _cannot_run_here() -> Optional[str]:
     """Why no Triton kernel can run in this process, or None. Triton is imported only where its
-    kernels can run: with a CUDA device, or with its interpreter asked for (TRITON_INTERPRET=1 before
-    importing fastnn, for CPU tensors). Elsewhere importing it, with the torch._inductor modules that
-    torch.library.triton_op brings, took 1.6 s of `import fastnn`'s 3.6 s (Xeon, 2 cores) for a
-    backend that could not serve a call."""
+    kernels can run: with a torch built for CUDA (or ROCm), or with Triton's interpreter asked for
+    (TRITON_INTERPRET=1 before importing fastnn, for CPU tensors). With torch's CPU build, importing
+    it, with the torch._inductor modules that torch.library.triton_op brings, took 1.6 s of `import
+    fastnn`'s 3.6 s (Xeon, 2 cores) for a backend that could not serve a call. (The build, not
+    torch.cuda.is_available(): that initialises the CUDA driver, after which a fork cannot use CUDA.)"""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # (as triton_kernels.common.interpreting)
         return None
-    if torch.cuda.is_available():  # (ROCm's torch too)
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
         return None
-    return "no CUDA device here, and TRITON_INTERPRET=1 was not set before importing fastnn"
+    return "this torch is a CPU build, and TRITON_INTERPRET=1 was not set before importing fastnn"
 
 
 IMPORT_ERROR: Optional[str] = _cannot_run_here()
