@@ -110,13 +110,16 @@ def test_onednn_linear_probe_ignores_the_callers_autocast():
 
 
 def test_env_overrides_are_read_at_import(tmp_path):
-    """FASTNN_CPU_GEMM16 and FASTNN_CPU_PRODUCT, as a user sets them before starting Python."""
+    """FASTNN_CPU_GEMM16, FASTNN_CPU_PRODUCT and FASTNN_CPU_WGRAD, as a user sets them before starting
+    Python."""
     code = ("import torch; from fastnn.backends import cpu; "
-            "print(cpu.gemm_in_float32(torch.bfloat16), cpu.product_transposed(10**6, torch.float32, True))")
-    for gemm16, product, expected in (("float32", "transposed", "True True"), ("native", "direct", "False False")):
-        env = dict(os.environ, FASTNN_CPU_GEMM16=gemm16, FASTNN_CPU_PRODUCT=product)
+            "print(cpu.gemm_in_float32(torch.bfloat16), cpu.product_transposed(10**6, torch.float32, True), "
+            "cpu.wgrad_from_copy(torch.float32, 1))")
+    for gemm16, product, wgrad, expected in (("float32", "transposed", "copy", "True True True"),
+                                             ("native", "direct", "view", "False False False")):
+        env = dict(os.environ, FASTNN_CPU_GEMM16=gemm16, FASTNN_CPU_PRODUCT=product, FASTNN_CPU_WGRAD=wgrad)
         # away from the repository root, whose unbuilt fastnn/ would shadow the installed one
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                               cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == expected, (gemm16, product, proc.stdout)
+        assert proc.stdout.strip() == expected, (gemm16, product, wgrad, proc.stdout)
