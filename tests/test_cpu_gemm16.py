@@ -123,3 +123,26 @@ def test_env_overrides_are_read_at_import(tmp_path):
                               cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == expected, (gemm16, product, wgrad, proc.stdout)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_row_views_of_wider_tensors(dtype, monkeypatch):
+    """x[:, :k] of a wider tensor whose other columns hold NaN: torch 2.13's bfloat16 mm on a Xeon
+    with AMX read them and returned NaN (F.linear too); fastnn's forward must give what it gives for
+    the same values made contiguous, and its gradients the same. (The direct orientation: the
+    transposed one reads x as the second factor, which that mm reads correctly.)"""
+    monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", "direct")
+    torch.manual_seed(0)
+    full = torch.full((512, 128), float("nan"), dtype=dtype)
+    x = full[:, :100]
+    x.copy_(torch.randn(512, 100).to(dtype))
+    w, b = (torch.randn(64, 100) / 10).to(dtype), torch.randn(64).to(dtype)
+    y = fastnn.linear_act(x, w, b, "gelu", backend="cpu")
+    assert torch.equal(y, fastnn.linear_act(x.contiguous(), w, b, "gelu", backend="cpu"))
+    grads = []
+    for inp in (full.clone()[:, :100], x.contiguous()):
+        inp.requires_grad_()
+        wg = w.clone().requires_grad_()
+        fastnn.linear_act(inp, wg, b, "gelu", backend="cpu").float().sum().backward()
+        grads.append((inp.grad, wg.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

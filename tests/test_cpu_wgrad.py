@@ -61,7 +61,9 @@ def wgrad(request, monkeypatch):
     return request.param
 
 
-SHAPES = [(5, 7, 9), (17, 33, 261), (100, 64, 700), (70, 130, 65)]
+# rows: the copy route runs where dZ^T's rows fill whole 64-byte lines (32 rows of 16 bits, 16 of
+# float32), else the view (5 and 100 rows)
+SHAPES = [(5, 7, 9), (64, 33, 261), (100, 64, 700), (96, 130, 65)]
 
 
 @pytest.mark.parametrize("wgrad", ["view", "copy"], indirect=True)
@@ -79,7 +81,7 @@ def test_linear_act_wgrad_from_transpose_or_view(wgrad, shape, dtype, activation
 @pytest.mark.parametrize("wgrad", ["view", "copy"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_glu_wgrad_from_transpose_or_view(wgrad, dtype):
-    x, wg, wu, bg, bu = make_inputs((70, 130), 65, dtype, "cpu", glu=True)
+    x, wg, wu, bg, bu = make_inputs((64, 130), 65, dtype, "cpu", glu=True)
     check_against_reference(
         lambda x, wg, wu, bg, bu: fastnn.linear_glu(x, wg, wu, bg, bu, "swiglu", backend="cpu"),
         lambda x, wg, wu, bg, bu: torch_linear_glu(x, wg, wu, bg, bu, "swiglu"), [x, wg, wu, bg, bu],
@@ -89,8 +91,8 @@ def test_linear_glu_wgrad_from_transpose_or_view(wgrad, dtype):
 @pytest.mark.parametrize("wgrad", ["view", "copy"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mlp_wgrad_from_transpose_or_view(wgrad, dtype):
-    x, w1, b1 = make_inputs((70, 130), 260, dtype, "cpu")
-    _, w2, b2 = make_inputs((70, 260), 130, dtype, "cpu")
+    x, w1, b1 = make_inputs((96, 130), 260, dtype, "cpu")
+    _, w2, b2 = make_inputs((96, 260), 130, dtype, "cpu")
 
     def ref(x, w1, b1, w2, b2):
         return torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1)), w2, b2)
@@ -126,10 +128,15 @@ def test_copy_route_runs_the_native_transpose(monkeypatch):
         return real(pairs, bias, out)
 
     monkeypatch.setattr(cpu_backend, "_mm", spy)
-    x, w, b = make_inputs((40, 30), 50, torch.bfloat16, "cpu")
+    x, w, b = make_inputs((64, 30), 50, torch.bfloat16, "cpu")
     fastnn.linear_act(x, w, b, "gelu", backend="cpu").sum().backward()
     # forward GEMM, dX, dW: the last is the weight gradient and its left factor is a row-major copy
     assert seen[-1] is True
+    # rows that would not fill whole lines of the copy keep the view
+    seen.clear()
+    x, w, b = make_inputs((40, 30), 50, torch.bfloat16, "cpu")
+    fastnn.linear_act(x, w, b, "gelu", backend="cpu").sum().backward()
+    assert seen[-1] is False
     monkeypatch.setattr(cpu_backend, "WGRAD_OVERRIDE", "view")
     seen.clear()
     fastnn.linear_act(x, w, b, "gelu", backend="cpu").sum().backward()

@@ -185,7 +185,9 @@ inline void from_compute_streaming(const float* s, float* d, int64_t n) {
   copy_chunk(s + i, d + i, n - i);
 }
 // n elements copied with non-temporal stores where d is 16-byte aligned (SSE2, any x86-64), the
-// rest with ordinary stores. The caller fences (store_fence) before other threads read d.
+// rest with ordinary stores. Streaming pays for whole cache lines: give it line-aligned rows (lines
+// shared with ordinary stores, or partly streamed from two sides, made a transpose 3-9x slower).
+// The caller fences (store_fence) before other threads read d.
 template <typename T>
 inline void copy_streaming(const T* s, T* d, int64_t n) {
   int64_t i = 0;

@@ -61,7 +61,8 @@ void glu_backward(DType dtype, Act gate_act, int64_t rows, int64_t cols, const v
 // dst = src^T: src is [rows, cols] with rows ld_src >= cols elements apart, dst [cols, rows] with
 // rows ld_dst >= rows apart; bit for bit a copy. For the weight-gradient GEMM dW = dZ^T X, which
 // oneDNN's bfloat16 GEMMs on AMX run much faster from a row-major dZ^T than from the transposed view
-// of dZ (fastnn/backends/cpu.py, wgrad_from_copy).
+// of dZ (fastnn/backends/cpu.py, wgrad_from_copy). It writes dst with non-temporal stores, fastest
+// where dst's rows start on 64-byte boundaries (ld_dst a multiple of 64 bytes).
 void transpose(DType dtype, int64_t rows, int64_t cols, const void* src, int64_t ld_src, void* dst,
                int64_t ld_dst, int num_threads);
 

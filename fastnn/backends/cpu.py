@@ -183,7 +183,13 @@ def _wgrad(dz, x):
 
 def _wgrad_lhs(dz, in_features):
     rows, cols = dz.shape
-    if not wgrad_from_copy(dz.dtype, in_features) or dz.stride(1) != 1 or rows * cols == 0:
+    # The transpose streams its output, fast where the copy's rows fill whole 64-byte lines: at other
+    # row counts lines shared by two rows made it 3-6x slower (bfloat16 x 3072: 2040 or 2047 rows 6.8 ms
+    # against 2048 rows' 2.5-4.2, 264 rows 0.81 against 256 rows' 0.14), as slow as the view's GEMM.
+    # (Padding the copy's rows instead is unsafe: torch's bfloat16 mm read the padding of a row-major
+    # A with lda > K, 100 x 700 -> 64 on the Xeon, and returned NaNs.)
+    if (not wgrad_from_copy(dz.dtype, in_features) or dz.stride(1) != 1 or rows * cols == 0
+            or rows * dz.element_size() % 64):
         return dz.t()
     out = _empty((cols, rows), dz.dtype, dz.device)
     _native.cpu_module().cpu_transpose(_native.DTYPE_CODES[dz.dtype], rows, cols, dz.data_ptr(), dz.stride(0),
@@ -253,6 +259,15 @@ def _empty(shape, dtype, device):
     return t
 
 
+def _unpadded(a):
+    """a, copied where it is a 16-bit row-major view whose rows lie further apart than their length
+    (x[:, :k] of a wider tensor): torch 2.13's bfloat16 mm on a Xeon with AMX reads the elements
+    between such rows, and NaN or inf there came out as NaN in the product (F.linear too)."""
+    if a.dim() == 2 and a.stride(1) == 1 and a.stride(0) > a.shape[1] and a.shape[0] > 1:
+        return a.contiguous()
+    return a
+
+
 def _mm(pairs, bias=None, out=None):
     """sum of a @ b over pairs (+ bias), in the inputs' dtype, rounded once; written into `out`
     where one is given and the GEMM runs in the inputs' dtype, else into `_empty` memory."""
@@ -261,8 +276,11 @@ def _mm(pairs, bias=None, out=None):
         pairs = [(a.float(), b.float()) for a, b in pairs]
         bias = None if bias is None else bias.float()
         out = None
-    elif out is None:
-        out = _empty((pairs[0][0].shape[0], pairs[0][1].shape[1]), dtype, pairs[0][0].device)
+    else:
+        if out is None:
+            out = _empty((pairs[0][0].shape[0], pairs[0][1].shape[1]), dtype, pairs[0][0].device)
+        if dtype in _HALF:
+            pairs = [(_unpadded(a), b) for a, b in pairs]
     result = None
     for a, b in pairs:
         if result is None:
