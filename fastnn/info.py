@@ -115,7 +115,7 @@ def _cpu_16bit_gemm() -> dict:
         limit = cpu_backend.WGRAD_COPY_MIN_IN_FEATURES
         if cpu_backend.wgrad_from_copy(dt, limit):
             return (f"torch's own 16-bit GEMM; dW from a row-major copy of dZ^T from {limit} input features on, "
-                    "at row counts that are a multiple of 64 bytes")
+                    "where its rows fill whole 64-byte lines (32 rows)")
         return "torch's own 16-bit GEMM; dW from the view dZ.t()"
 
     return {str(dt).replace("torch.", ""): route(dt) for dt in (torch.bfloat16, torch.float16)}
