@@ -11,11 +11,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from ..backends.base import tf32_allowed
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ..backends.base import interpreting, tf32_allowed  # noqa: F401  (interpreting: used by the kernels)
 
 
 def autotuning() -> bool:

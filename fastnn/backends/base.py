@@ -5,6 +5,8 @@ and Activation objects; shapes, dtypes and devices were checked before they are 
 """
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Sequence
 
 import torch
@@ -97,6 +99,13 @@ def empty_like_nothing(x: torch.Tensor) -> torch.Tensor:
 
 def or_nothing(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return empty_like_nothing(like) if t is None else t
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is asked for (TRITON_INTERPRET set, not 0): Triton's kernels then
+    run on CPU tensors. Here, not in triton_kernels/common.py, so that the triton backend can ask
+    before importing Triton."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tf32_allowed() -> bool:

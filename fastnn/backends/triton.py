@@ -19,7 +19,6 @@ CPU tensors, set TRITON_INTERPRET=1 before importing fastnn.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from .. import activations, flops
 from ..autograd import register_linear_act_autograd, register_linear_glu_autograd
-from .base import Backend, or_nothing
+from .base import Backend, interpreting, or_nothing
 
 
 def _cannot_run_here() -> Optional[str]:
@@ -37,7 +36,7 @@ def _cannot_run_here() -> Optional[str]:
     it, with the torch._inductor modules that torch.library.triton_op brings, took 1.6 s of `import
     fastnn`'s 3.6 s (Xeon, 2 cores) for a backend that could not serve a call. (The build, not
     torch.cuda.is_available(): that initialises the CUDA driver, after which a fork cannot use CUDA.)"""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # (as triton_kernels.common.interpreting)
+    if interpreting():
         return None
     if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
         return None
@@ -51,7 +50,7 @@ if IMPORT_ERROR is None:
 
         from ..triton_kernels import linear_act as K_act
         from ..triton_kernels import linear_glu as K_glu
-        from ..triton_kernels.common import interpreting, pointers_real
+        from ..triton_kernels.common import pointers_real
     except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
         IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
