@@ -11,8 +11,10 @@ near its zeros, the spacing at max(|reference|, 1), as tests/test_activations.py
 reference is below float32's normal range (the far negative tail: both flush or lose digits there)
 are left out of the value statistics and counted.
 Speed: the CPU backend's forward pass (bias + activation) and backward pass (dY * act'(z) and the
-bias gradient) on a (2048, 3072) float32 tensor, against PyTorch's activation, and its backward
-plus the column sum that eager autograd runs for the bias gradient; medians of 9, all threads.
+bias gradient) on (2048, 3072) and (256, 3072) float32 tensors (the second fits the caches),
+against PyTorch's activation, and its backward plus the column sum that eager autograd runs for
+the bias gradient; all threads, interleaved rounds, medians of times and of PyTorch's time over
+fastnn's per round.
 """
 from __future__ import annotations
 
@@ -102,33 +104,44 @@ def accuracy(name: str, lo: float, hi: float):
     return stats, count, subnormal
 
 
-def median_ms(fn, reps=9):
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def paired_times(fns, rounds=15):
+    """Seconds per call of each function in each round, the functions interleaved round by round
+    (this machine's speed drifts between phases); a first round sizes the samples to ~5 ms."""
+    reps = 1
+    times = [[] for _ in fns]
+    for r in range(rounds + 1):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t = time.perf_counter()
+            for _ in range(reps):
+                fns[i]()
+            times[i].append((time.perf_counter() - t) / reps)
+        if r == 0:
+            reps = max(1, int(5e-3 / max(min(t[0] for t in times), 1e-7)))
+    return [t[1:] for t in times]
 
 
-def speed(name: str, rows=2048, cols=3072):
+def speed(name: str, rows: int, cols: int):
+    """fastnn's forward and backward passes and PyTorch's, interleaved: their median times in ms
+    (ours_fwd, torch_fwd, ours_bwd, torch_bwd) and the medians of PyTorch's time over fastnn's per
+    round, forward and backward."""
     act = activations.get(name)
     C = _native.cpu_module()
     code = _native.DTYPE_CODES[torch.float32]
     threads = _native.num_threads()
     z, dy = torch.randn(rows, cols), torch.randn(rows, cols)
-    b = torch.randn(cols)
     y, dz, db = torch.empty_like(z), torch.empty_like(z), torch.empty(cols)
-    ours_fwd = median_ms(lambda: C.cpu_bias_act_forward(code, act.code, rows, cols, z.data_ptr(), 0, y.data_ptr(), 0,
-                                                        threads))
-    ours_bwd = median_ms(lambda: C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), z.data_ptr(), 0,
-                                                    dz.data_ptr(), db.data_ptr(), threads))
-    torch_fwd = median_ms(lambda: act.fn(z))
     backward = TORCH_BACKWARD.get(name, lambda dy, z: dy * act.grad(z))
-    torch_bwd = median_ms(lambda: (backward(dy, z), dy.sum(0)))
-    del b
-    return ours_fwd, torch_fwd, ours_bwd, torch_bwd
+    times = paired_times([
+        lambda: C.cpu_bias_act_forward(code, act.code, rows, cols, z.data_ptr(), 0, y.data_ptr(), 0, threads),
+        lambda: act.fn(z),
+        lambda: C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), z.data_ptr(), 0, dz.data_ptr(),
+                                   db.data_ptr(), threads),
+        lambda: (backward(dy, z), dy.sum(0)),
+    ])
+    ms = [statistics.median(t) * 1e3 for t in times]
+    ratio = [statistics.median(p / q for p, q in zip(times[i + 1], times[i])) for i in (0, 2)]
+    return (*ms, *ratio)
 
 
 def main(argv=None):
@@ -137,6 +150,8 @@ def main(argv=None):
     p.add_argument("--lo", type=float, default=2.0**-16)
     p.add_argument("--hi", type=float, default=16.0)
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--speed-shapes", nargs="+", default=["2048x3072", "256x3072"],
+                   help="rows x cols of the timed passes (256x3072 float32 stays in the caches)")
     args = p.parse_args(argv)
     from fastnn.info import device_name
 
@@ -149,10 +164,11 @@ def main(argv=None):
         print(f"  {'':18s} {'max':>8s} {'mean':>7s} {'<= 1 ulp':>9s}  worst at z")
         for key, (worst, mean, ok, z) in stats.items():
             print(f"  {key:18s} {worst:8.2f} {mean:7.3f} {100 * ok:8.3f}%  {z}")
-        if not args.no_speed:
-            of, tf, ob, tb = speed(name)
-            print(f"  speed on 2048x3072 float32: forward {of:.2f} ms (PyTorch {tf:.2f}, {tf / of:.2f}x); "
-                  f"backward + bias gradient {ob:.2f} ms (PyTorch {tb:.2f}, {tb / ob:.2f}x)")
+        for shape in ([] if args.no_speed else args.speed_shapes):
+            rows, cols = (int(v) for v in shape.split("x"))
+            of, tf, ob, tb, rf, rb = speed(name, rows, cols)
+            print(f"  speed on {rows}x{cols} float32: forward {of:.3f} ms (PyTorch {tf:.3f}, {rf:.2f}x); "
+                  f"backward + bias gradient {ob:.3f} ms (PyTorch {tb:.3f}, {rb:.2f}x)")
 
 
 if __name__ == "__main__":
