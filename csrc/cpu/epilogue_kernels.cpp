@@ -386,6 +386,11 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         }
         return;
       }
+      if constexpr (std::is_same<T, C>::value && kind == Saved::kNothing) {
+        // the identity's float / double bias gradient: dY's own rows, by groups
+        if (part) add_partial_by_row_groups(part, dy + o, cols, r, r0, r1, n);
+        return;
+      }
       to_compute(dy + o, g, n);
       if (kind == Saved::kSignMask) {
         unpack_flags(static_cast<const uint8_t*>(saved) + r * mbytes + s / 8, (n + 7) & ~int64_t(7), flags);
