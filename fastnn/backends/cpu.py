@@ -6,7 +6,7 @@ activation in float, writing y (and, for relu / leaky_relu, a 1-bit sign mask) w
 product once. Backward keeps the GEMM's output itself and adds the bias again in float where the
 GEMM left it out, so forward writes nothing but y. Backward: one native pass forms
 dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32
-with pairs of rows added in float first), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
+with groups of 8 rows added in float first), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
 
 Where the bias goes. In float32 and float64 the GEMM adds it (addmm costs no more than mm there),
 so Z is the accumulator plus bias rounded once, bit for bit what F.linear computes. In bfloat16
