@@ -151,13 +151,13 @@ FASTNN_HD float expm1_nonpos(float x) {
 // float32 gelu is 0 from z = -6 or so): flushing there keeps q = P g (P > 2^-5.1) and every product
 // after it normal. A subnormal in any lane costs a microcode assist on Intel cores: with |z| spread
 // to 13, -125 here made the loop about 2x slower on a Xeon with AMX (no change with the CPU's
-// flush-to-zero on). Written for the multiply-add pipes, which bound these loops: 18 multiplies or
-// multiply-adds and 2 additions per gelu element and one division (the erfc-based form before it
-// took 27 multiplies; 25% faster on an AVX-512 AMD EPYC, and more accurate everywhere). Computing
-// u's integer and fractional parts with multiply-adds straight from z^2 and flushing by a mask
-// rather than clamping |z| and u made the gelu passes about 10% faster again (float32 and bfloat16,
-// forward and backward, 256x3072 in cache, Xeon with AMX), no less accurate
-// (benchmarks/activation_accuracy.py).
+// flush-to-zero on). Written for the multiply-add pipes, which bound these loops: 19 multiplies or
+// multiply-adds, 3 additions and one division per gelu element (the erfc-based form before it took
+// 27 multiplies; 25% faster on an AVX-512 AMD EPYC, and more accurate everywhere). Computing u's
+// integer and fractional parts with multiply-adds straight from z^2 (2 additions fewer) and
+// flushing by a mask rather than clamping |z| and u (a compare and a blend fewer) made the gelu
+// passes about 10% faster again (float32 and bfloat16, forward and backward, 256x3072 in cache,
+// Xeon with AMX), no less accurate (benchmarks/activation_accuracy.py).
 FASTNN_HD float gauss_tail(float z, float& g) {
 #if defined(__CUDA_ARCH__)
   g = ::expf(-0.5f * z * z);
