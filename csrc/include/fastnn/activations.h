@@ -143,21 +143,22 @@ FASTNN_HD float expm1_nonpos(float x) {
 // exponential: gelu and its derivative need both (Phi(z) is 1 - q for z > 0, q otherwise).
 // Host: q = g P(s), s = k|z| / (1 + k|z|) in [0, 1), P a degree-8 polynomial fitted for fastnn
 // (relative error at most 2.2e-8 (1 + z^2 / 2), tighter where most values are); s, unlike 1/(1 +
-// k|z|), keeps its relative accuracy near z = 0, where q is most sensitive to it. g = 2^u, u = -z^2
-// log2(e) / 2, from a degree-6 polynomial of u's fractional part, u's integer part added to the
-// exponent bits. The rounding of z^2 (and of u, without FMA) is the largest error: a few ulp of q
-// for |z| < 3, growing as z^2 / 2 ulp into the tail (about 130 at z = -12.9). Below u = -120 (|z| >
-// 12.9, where |gelu| < 3e-37) q and g are 0, as PyTorch's vectorised float math flushes (its own
-// float32 gelu is 0 from z = -6 or so): flushing there keeps q = P g (P > 2^-5.1) and every product
-// after it normal. A subnormal in any lane costs a microcode assist on Intel cores: with |z| spread
-// to 13, -125 here made the loop about 2x slower on a Xeon with AMX (no change with the CPU's
-// flush-to-zero on). Written for the multiply-add pipes, which bound these loops: 19 multiplies or
-// multiply-adds, 3 additions and one division per gelu element (the erfc-based form before it took
-// 27 multiplies; 25% faster on an AVX-512 AMD EPYC, and more accurate everywhere). Computing u's
-// integer and fractional parts with multiply-adds straight from z^2 (2 additions fewer) and
-// flushing by a mask rather than clamping |z| and u (a compare and a blend fewer) made the gelu
-// passes about 10% faster again (float32 and bfloat16, forward and backward, 256x3072 in cache,
-// Xeon with AMX), no less accurate (benchmarks/activation_accuracy.py).
+// k|z|), keeps its relative accuracy near z = 0, where q is most sensitive to it. g = 2^u, u =
+// -z^2 log2(e) / 2, from a degree-6 polynomial of u's fractional part, u's integer part added to
+// the exponent bits. The rounding of z^2 (and of u, without FMA) is the largest error: a few ulp
+// of q for |z| < 3, growing as z^2 / 2 ulp into the tail (about 130 at z = -12.9). Below u = -120
+// (|z| > 12.9, where |gelu| < 3e-37) q and g are 0, as PyTorch's vectorised float math flushes
+// (its own float32 gelu is 0 from z = -6 or so): flushing there keeps q = P g (P > 2^-5.1) and
+// every product after it normal. A subnormal in any lane costs a microcode assist on Intel cores:
+// with |z| spread to 13, -125 here made the loop about 2x slower on a Xeon with AMX (no change
+// with the CPU's flush-to-zero on). Written for the multiply-add pipes, which bound these loops:
+// 19 multiplies or multiply-adds, 3 additions and one division per gelu element (the erfc-based
+// form before it took 27 multiplies; 25% faster on an AVX-512 AMD EPYC, and more accurate
+// everywhere). Computing u's integer and fractional parts with multiply-adds straight from z^2
+// (one operation fewer), s as |z| / (|z| + 1/k) (one fewer) and flushing by a mask rather than
+// clamping |z| and u (a compare and a blend fewer) made the gelu passes about 10% faster again
+// (float32 and bfloat16, forward and backward, 256x3072 in cache, Xeon with AMX), no less accurate
+// (benchmarks/activation_accuracy.py).
 FASTNN_HD float gauss_tail(float z, float& g) {
 #if defined(__CUDA_ARCH__)
   g = ::expf(-0.5f * z * z);
