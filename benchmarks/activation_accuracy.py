@@ -22,13 +22,13 @@ import argparse
 import math
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastnn
 from fastnn import _native, activations
+from fused_linear import paired_ratio, time_once  # the benchmark's sampling and paired ratios
 
 _K0, _K1 = math.sqrt(2 / math.pi), 0.044715
 # float64 references that keep their relative accuracy in the far negative tail
@@ -106,19 +106,16 @@ def accuracy(name: str, lo: float, hi: float):
 
 def paired_times(fns, rounds=15):
     """Seconds per call of each function in each round, the functions interleaved round by round
-    (this machine's speed drifts between phases); a first round sizes the samples to ~5 ms."""
-    reps = 1
+    (this machine's speed drifts between phases) and sampled as the benchmark samples its
+    configurations: enough calls per sample to last ~5 ms, each round starting one function later."""
+    cpu = torch.device("cpu")
+    inner = [max(1, min(1000, int(5e-3 / max(time_once(fn, cpu, 1), 1e-7)))) for fn in fns]
     times = [[] for _ in fns]
-    for r in range(rounds + 1):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            t = time.perf_counter()
-            for _ in range(reps):
-                fns[i]()
-            times[i].append((time.perf_counter() - t) / reps)
-        if r == 0:
-            reps = max(1, int(5e-3 / max(min(t[0] for t in times), 1e-7)))
-    return [t[1:] for t in times]
+    order = list(range(len(fns)))
+    for r in range(rounds):
+        for i in order[r % len(fns):] + order[:r % len(fns)]:
+            times[i].append(time_once(fns[i], cpu, inner[i]))
+    return times
 
 
 def speed(name: str, rows: int, cols: int):
@@ -140,8 +137,7 @@ def speed(name: str, rows: int, cols: int):
         lambda: (backward(dy, z), dy.sum(0)),
     ])
     ms = [statistics.median(t) * 1e3 for t in times]
-    ratio = [statistics.median(p / q for p, q in zip(times[i + 1], times[i])) for i in (0, 2)]
-    return (*ms, *ratio)
+    return (*ms, paired_ratio(times[1], times[0])[0], paired_ratio(times[3], times[2])[0])
 
 
 def main(argv=None):
