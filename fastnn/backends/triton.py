@@ -36,11 +36,14 @@ def _cannot_run_here() -> Optional[str]:
     it, with the torch._inductor modules that torch.library.triton_op brings, took 1.6 s of `import
     fastnn`'s 3.6 s (Xeon, 2 cores) for a backend that could not serve a call. (The build, not
     torch.cuda.is_available(): that initialises the CUDA driver, after which a fork cannot use CUDA.)"""
-    if interpreting():
-        return None
-    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+    if interpreting() or torch_built_for_gpu():
         return None
     return "this torch is a CPU build, and TRITON_INTERPRET=1 was not set before importing fastnn"
+
+
+def torch_built_for_gpu() -> bool:
+    """Whether this torch is built for CUDA or ROCm (whether or not a GPU is present)."""
+    return torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
 
 
 IMPORT_ERROR: Optional[str] = _cannot_run_here()
