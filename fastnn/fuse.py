@@ -20,7 +20,10 @@ Patterns (by structure: the children a module has, so a module with more parts i
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -212,18 +215,27 @@ def _fused_encoder_layer(call, *args, **kwargs):
 
 
 # ---- layers whose own forward runs activation_fn(fc1(x)) (OPT, BART, Whisper) -----------------
-# Their forward cannot be replaced by a family's: it is the whole layer. Instead, while the layer's
-# forward runs (an installed call around it), fc1's installed call returns act(fc1(x)) in one op and
-# activation_fn's passes that very tensor through. Only the classes below, whose forward hands fc1's
-# output straight to activation_fn (read in their source), and only while fc1 is the layer's plain
-# nn.Linear and activation_fn its plain module: fc1 called from anywhere else, wrapped (LoRA) or
-# hooked, and any other tensor given to activation_fn, run as they are.
+# Their forward cannot be replaced by a family's: it is the whole layer. Instead fc1's installed call
+# returns act(fc1(x)) in one op when the layer's own forward called it, and activation_fn's passes
+# that very tensor through. Only the classes below, whose forward hands fc1's output straight to
+# activation_fn (read in their source), and only while fc1 is the layer's plain nn.Linear and
+# activation_fn its plain module: fc1 called from anywhere else, wrapped (LoRA) or hooked, and any
+# other tensor given to activation_fn, run as they are.
+# "Called by the layer's own forward" is read from the calling frames, not from a call installed
+# around the layer's forward: gradient checkpointing (transformers' GradientCheckpointingLayer)
+# checkpoints the class's forward beneath any instance attribute, and its recomputation during
+# backward runs that forward again outside such a call; it must run the same ops as the forward did
+# (non-reentrant checkpointing checks that it saves as many tensors).
 _LAYER_FFN = {
     "transformers.models.opt.modeling_opt": ("OPTDecoderLayer",),
     "transformers.models.bart.modeling_bart": ("BartEncoderLayer", "BartDecoderLayer"),
     "transformers.models.whisper.modeling_whisper": ("WhisperEncoderLayer", "WhisperDecoderLayer"),
 }
-_running = threading.local()  # per thread: a stack of (layer, fc1 outputs already activated)
+# per thread: {id(layer): the activated output fc1 gave the layer's forward, until activation_fn takes it}
+_activated = threading.local()
+# frames between fc1's fused call and the forward that called fc1: FusedCall.__call__ and
+# nn.Module's __call__ machinery (_wrapped_call_impl, _call_impl), with a margin
+_CALLER_SEARCH_DEPTH = 6
 
 
 def _layer_ffn(module) -> bool:
@@ -231,55 +243,53 @@ def _layer_ffn(module) -> bool:
     return cls.__name__ in _LAYER_FFN.get(cls.__module__, ())
 
 
-def _activated_list(layer):
-    if torch.compiler.is_compiling():  # (the layer's forward runs unfused there)
-        return None
-    stack = getattr(_running, "stack", None)
-    return stack[-1][1] if stack and stack[-1][0] is layer else None
+@functools.lru_cache(maxsize=None)
+def _forward_code(layer_cls):
+    """The code of the layer class's own forward, under transformers' wrappers (checkpointing,
+    deprecated-argument renaming), which all keep __wrapped__."""
+    return inspect.unwrap(layer_cls.forward).__code__
 
 
-def _fused_layer_forward(call, *args, **kwargs):
-    if torch.compiler.is_compiling():
-        return NotImplemented
-    stack = _running.__dict__.setdefault("stack", [])
-    stack.append((call.module, []))
-    try:
-        return call.unfused(*args, **kwargs)
-    finally:
-        stack.pop()
+def _called_by_layer_forward(layer) -> bool:
+    """Whether the nearest caller running the layer class's forward runs it for `layer`."""
+    code = _forward_code(type(layer))
+    frame = sys._getframe(2)  # (above _fused_layer_fc1 and FusedCall.__call__)
+    for _ in range(_CALLER_SEARCH_DEPTH):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return frame.f_locals.get("self") is layer
+        frame = frame.f_back
+    return False
 
 
 def _fused_layer_fc1(call, *args, **kwargs):
     layer, fc1, act = call.parts["layer"], call.module, call.parts["act"]
-    activated = _activated_list(layer)
-    if activated is None or len(args) != 1 or kwargs or layer._modules.get("fc1") is not fc1 \
+    if torch.compiler.is_compiling() or len(args) != 1 or kwargs or layer._modules.get("fc1") is not fc1 \
             or layer.__dict__.get("activation_fn", layer._modules.get("activation_fn")) is not act:
-        return NotImplemented
+        return NotImplemented  # (under torch.compile the layer runs unfused)
     if not (dropin.plain_module(fc1, nn.Linear, fused_forward=True)
             and dropin.plain_module(act, type(act), fused_forward=True)
-            and dropin.fusable_input(args[0], fc1.weight)):
+            and dropin.fusable_input(args[0], fc1.weight) and _called_by_layer_forward(layer)):
         return NotImplemented
     h = linear_act(args[0], fc1.weight, fc1.bias, call.parts["name"])
-    activated.append(h)
+    _activated.__dict__.setdefault("outputs", {})[id(layer)] = h
     return h
 
 
 def _fused_layer_activation(call, *args, **kwargs):
-    activated = _activated_list(call.parts["layer"])
-    if activated is None or len(args) != 1 or kwargs:
+    outputs = getattr(_activated, "outputs", None)
+    key = id(call.parts["layer"])
+    if not outputs or len(args) != 1 or kwargs or outputs.get(key) is not args[0]:
         return NotImplemented
-    for i, h in enumerate(activated):
-        if h is args[0]:
-            del activated[i]
-            return h
-    return NotImplemented
+    return outputs.pop(key)
 
 
 def _fuse_layer_ffn(path: str, layer: nn.Module, records: List[FuseRecord]) -> None:
     kind = type(layer).__name__
-    if dropin.installed(layer, "forward"):
-        return
     fc1, act = layer._modules.get("fc1"), getattr(layer, "activation_fn", None)
+    if fc1 is not None and dropin.installed(fc1, "forward"):
+        return
     name = _activation_name(act)
     if type(fc1) is not nn.Linear or not isinstance(act, nn.Module) or name is None:
         why = (f"activation {type(act).__name__} has no fastnn equivalent" if name is None
@@ -289,7 +299,6 @@ def _fuse_layer_ffn(path: str, layer: nn.Module, records: List[FuseRecord]) -> N
         return
     parts = {"layer": layer, "act": act, "name": name}
     detail = f"fc1 + {name} fused inside the layer's own forward"
-    dropin.install(layer, "forward", _fused_layer_forward, {}, detail)
     dropin.install(fc1, "forward", _fused_layer_fc1, parts, f"{detail} (elsewhere fc1 is fc1)")
     dropin.install(act, "forward", _fused_layer_activation, parts, f"{detail} (passes fc1's fused output through)")
     records.append(FuseRecord(path, kind, True, detail))

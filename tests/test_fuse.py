@@ -288,6 +288,34 @@ def test_hugging_face_family(name, fused_calls):
                                        reference.generate(inputs["input_ids"], **kw), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if FAMILIES[n][0]().supports_gradient_checkpointing])
+def test_hugging_face_gradient_checkpointing(name, reentrant, fused_calls):
+    """transformers' gradient checkpointing (model.gradient_checkpointing_enable) on a fused model:
+    its recomputation in backward runs the fused op again, as the forward did (non-reentrant
+    checkpointing checks that both save as many tensors), and gives the unfused model's gradients."""
+    build, op, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = build()
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    fused = [r for r in model.fastnn_fuse_report if r.fused]
+    for m in (model, reference):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.train()
+    inputs = _inputs(name)
+    torch.manual_seed(5)
+    y1, g1 = _outputs_and_grads(reference, **inputs)
+    torch.manual_seed(5)
+    y2, g2 = _outputs_and_grads(model, **inputs)
+    torch.testing.assert_close(y2, y1, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=4e-4, rtol=4e-4)
+    assert fused_calls[op] == 2 * len(fused)  # the forward and its recomputation, per fused block
+
+
 def test_unknown_hf_activation_left_with_reason():
     cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, hidden_act="mish")
