@@ -1,6 +1,8 @@
 """transformers' own model tests on fused models: its ModelTesterMixin (save and load, batching and
 padding equivalence, determinism, attention masks, hidden states and attentions, feed-forward
-chunking, resized embeddings, training, gradient checkpointing in both modes, ...) runs on tiny
+chunking, resized embeddings, training, gradient checkpointing in both modes, ...) and, for the
+causal LMs, its training mixin (a tiny model overfits a fixed batch in 300 steps and then generates
+it) run on tiny
 BERT, LLaMA, GPT-2 and OPT models that fastnn.fuse fused as they were built. These cover the four
 ways fuse installs itself: a BERT-family intermediate, a LLaMA gated MLP, GPT-2's Conv1D MLP and an
 OPT layer's own forward.
@@ -78,6 +80,7 @@ def _mixin_module():
 
 common = _mixin_module()
 generation = importlib.import_module(f"{_PACKAGE}.generation.test_utils")
+training = importlib.import_module(f"{_PACKAGE}.test_training_mixin")
 
 
 class Tester:
@@ -86,8 +89,9 @@ class Tester:
     num_hidden_layers, num_attention_heads, intermediate_size = 2, 4, 37  # (37: an awkward width)
     is_training, num_choices = True, 4
 
-    def __init__(self, parent, config, token_types):
+    def __init__(self, parent, config, token_types, causal_lm_class):
         self.parent, self.config, self.token_types = parent, config, token_types
+        self.causal_lm_class = causal_lm_class  # (the training mixin's model)
 
     def get_config(self):
         return self.config(self)
@@ -145,7 +149,8 @@ class FusedModelTest(common.ModelTesterMixin):
     config = token_types = None
 
     def setUp(self):
-        self.model_tester = Tester(self, type(self).config, self.token_types)
+        causal = next((c for c in self.all_model_classes if c.__name__.endswith(("ForCausalLM", "LMHeadModel"))), None)
+        self.model_tester = Tester(self, type(self).config, self.token_types, causal)
         name = type(self).__name__
         _fused_ops_run.setdefault(name, 0)
         patches = [mock.patch.object(PreTrainedModel, "post_init", _fused_post_init(PreTrainedModel.post_init))]
@@ -166,6 +171,9 @@ class FusedModelTest(common.ModelTesterMixin):
 
 # (the mixin requires a model that can generate to have the generation tests: here their stub)
 Generative = generation.GenerationTesterMixin
+# transformers' overfit test: 300 Adam steps on a fixed batch, then greedy generation must give
+# the training sequence back
+Training = training.TrainingTesterMixin
 T = transformers
 
 
@@ -174,17 +182,17 @@ class TestBert(FusedModelTest, unittest.TestCase):
     config, token_types = _bert, True
 
 
-class TestLlama(FusedModelTest, Generative, unittest.TestCase):
+class TestLlama(FusedModelTest, Generative, Training, unittest.TestCase):
     all_model_classes = (T.LlamaForCausalLM, T.LlamaForSequenceClassification)
     config = _llama
 
 
-class TestGpt2(FusedModelTest, Generative, unittest.TestCase):
+class TestGpt2(FusedModelTest, Generative, Training, unittest.TestCase):
     all_model_classes = (T.GPT2LMHeadModel, T.GPT2ForTokenClassification)
     config = _gpt2
 
 
-class TestOpt(FusedModelTest, Generative, unittest.TestCase):
+class TestOpt(FusedModelTest, Generative, Training, unittest.TestCase):
     all_model_classes = (T.OPTForCausalLM, T.OPTForSequenceClassification)
     config = _opt
 
