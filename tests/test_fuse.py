@@ -256,30 +256,41 @@ def _inputs(name):
     return dict(input_ids=ids)
 
 
+def _fused_and_reference(name):
+    """(fused model, its unfused twin, the fused blocks' records) for a family."""
+    torch.manual_seed(0)
+    model = FAMILIES[name][0]()
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    return model, reference, [r for r in model.fastnn_fuse_report if r.fused]
+
+
+def _assert_same_seeded(reference, model, inputs):
+    """Logits and every gradient of the fused model as the reference's, each run from the same
+    random state (dropout alike)."""
+    torch.manual_seed(5)
+    y1, g1 = _outputs_and_grads(reference, **inputs)
+    torch.manual_seed(5)
+    y2, g2 = _outputs_and_grads(model, **inputs)
+    torch.testing.assert_close(y2, y1, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=4e-4, rtol=4e-4)
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_hugging_face_family(name, fused_calls):
     """Logits and every gradient as the unfused model's, in train mode (dropout seeded alike) and in
     eval; the fused op really runs; greedy generation gives the same tokens."""
-    build, op, causal = FAMILIES[name]
-    torch.manual_seed(0)
-    model = build()
-    reference = copy.deepcopy(model)
-    fastnn.fuse(model)
-    fused = [r for r in model.fastnn_fuse_report if r.fused]
+    model, reference, fused = _fused_and_reference(name)
+    op, causal = FAMILIES[name][1:]
     assert len(fused) in (2, 4), model.fastnn_fuse_report  # one block per layer (encoder + decoder for T5)
     inputs = _inputs(name)
     for mode in ("train", "eval"):
         model.train(mode == "train")
         reference.train(mode == "train")
-        torch.manual_seed(5)
-        y1, g1 = _outputs_and_grads(reference, **inputs)
-        torch.manual_seed(5)
-        y2, g2 = _outputs_and_grads(model, **inputs)
-        torch.testing.assert_close(y2, y1, atol=1e-4, rtol=1e-4)
-        for a, b in zip(g1, g2):
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(b, a, atol=4e-4, rtol=4e-4)
+        _assert_same_seeded(reference, model, inputs)
     assert fused_calls[op] == 2 * len(fused)
     if causal:
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -294,25 +305,12 @@ def test_hugging_face_gradient_checkpointing(name, reentrant, fused_calls):
     """transformers' gradient checkpointing (model.gradient_checkpointing_enable) on a fused model:
     its recomputation in backward runs the fused op again, as the forward did (non-reentrant
     checkpointing checks that both save as many tensors), and gives the unfused model's gradients."""
-    build, op, _ = FAMILIES[name]
-    torch.manual_seed(0)
-    model = build()
-    reference = copy.deepcopy(model)
-    fastnn.fuse(model)
-    fused = [r for r in model.fastnn_fuse_report if r.fused]
+    model, reference, fused = _fused_and_reference(name)
+    op = FAMILIES[name][1]
     for m in (model, reference):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         m.train()
-    inputs = _inputs(name)
-    torch.manual_seed(5)
-    y1, g1 = _outputs_and_grads(reference, **inputs)
-    torch.manual_seed(5)
-    y2, g2 = _outputs_and_grads(model, **inputs)
-    torch.testing.assert_close(y2, y1, atol=1e-4, rtol=1e-4)
-    for a, b in zip(g1, g2):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(b, a, atol=4e-4, rtol=4e-4)
+    _assert_same_seeded(reference, model, _inputs(name))
     assert fused_calls[op] == 2 * len(fused)  # the forward and its recomputation, per fused block
 
 
