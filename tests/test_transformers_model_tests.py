@@ -183,7 +183,7 @@ class TestBert(FusedModelTest, unittest.TestCase):
 
 
 class TestLlama(FusedModelTest, Generative, Training, unittest.TestCase):
-    all_model_classes = (T.LlamaForCausalLM, T.LlamaForSequenceClassification)
+    all_model_classes = (T.LlamaModel, T.LlamaForCausalLM, T.LlamaForSequenceClassification)
     config = _llama
 
 
