@@ -11,10 +11,12 @@ One kind of hook is known to commute with the fusion: tensor parallelism's Colwi
 `FusedCall` is what fastnn.fuse installs on a module instance in place of one of its methods
 (forward, or _ff_block / ff_chunk where the model's own forward calls those): the module keeps
 its class, children, parameters, hooks and train/eval state, so everything around it sees the
-module it had. `fastnn.unfuse` takes it away again.
+module it had. `fastnn.unfuse` takes it away again. Beside it goes a `ReplicateForDataParallel`,
+so that nn.DataParallel's replicas of the module get fused calls of their own.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -197,10 +199,44 @@ class FusedCall:
     def __repr__(self):
         return f"<fastnn fused {type(self.module).__name__}.{self.method}: {self.detail}>"
 
+    def for_replica(self, replica: nn.Module) -> "FusedCall":
+        """This call, installed on `replica` (see ReplicateForDataParallel)."""
+        call = copy.copy(self)
+        call.module = replica
+        return call
+
+
+class ReplicateForDataParallel:
+    """`module._replicate_for_data_parallel`, installed beside fused calls. nn.DataParallel (through
+    torch.nn.parallel.replicate) makes each replica from a copy of the module's __dict__, fused
+    calls included, and those would run the original module, whose parameters are on the first
+    device, for every replica. This gives each replica fused calls of its own. The replica's
+    children, parameters and buffers are set by replicate afterwards; the fused calls read them
+    at each call."""
+
+    def __init__(self, module: nn.Module, previous=None):
+        self.module = module
+        self.previous = previous  # an instance-level override that was there: kept and called
+
+    def __call__(self):
+        if self.previous is not None:
+            replica = self.previous()
+        else:
+            replica = type(self.module)._replicate_for_data_parallel(self.module)
+        for name, value in list(replica.__dict__.items()):
+            if isinstance(value, FusedCall):
+                replica.__dict__[name] = value.for_replica(replica)
+            elif isinstance(value, ReplicateForDataParallel):
+                replica.__dict__[name] = ReplicateForDataParallel(replica, value.previous)
+        return replica
+
 
 def install(module: nn.Module, method: str, fused, parts: dict, detail: str) -> FusedCall:
     call = FusedCall(module, method, fused, parts, detail)
     module.__dict__[method] = call
+    previous = module.__dict__.get("_replicate_for_data_parallel")
+    if not isinstance(previous, ReplicateForDataParallel):
+        module.__dict__["_replicate_for_data_parallel"] = ReplicateForDataParallel(module, previous)
     return call
 
 
@@ -213,12 +249,13 @@ def uninstall(module: nn.Module) -> int:
     how many there were."""
     removed = 0
     for name, value in list(module.__dict__.items()):
-        if isinstance(value, FusedCall):
-            if value.original is not None:
-                module.__dict__[name] = value.original
+        if isinstance(value, (FusedCall, ReplicateForDataParallel)):
+            previous = value.original if isinstance(value, FusedCall) else value.previous
+            if previous is not None:
+                module.__dict__[name] = previous
             else:
                 del module.__dict__[name]
-            removed += 1
+            removed += isinstance(value, FusedCall)
     return removed
 
 

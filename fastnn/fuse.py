@@ -181,13 +181,22 @@ _FAMILIES = [
 ]
 
 
+def _family_activation_name(fam: _Family, act) -> Optional[str]:
+    """fastnn's name for what a family module computes with `act`: the activation, or for a gated
+    family the gated unit it makes; None if fastnn has none."""
+    name = _activation_name(act)
+    return name if name is None or fam.linear else _GATED_BY_GATE.get(name)
+
+
 def _fused_family(call, *args, **kwargs):
     """The installed method of a _Family module; NotImplemented -> the module's own method."""
     if len(args) != 1 or kwargs:
         return NotImplemented
     x, m, fam, parts = args[0], call.module, call.parts["family"], call.parts
     act = getattr(m, fam.act, None)
-    if act is not parts["act"] or not dropin.plain_callable(act):
+    if act is not parts["act"] and _family_activation_name(fam, act) != parts["name"]:
+        return NotImplemented  # replaced since fuse by another activation (a DataParallel replica's copy is the same)
+    if not dropin.plain_callable(act):
         return NotImplemented
     if fam.linear:
         h = fused_linear_act(x, getattr(m, fam.linear), parts["linear_cls"], act, parts["name"], fam.transposed)
@@ -231,7 +240,7 @@ _LAYER_FFN = {
     "transformers.models.bart.modeling_bart": ("BartEncoderLayer", "BartDecoderLayer"),
     "transformers.models.whisper.modeling_whisper": ("WhisperEncoderLayer", "WhisperDecoderLayer"),
 }
-# per thread: {id(layer): the activated output fc1 gave the layer's forward, until activation_fn takes it}
+# per thread: {id(activation_fn): the activated output fc1 gave the layer's forward, until activation_fn takes it}
 _activated = threading.local()
 # frames between fc1's fused call and the forward that called fc1: FusedCall.__call__ and
 # nn.Module's __call__ machinery (_wrapped_call_impl, _call_impl), with a margin
@@ -250,36 +259,43 @@ def _forward_code(layer_cls):
     return inspect.unwrap(layer_cls.forward).__code__
 
 
-def _called_by_layer_forward(layer) -> bool:
-    """Whether the nearest caller running the layer class's forward runs it for `layer`."""
-    code = _forward_code(type(layer))
+def _calling_layer(fc1, layer_cls):
+    """The layer whose own forward called `fc1`: the nearest caller running layer_cls's forward,
+    where that forward's self has fc1 as its fc1; else None."""
+    code = _forward_code(layer_cls)
     frame = sys._getframe(2)  # (above _fused_layer_fc1 and FusedCall.__call__)
     for _ in range(_CALLER_SEARCH_DEPTH):
         if frame is None:
-            return False
+            return None
         if frame.f_code is code:
-            return frame.f_locals.get("self") is layer
+            layer = frame.f_locals.get("self")
+            return layer if isinstance(layer, nn.Module) and layer._modules.get("fc1") is fc1 else None
         frame = frame.f_back
-    return False
+    return None
 
 
 def _fused_layer_fc1(call, *args, **kwargs):
-    layer, fc1, act = call.parts["layer"], call.module, call.parts["act"]
-    if torch.compiler.is_compiling() or len(args) != 1 or kwargs or layer._modules.get("fc1") is not fc1 \
-            or layer.__dict__.get("activation_fn", layer._modules.get("activation_fn")) is not act:
+    fc1, parts = call.module, call.parts
+    if torch.compiler.is_compiling() or len(args) != 1 or kwargs:
         return NotImplemented  # (under torch.compile the layer runs unfused)
-    if not (dropin.plain_module(fc1, nn.Linear, fused_forward=True)
-            and dropin.plain_module(act, type(act), fused_forward=True)
-            and dropin.fusable_input(args[0], fc1.weight) and _called_by_layer_forward(layer)):
+    if not (dropin.plain_module(fc1, nn.Linear, fused_forward=True) and dropin.fusable_input(args[0], fc1.weight)):
         return NotImplemented
-    h = linear_act(args[0], fc1.weight, fc1.bias, call.parts["name"])
-    _activated.__dict__.setdefault("outputs", {})[id(layer)] = h
+    layer = _calling_layer(fc1, parts["layer_cls"])
+    if layer is None:
+        return NotImplemented
+    act = layer.__dict__.get("activation_fn", layer._modules.get("activation_fn"))
+    # (the activation fuse saw, or a DataParallel replica's copy of it, with its pass-through installed)
+    if (act is not parts["act"] and _activation_name(act) != parts["name"]) \
+            or not dropin.plain_module(act, type(act), fused_forward=True):
+        return NotImplemented
+    h = linear_act(args[0], fc1.weight, fc1.bias, parts["name"])
+    _activated.__dict__.setdefault("outputs", {})[id(act)] = h
     return h
 
 
 def _fused_layer_activation(call, *args, **kwargs):
     outputs = getattr(_activated, "outputs", None)
-    key = id(call.parts["layer"])
+    key = id(call.module)
     if not outputs or len(args) != 1 or kwargs or outputs.get(key) is not args[0]:
         return NotImplemented
     return outputs.pop(key)
@@ -297,7 +313,7 @@ def _fuse_layer_ffn(path: str, layer: nn.Module, records: List[FuseRecord]) -> N
                "(fuse again once it is)")
         records.append(FuseRecord(path, kind, False, why))
         return
-    parts = {"layer": layer, "act": act, "name": name}
+    parts = {"layer_cls": type(layer), "act": act, "name": name}
     detail = f"fc1 + {name} fused inside the layer's own forward"
     dropin.install(fc1, "forward", _fused_layer_fc1, parts, f"{detail} (elsewhere fc1 is fc1)")
     dropin.install(act, "forward", _fused_layer_activation, parts, f"{detail} (passes fc1's fused output through)")
@@ -356,9 +372,7 @@ def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
         if dropin.installed(module, fam.method):
             return
         act = getattr(module, fam.act)
-        name = _activation_name(act)
-        if name is not None and not fam.linear:
-            name = _GATED_BY_GATE.get(name)
+        name = _family_activation_name(fam, act)
         if name is None:
             records.append(FuseRecord(path, kind, False, f"{fam.name}: activation {type(act).__name__} "
                                       "has no fastnn equivalent"))

@@ -1,6 +1,7 @@
 """fastnn.fuse: the patterns it fuses, what it leaves alone, and that the fused model is the same
 model to everything around it (train/eval, hooks, wrappers such as LoRA, offloading, pickling)."""
 import copy
+import importlib
 import io
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnn
-from fastnn.dropin import FusedCall
+from fastnn.dropin import FusedCall, ReplicateForDataParallel
 from fused_calls import fused_calls  # noqa: F401  (fixture)
 
 
@@ -132,10 +133,11 @@ def test_fuse_root_twice_unfuse_pickle(fused_calls):
     loaded = torch.load(buffer, weights_only=False)
     for clone in (loaded, copy.deepcopy(layer)):
         assert clone.__dict__["_ff_block"].module is clone
+        assert clone.__dict__["_replicate_for_data_parallel"].module is clone
         _assert_same(reference, clone, x)
     assert fused_calls["linear_act"] == 3
     fastnn.unfuse(layer)
-    assert "_ff_block" not in layer.__dict__
+    assert "_ff_block" not in layer.__dict__ and "_replicate_for_data_parallel" not in layer.__dict__
     torch.jit.script(layer)  # torch's own layer again
 
 
@@ -314,6 +316,69 @@ def test_hugging_face_gradient_checkpointing(name, reentrant, fused_calls):
     assert fused_calls[op] == 2 * len(fused)  # the forward and its recomputation, per fused block
 
 
+def _replica_copy(t, scale):
+    return t * scale if t.is_floating_point() else t.clone()  # (integer buffers: position ids)
+
+
+@pytest.fixture
+def replicate_on_cpu(monkeypatch):
+    """torch.nn.parallel.replicate, what nn.DataParallel runs to make its replicas, on CPU: its
+    broadcast to the devices is replaced by copies, scaled per replica (replica j's parameters are
+    1 + j / 4 times the module's), so that a replica computing with the module's own parameters
+    shows (on GPUs it would meet parameters on another device)."""
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[_replica_copy(t.detach() if detach else t, 1 + j / 4) for t in tensors] for j in range(len(devices))]
+
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", broadcast)
+    return replicate.replicate
+
+
+def _torch_module(name):
+    torch.manual_seed(0)
+    if name == "sequential":
+        return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.ReLU())
+    return nn.TransformerEncoderLayer(32, 2, dim_feedforward=64, dropout=0.0, batch_first=True, activation="gelu")
+
+
+@pytest.mark.parametrize("name", ["sequential", "encoder-layer", *FAMILIES])
+def test_data_parallel_replicas(name, replicate_on_cpu, fused_calls):
+    """nn.DataParallel's replicas of a fused model (torch.nn.parallel.replicate) run fused with
+    their own parameters, and the gradients reach the model's."""
+    if name in FAMILIES:
+        model, reference, fused = _fused_and_reference(name)
+        op, inputs = FAMILIES[name][1], _inputs(name)
+    else:
+        model = _torch_module(name)
+        reference = copy.deepcopy(model)
+        fused = [r for r in fastnn.fuse(model).fastnn_fuse_report if r.fused]
+        op, inputs = "linear_act", {}
+    model.eval()
+    reference.eval()
+    results = []
+    for m in (reference, model):
+        m.zero_grad(set_to_none=True)
+        ys = []
+        for replica in replicate_on_cpu(m, [0, 1]):
+            y = replica(**inputs) if inputs else replica(torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1)))
+            ys.append(y if isinstance(y, torch.Tensor) else y[0])
+        sum(y.float().square().sum() for y in ys).backward()
+        results.append(([y.detach() for y in ys], [p.grad for p in m.parameters()]))
+    (y1, g1), (y2, g2) = results
+    # (tolerances relative to the largest output and gradient: the tiny models' logits are small,
+    # and a replica computing with the module's parameters would be off by about a quarter)
+    y_scale = max(y.abs().max().item() for y in y1)
+    g_scale = max(g.abs().max().item() for g in g1 if g is not None)
+    for a, b in zip(y1, y2):
+        torch.testing.assert_close(b, a, atol=1e-5 * y_scale, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5 * g_scale, rtol=1e-4)
+    assert fused_calls[op] == 2 * len(fused)  # each replica's
+
+
 def test_unknown_hf_activation_left_with_reason():
     cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, hidden_act="mish")
@@ -357,7 +422,7 @@ def test_layer_level_fc1_is_still_fc1(fused_calls):
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
     assert fused_calls["linear_act"] == 2  # fused again, one call per layer
     fastnn.unfuse(model)
-    assert not any(isinstance(v, FusedCall) for m in model.modules() for v in m.__dict__.values())
+    assert not any(isinstance(v, (FusedCall, ReplicateForDataParallel)) for m in model.modules() for v in m.__dict__.values())
 
 
 @pytest.mark.parametrize("order", ["fuse-then-lora", "lora-then-fuse"])
