@@ -36,6 +36,37 @@ _STUBS = {"generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n"
           "exporters/test_export.py": "class ExportTesterMixin:\n    pass\n"}
 
 
+def _download_mixins(download, package):
+    """transformers' top-level test modules from its source distribution (pip download into
+    `download`) into `package`, with the stubs; skips this test module where pip cannot get it."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "--retries", "1",
+           "--timeout", "60", "-d", download, f"transformers=={transformers.__version__}"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        failure = result.stderr[-500:] if result.returncode else None
+    except subprocess.TimeoutExpired:
+        failure = "pip download timed out"
+    sdists = [f for f in os.listdir(download) if f.endswith(".tar.gz")]
+    if failure or not sdists:
+        pytest.skip(f"transformers' source distribution could not be downloaded: {failure}", allow_module_level=True)
+    for sub in ("generation", "exporters"):
+        os.makedirs(os.path.join(package, sub), exist_ok=True)
+        open(os.path.join(package, sub, "__init__.py"), "w").close()
+    open(os.path.join(package, "__init__.py"), "w").close()
+    for path, text in _STUBS.items():
+        with open(os.path.join(package, path), "w") as f:
+            f.write(text)
+    # the mixin itself last: its presence says the folder is complete
+    with tarfile.open(os.path.join(download, sdists[0])) as tar:
+        members = sorted((m for m in tar.getmembers() if re.fullmatch(r"[^/]+/tests/[^/]+\.py", m.name)),
+                         key=lambda m: m.name.endswith("/test_modeling_common.py"))
+        for member in members:
+            target = os.path.join(package, os.path.basename(member.name))
+            with tar.extractfile(member) as src, open(target + ".part", "wb") as dst:
+                dst.write(src.read())
+            os.replace(target + ".part", target)
+
+
 def _mixin_module():
     """transformers' test_modeling_common for the installed version, as a module of a package in
     the temp folder (it imports its siblings relatively)."""
@@ -43,36 +74,8 @@ def _mixin_module():
     package = os.path.join(root, _PACKAGE)
     common = os.path.join(package, "test_modeling_common.py")
     if not os.path.exists(common):
-        download = tempfile.mkdtemp()
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "--retries", "1",
-               "--timeout", "60", "-d", download,
-               f"transformers=={transformers.__version__}"]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            failure = result.stderr[-500:] if result.returncode else None
-        except subprocess.TimeoutExpired:
-            failure = "pip download timed out"
-        sdists = [f for f in os.listdir(download) if f.endswith(".tar.gz")]
-        if failure or not sdists:
-            pytest.skip(f"transformers' source distribution could not be downloaded: {failure}",
-                        allow_module_level=True)
-        for sub in ("generation", "exporters"):
-            os.makedirs(os.path.join(package, sub), exist_ok=True)
-            open(os.path.join(package, sub, "__init__.py"), "w").close()
-        open(os.path.join(package, "__init__.py"), "w").close()
-        for path, text in _STUBS.items():
-            with open(os.path.join(package, path), "w") as f:
-                f.write(text)
-        # the top-level test modules (the mixin's siblings), the mixin itself last: its presence
-        # says the folder is complete
-        with tarfile.open(os.path.join(download, sdists[0])) as tar:
-            members = sorted((m for m in tar.getmembers() if re.fullmatch(r"[^/]+/tests/[^/]+\.py", m.name)),
-                             key=lambda m: m.name.endswith("/test_modeling_common.py"))
-            for member in members:
-                target = os.path.join(package, os.path.basename(member.name))
-                with tar.extractfile(member) as src, open(target + ".part", "wb") as dst:
-                    dst.write(src.read())
-                os.replace(target + ".part", target)
+        with tempfile.TemporaryDirectory() as download:
+            _download_mixins(download, package)
     if root not in sys.path:
         sys.path.insert(0, root)
     return importlib.import_module(f"{_PACKAGE}.test_modeling_common")
