@@ -22,16 +22,20 @@ def _outputs_and_grads(model, *inputs, **kwargs):
     return y.detach(), [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
 
 
+def _assert_grads_close(g1, g2, atol, rtol):
+    """The fused model's parameter gradients g2 as the reference's g1 (None where they are None)."""
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+
+
 def _assert_same(reference, fused, *inputs, atol=2e-5, **kwargs):
     y1, g1 = _outputs_and_grads(reference, *inputs, **kwargs)
     y2, g2 = _outputs_and_grads(fused, *inputs, **kwargs)
     torch.testing.assert_close(y2, y1, atol=atol, rtol=atol)
-    assert len(g1) == len(g2)
-    for a, b in zip(g1, g2):
-        if a is None:
-            assert b is None
-        else:
-            torch.testing.assert_close(b, a, atol=atol * 4, rtol=atol * 4)
+    _assert_grads_close(g1, g2, atol * 4, atol * 4)
 
 
 ACT_MODULES = [nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.LeakyReLU()]
@@ -275,10 +279,7 @@ def _assert_same_seeded(reference, model, inputs):
     torch.manual_seed(5)
     y2, g2 = _outputs_and_grads(model, **inputs)
     torch.testing.assert_close(y2, y1, atol=1e-4, rtol=1e-4)
-    for a, b in zip(g1, g2):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(b, a, atol=4e-4, rtol=4e-4)
+    _assert_grads_close(g1, g2, 4e-4, 4e-4)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -372,10 +373,7 @@ def test_data_parallel_replicas(name, replicate_on_cpu, fused_calls):
     g_scale = max(g.abs().max().item() for g in g1 if g is not None)
     for a, b in zip(y1, y2):
         torch.testing.assert_close(b, a, atol=1e-5 * y_scale, rtol=1e-5)
-    for a, b in zip(g1, g2):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(b, a, atol=1e-5 * g_scale, rtol=1e-4)
+    _assert_grads_close(g1, g2, 1e-5 * g_scale, 1e-4)
     assert fused_calls[op] == 2 * len(fused)  # each replica's
 
 
@@ -484,10 +482,7 @@ def test_lora_is_never_bypassed(order, fused_calls):
     y1, g1 = _outputs_and_grads(reference, ids)
     y2, g2 = _outputs_and_grads(model, ids)
     torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g1, g2):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    _assert_grads_close(g1, g2, 1e-5, 1e-5)
     assert fused_calls["linear_glu"] == 0
     merged, merged_ref = model.merge_and_unload(), reference.merge_and_unload()
     with torch.no_grad():
