@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import fastnn
 from fastnn import _native, activations
-from fused_linear import paired_ratio, time_once  # the benchmark's sampling and paired ratios
+from fused_linear import interleaved_samples, paired_ratio  # the benchmark's sampling and paired ratios
 
 _K0, _K1 = math.sqrt(2 / math.pi), 0.044715
 # float64 references that keep their relative accuracy in the far negative tail
@@ -104,20 +104,6 @@ def accuracy(name: str, lo: float, hi: float):
     return stats, count, subnormal
 
 
-def paired_times(fns, rounds=15):
-    """Seconds per call of each function in each round, the functions interleaved round by round
-    (this machine's speed drifts between phases) and sampled as the benchmark samples its
-    configurations: enough calls per sample to last ~5 ms, each round starting one function later."""
-    cpu = torch.device("cpu")
-    inner = [max(1, min(1000, int(5e-3 / max(time_once(fn, cpu, 1), 1e-7)))) for fn in fns]
-    times = [[] for _ in fns]
-    order = list(range(len(fns)))
-    for r in range(rounds):
-        for i in order[r % len(fns):] + order[:r % len(fns)]:
-            times[i].append(time_once(fns[i], cpu, inner[i]))
-    return times
-
-
 def speed(name: str, rows: int, cols: int):
     """fastnn's forward and backward passes and PyTorch's, interleaved: their median times in ms
     (ours_fwd, torch_fwd, ours_bwd, torch_bwd) and the medians of PyTorch's time over fastnn's per
@@ -129,13 +115,13 @@ def speed(name: str, rows: int, cols: int):
     z, dy = torch.randn(rows, cols), torch.randn(rows, cols)
     y, dz, db = torch.empty_like(z), torch.empty_like(z), torch.empty(cols)
     backward = TORCH_BACKWARD.get(name, lambda dy, z: dy * act.grad(z))
-    times = paired_times([
+    times = interleaved_samples([
         lambda: C.cpu_bias_act_forward(code, act.code, rows, cols, z.data_ptr(), 0, y.data_ptr(), 0, threads),
         lambda: act.fn(z),
         lambda: C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), z.data_ptr(), 0, dz.data_ptr(),
                                    db.data_ptr(), threads),
         lambda: (backward(dy, z), dy.sum(0)),
-    ])
+    ], torch.device("cpu"), rounds=15, min_sample_s=5e-3)
     ms = [statistics.median(t) * 1e3 for t in times]
     return (*ms, paired_ratio(times[1], times[0])[0], paired_ratio(times[3], times[2])[0])
 

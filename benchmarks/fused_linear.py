@@ -400,17 +400,14 @@ def run_case(case: Case, device, args, log) -> list[Row]:
         except Exception as exc:  # noqa: BLE001 -- a failing config is reported, not fatal
             row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         del outs
-    # calibrate: enough calls per sample for a measurable time
-    inner = {}
-    for cfg, _ in live:
-        t = time_once(cfg.run, device, 1)
-        inner[cfg.name] = max(1, min(1000, int(args.min_sample_s / max(t, 1e-7))))
-    for r in range(args.repeats):
-        # each round starts one configuration later, so none always runs right after the same one
-        for cfg, row in live[r % len(live):] + live[:r % len(live)]:
-            row.samples.append(time_once(cfg.run, device, inner[cfg.name]))
+
+    def progress(r):
         if sys.stderr.isatty():
             log(f"\r  timing: round {r + 1}/{args.repeats}", end="")
+
+    timed = interleaved_samples([cfg.run for cfg, _ in live], device, args.repeats, args.min_sample_s, progress)
+    for (_, row), times in zip(live, timed):
+        row.samples.extend(times)
     if sys.stderr.isatty():
         log("\r" + " " * 40 + "\r", end="")
     fl, by = flops(case), min_bytes(case)
@@ -425,6 +422,21 @@ def run_case(case: Case, device, args, log) -> list[Row]:
             if "bare GEMM" in samples:
                 row.ratio_to_gemm = paired_ratio(row.samples, samples["bare GEMM"])[0]
     return rows
+
+
+def interleaved_samples(fns, device, rounds, min_sample_s, progress=None):
+    """`rounds` samples of each function's seconds per call: calibrated to enough calls per sample
+    (up to 1000) to last min_sample_s, and interleaved round by round, each round starting one
+    function later, so that none always runs right after the same one. progress(r) after round r."""
+    inner = [max(1, min(1000, int(min_sample_s / max(time_once(fn, device, 1), 1e-7)))) for fn in fns]
+    samples = [[] for _ in fns]
+    for r in range(rounds if fns else 0):
+        start = r % len(fns)
+        for i in [*range(start, len(fns)), *range(start)]:
+            samples[i].append(time_once(fns[i], device, inner[i]))
+        if progress is not None:
+            progress(r)
+    return samples
 
 
 def paired_ratio(numerators, denominators):
