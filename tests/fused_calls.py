@@ -10,9 +10,10 @@ fuse_module = importlib.import_module("fastnn.fuse")
 modules = importlib.import_module("fastnn.modules")
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    calls = collections.Counter()
+def counting_replacements(calls):
+    """(module, name, replacement) for each fused op that modules and fuse() call: the replacement
+    counts its calls into the Counter `calls` and runs the op."""
+    replacements = []
     for module, name in ((modules, "linear_act"), (modules, "linear_glu"), (fuse_module, "linear_glu"),
                          (fuse_module, "linear_act")):
         original = getattr(module, name)
@@ -21,7 +22,7 @@ def fused_calls(monkeypatch):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, counted)
+        replacements.append((module, name, counted))
     original_mlp = modules.mlp
 
     def counted_mlp(x, *args, **kwargs):
@@ -30,5 +31,13 @@ def fused_calls(monkeypatch):
         calls["linear_glu" if kwargs.get("up_weight") is not None else "linear_act"] += 1
         return original_mlp(x, *args, **kwargs)
 
-    monkeypatch.setattr(modules, "mlp", counted_mlp)
+    replacements.append((modules, "mlp", counted_mlp))
+    return replacements
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = collections.Counter()
+    for module, name, replacement in counting_replacements(calls):
+        monkeypatch.setattr(module, name, replacement)
     return calls

@@ -13,6 +13,7 @@ per-model testers of transformers' repository are not in that distribution eithe
 Tester below gives the mixin what it asks of one. The generation and export mixins it imports are
 not there: they are stubbed (fastnn's own tests/test_fuse.py compares greedy generation).
 """
+import collections
 import importlib
 import os
 import re
@@ -29,6 +30,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("parameterized")  # (the mixin's own dependency)
 
 import fastnn  # noqa: E402
+from fused_calls import counting_replacements  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
 _PACKAGE = "fastnn_transformers_tests"
@@ -134,9 +136,7 @@ def _opt(t):
                                   max_position_embeddings=64, activation_function="relu", pad_token_id=1)
 
 
-_fuse_module = importlib.import_module("fastnn.fuse")
-_modules_module = importlib.import_module("fastnn.modules")
-_fused_ops_run = {}  # test class -> fused op calls (the ops fuse's installed calls run)
+_fused_ops_run = {}  # test class -> Counter of the fused ops its models ran
 
 
 def _fused_post_init(post_init):
@@ -154,22 +154,13 @@ class FusedModelTest(common.ModelTesterMixin):
     def setUp(self):
         causal = next((c for c in self.all_model_classes if c.__name__.endswith(("ForCausalLM", "LMHeadModel"))), None)
         self.model_tester = Tester(self, type(self).config, self.token_types, causal)
-        name = type(self).__name__
-        _fused_ops_run.setdefault(name, 0)
+        calls = _fused_ops_run.setdefault(type(self).__name__, collections.Counter())
         patches = [mock.patch.object(PreTrainedModel, "post_init", _fused_post_init(PreTrainedModel.post_init))]
-        for module in (_fuse_module, _modules_module):
-            for op in ("linear_act", "linear_glu"):
-                patches.append(mock.patch.object(module, op, self._counted(getattr(module, op), name)))
+        patches += [mock.patch.object(module, name, replacement)
+                    for module, name, replacement in counting_replacements(calls)]
         for patch in patches:
             patch.start()
             self.addCleanup(patch.stop)
-
-    @staticmethod
-    def _counted(op, name):
-        def counted(*args, **kwargs):
-            _fused_ops_run[name] += 1
-            return op(*args, **kwargs)
-        return counted
 
 
 # (the mixin requires a model that can generate to have the generation tests: here their stub)
@@ -205,4 +196,4 @@ def test_models_ran_fused():
     fused ops, not only their unfused fallback."""
     if not _fused_ops_run:
         pytest.skip("none of the classes above ran")
-    assert all(n > 0 for n in _fused_ops_run.values()), _fused_ops_run
+    assert all(sum(calls.values()) > 0 for calls in _fused_ops_run.values()), _fused_ops_run
