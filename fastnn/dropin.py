@@ -214,29 +214,29 @@ class ReplicateForDataParallel:
     children, parameters and buffers are set by replicate afterwards; the fused calls read them
     at each call."""
 
-    def __init__(self, module: nn.Module, previous=None):
+    def __init__(self, module: nn.Module, original=None):
         self.module = module
-        self.previous = previous  # an instance-level override that was there: kept and called
+        self.original = original  # an instance-level override that was there: kept and called (as FusedCall's)
 
     def __call__(self):
-        if self.previous is not None:
-            replica = self.previous()
+        if self.original is not None:
+            replica = self.original()
         else:
             replica = type(self.module)._replicate_for_data_parallel(self.module)
         for name, value in list(replica.__dict__.items()):
             if isinstance(value, FusedCall):
                 replica.__dict__[name] = value.for_replica(replica)
             elif isinstance(value, ReplicateForDataParallel):
-                replica.__dict__[name] = ReplicateForDataParallel(replica, value.previous)
+                replica.__dict__[name] = ReplicateForDataParallel(replica, value.original)
         return replica
 
 
 def install(module: nn.Module, method: str, fused, parts: dict, detail: str) -> FusedCall:
     call = FusedCall(module, method, fused, parts, detail)
     module.__dict__[method] = call
-    previous = module.__dict__.get("_replicate_for_data_parallel")
-    if not isinstance(previous, ReplicateForDataParallel):
-        module.__dict__["_replicate_for_data_parallel"] = ReplicateForDataParallel(module, previous)
+    original = module.__dict__.get("_replicate_for_data_parallel")
+    if not isinstance(original, ReplicateForDataParallel):
+        module.__dict__["_replicate_for_data_parallel"] = ReplicateForDataParallel(module, original)
     return call
 
 
@@ -250,9 +250,8 @@ def uninstall(module: nn.Module) -> int:
     removed = 0
     for name, value in list(module.__dict__.items()):
         if isinstance(value, (FusedCall, ReplicateForDataParallel)):
-            previous = value.original if isinstance(value, FusedCall) else value.previous
-            if previous is not None:
-                module.__dict__[name] = previous
+            if value.original is not None:
+                module.__dict__[name] = value.original
             else:
                 del module.__dict__[name]
             removed += isinstance(value, FusedCall)
