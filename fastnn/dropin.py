@@ -196,6 +196,13 @@ class FusedCall:
         sig = inspect.signature(getattr(type(self.module), self.method))
         return sig.replace(parameters=list(sig.parameters.values())[1:])
 
+    @property
+    def __code__(self):
+        # the original method's, for code that reads it off `module.forward` (torch.export names its
+        # shape environment after it); deliberately no __func__ / __self__, which code takes to mean
+        # "call the class's function" and so would step around the fused call
+        return inspect.unwrap(getattr(type(self.module), self.method)).__code__
+
     def __repr__(self):
         return f"<fastnn fused {type(self.module).__name__}.{self.method}: {self.detail}>"
 
