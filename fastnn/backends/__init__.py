@@ -6,6 +6,7 @@ the reason; only `auto` falls back, and `python -m fastnn.info` shows what it pi
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -43,6 +44,17 @@ def auto_order(device_type: str, act: Activation, dtype: torch.dtype = None) -> 
     return ["torch"]
 
 
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export (the torch.export-based exporter, torch's default) is running.
+    Read from the exporter's own flag where it is loaded: torch.onnx is imported by nothing until a
+    user imports it, and its public is_in_onnx_export costs microseconds per call."""
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    if flags is not None and hasattr(flags, "_is_onnx_exporting"):
+        return bool(flags._is_onnx_exporting)
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and bool(onnx.is_in_onnx_export())
+
+
 def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Tensor],
             act: Activation) -> str:
     """The backend that serves this call: `requested` itself, or for `auto` the first that can."""
@@ -63,6 +75,13 @@ def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Te
         raise BackendUnavailableError(
             f"fastnn.{op}: backend {requested!r} cannot be recorded by torch.jit.trace (its kernels write "
             "through raw pointers the tracer does not see); backend='auto' records PyTorch's composite there")
+    if onnx_exporting():
+        # an ONNX model holds ONNX's own operators; fastnn's ops have none to become
+        if requested in ("auto", "torch"):
+            return "torch"
+        raise BackendUnavailableError(
+            f"fastnn.{op}: backend {requested!r} cannot be exported to ONNX (ONNX has no operator for "
+            "fastnn's kernels); backend='auto' exports PyTorch's composite there")
     if requested == "auto":
         for name in auto_order(x.device.type, act, x.dtype):
             backend = BACKENDS.get(name)
