@@ -160,7 +160,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     _check_linear("linear_act", x, weight, bias)
     _check_same("linear_act", x, [("weight", weight), ("bias", bias)])
     x, weight, bias = _autocast(x, weight, bias)
-    name = backends.resolve(backend, "linear_act", x, [weight], act)
+    name = backends.resolve(backend, "linear_act", x, [weight], act, (bias,))
     if name == "torch":
         return backends.BACKENDS["torch"].linear_act(x, weight, bias, act)
     lead = x.shape[:-1]
@@ -207,7 +207,7 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     _check_same("linear_glu", x, [("gate_weight", gate_weight), ("up_weight", up_weight),
                                   ("gate_bias", gate_bias), ("up_bias", up_bias)])
     x, gate_weight, up_weight, gate_bias, up_bias = _autocast(x, gate_weight, up_weight, gate_bias, up_bias)
-    name = backends.resolve(backend, "linear_glu", x, [gate_weight, up_weight], gate_act)
+    name = backends.resolve(backend, "linear_glu", x, [gate_weight, up_weight], gate_act, (gate_bias, up_bias))
     if name == "torch":
         return backends.BACKENDS["torch"].linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act)
     lead = x.shape[:-1]
@@ -300,7 +300,8 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
                            ("fc2_bias", fc2_bias), ("up_weight", up_weight), ("up_bias", up_bias)])
     params = _autocast(x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias)
     x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias = params
-    name = backends.resolve(backend, "mlp", x, [fc1_weight, fc2_weight], act)
+    name = backends.resolve(backend, "mlp", x, [fc1_weight, fc2_weight], act,
+                            (fc1_bias, up_weight, up_bias, fc2_bias))
     drop = dropout > 0.0 and training
 
     def block(x: Tensor, level: str) -> Tensor:

@@ -55,9 +55,34 @@ def onnx_exporting() -> bool:
     return onnx is not None and bool(onnx.is_in_onnx_export())
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def foreign_subclass(t) -> bool:
+    """Whether t is a tensor subclass fastnn's ops do not know. They know fake and functional
+    tensors (torch.compile, torch.export) and DTensor (their sharding rules); any other subclass,
+    a quantised weight (torchao's quantize_ puts them in place on nn.Linear), a nested tensor, ...,
+    would get fastnn's ops in its __torch_dispatch__, which has never heard of them, while F.linear
+    and the activation are ATen ops it implements. (isinstance(t, nn.Parameter) is True for any
+    subclass made a parameter, hence the exact types.)"""
+    if t is None or type(t) in _PLAIN_TYPES:
+        return False
+    return not isinstance(t, _known_subclasses())
+
+
+def _known_subclasses() -> tuple:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    known = (FakeTensor, FunctionalTensor)
+    dtensor = sys.modules.get("torch.distributed.tensor")  # (a DTensor exists only once it is imported)
+    return known + (dtensor.DTensor,) if dtensor is not None and hasattr(dtensor, "DTensor") else known
+
+
 def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Tensor],
-            act: Activation) -> str:
-    """The backend that serves this call: `requested` itself, or for `auto` the first that can."""
+            act: Activation, rest: Sequence = ()) -> str:
+    """The backend that serves this call: `requested` itself, or for `auto` the first that can.
+    `rest`: the call's other tensors (biases, ...), looked at for tensor subclasses only."""
     if requested not in NAMES:
         raise ValueError(f"fastnn.{op}: unknown backend {requested!r}; valid backends: {', '.join(NAMES)}")
     if functorch_active():
@@ -83,6 +108,8 @@ def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Te
             f"fastnn.{op}: backend {requested!r} cannot be exported to ONNX (ONNX has no operator for "
             "fastnn's kernels); backend='auto' exports PyTorch's composite there")
     if requested == "auto":
+        if any(foreign_subclass(t) for t in (x, *weights, *rest)):
+            return "torch"  # (PyTorch's composite: ATen ops, which the subclass implements)
         for name in auto_order(x.device.type, act, x.dtype):
             backend = BACKENDS.get(name)
             if backend is not None and backend.unsupported_reason(op, x, weights, act) is None:
@@ -97,4 +124,5 @@ def resolve(requested: str, op: str, x: torch.Tensor, weights: Sequence[torch.Te
     return requested
 
 
-__all__ = ["BACKENDS", "NAMES", "Backend", "BackendUnavailableError", "register", "resolve", "auto_order"]
+__all__ = ["BACKENDS", "NAMES", "Backend", "BackendUnavailableError", "register", "resolve", "auto_order",
+           "foreign_subclass"]
