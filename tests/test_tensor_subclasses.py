@@ -19,11 +19,9 @@ aten = torch.ops.aten
 
 
 class QuantizedWeight(torch.Tensor):
-    """A weight kept as int8 values and a scale per output row, like torchao's: the ATen ops a
-    linear layer runs see the dequantised matrix; any other op raises, as torchao's tensors do."""
-
-    _KNOWN = {aten.t, aten.mm, aten.addmm, aten.transpose, aten.permute, aten.view, aten._unsafe_view,
-              aten.expand, aten.clone, aten._to_copy, aten.matmul, aten.bmm}
+    """A weight kept as int8 values and a scale per output row, like torchao's: F.linear's
+    transpose of it gives the dequantised matrix; any other op raises, as torchao's tensors do
+    for the ops they do not implement."""
 
     @staticmethod
     def __new__(cls, q, scale):
@@ -47,10 +45,9 @@ class QuantizedWeight(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func in (aten.detach.default, aten.alias.default):
             return cls(args[0].q, args[0].scale)
-        if func.overloadpacket not in cls._KNOWN:
-            raise NotImplementedError(f"QuantizedWeight does not implement {func}")
-        plain = [a.dequantized() if isinstance(a, QuantizedWeight) else a for a in args]
-        return func(*plain, **(kwargs or {}))
+        if func is aten.t.default:
+            return args[0].dequantized().t()
+        raise NotImplementedError(f"QuantizedWeight does not implement {func}")
 
 
 def _quantize_linears(model):
