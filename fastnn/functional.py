@@ -107,6 +107,7 @@ _dispatch_depth = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 _forward_ad = torch.autograd.forward_ad
 _jit_tracing = torch._C._is_tracing
+_grad_enabled = torch.is_grad_enabled
 _CPU = backends.BACKENDS["cpu"]
 
 
@@ -150,12 +151,14 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     """
     act = activations.ACTIVATIONS.get(activation) if type(activation) is str else None
     if act is not None and _plain_cpu_call(backend, x, (weight,), (bias,)):
-        x2 = x if x.dim() == 2 else _rows(x)
-        if _needs_grad(x, weight, bias):
+        flat = x.dim() == 2
+        x2 = x if flat else _rows(x)
+        # (_needs_grad spelled out: this path's Python calls are its cost, see _plain_cpu_call)
+        if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             y = ops.LinearActFunction.apply(x2, weight, bias, activation, "cpu", True)
         else:
             y = _CPU.linear_act_y(x2, weight, bias, act)
-        return y if x.dim() == 2 else _unflatten(y, x.shape[:-1])
+        return y if flat else _unflatten(y, x.shape[:-1])
     act = activations.get(activation)
     _check_linear("linear_act", x, weight, bias)
     _check_same("linear_act", x, [("weight", weight), ("bias", bias)])
