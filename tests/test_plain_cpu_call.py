@@ -62,13 +62,17 @@ def test_refuses_what_the_general_path_handles():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("activation", ["gelu", "relu", "identity", "swiglu"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_same_bits_as_the_general_path(dtype, grad, activation, bias):
+@pytest.mark.parametrize("bias", ["bias", "strided-bias", "no-bias"])
+@pytest.mark.parametrize("rows", [(3, 70), (1,)], ids=["3x70-rows", "1-row"])
+def test_same_bits_as_the_general_path(dtype, grad, activation, bias, rows):
     """The screened call against the same call through the torch.library op (the general path's
     route under compile and for tensor subclasses): output and gradients bit for bit. (Without a
-    gradient, float32 and float64 take the cpu backend's one-frame inference path.)"""
-    x, w, wu, b = _inputs(dtype, rows=(3, 70), grad=grad)
-    b = b if bias else None
+    gradient, float32 and float64, and bfloat16 on AMX, take the cpu backend's one-frame inference
+    paths.)"""
+    x, w, wu, b = _inputs(dtype, rows=rows, grad=grad)
+    if bias == "strided-bias":
+        b = torch.stack([b.detach(), b.detach()], 1)[:, 0].requires_grad_(grad)
+    b = None if bias == "no-bias" else b
     gated = activation in fastnn.GATED
 
     def ours(x, w, wu, b):

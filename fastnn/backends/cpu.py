@@ -412,22 +412,33 @@ class CpuBackend(Backend):
         return y, (empty_like_nothing(x) if kept is None else kept)
 
     def linear_act_y(self, x, weight, bias, act):
-        if x.dtype in _FOLDED and not product_transposed(x.shape[0], x.dtype, True):
-            # The common inference call (float32 / float64 multiplied as F.linear orients it) in one
-            # frame, what _linear_act does for it: right after a large GEMM each Python call costs
-            # microseconds (caches cold), and the dozen through _linear_act cost more than the pass
-            # saves at few rows (float32 gelu, 1-64 x 768 -> 3072 and 16 x 3072 -> 768, Xeon with
-            # AMX, 2 threads, paired: this call 1.01-1.05x faster than through _linear_act).
-            rows, cols = x.shape[0], weight.shape[0]
-            z = _empty((rows, cols), x.dtype, x.device)
+        # The two common inference calls in one frame each, what _linear_act does for them: right
+        # after a large GEMM each Python call costs microseconds (caches cold), and the dozen through
+        # _linear_act cost more than the pass saves at few rows (Xeon with AMX, 2 threads, paired:
+        # float32 gelu at 1-64 x 768 -> 3072 and 16 x 3072 -> 768 1.01-1.05x faster this way;
+        # bfloat16 gelu at 1 x 768 -> 3072 1.12x).
+        dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
+        if dtype in _FOLDED and not product_transposed(rows, dtype, True):
+            # float32 / float64 as F.linear orients them: the GEMM adds the bias, the pass runs in place
+            z = _empty((rows, cols), dtype, x.device)
             if bias is None:
                 torch.mm(x, weight.t(), out=z)
             else:
                 torch.addmm(bias, x, weight.t(), out=z)
             if act.name != "identity":
-                _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[x.dtype], act.code, rows, cols,
+                _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[dtype], act.code, rows, cols,
                                                           z.data_ptr(), 0, z.data_ptr(), 0, _native.num_threads())
             return z
+        if dtype in _HALF and not _fold_bias(dtype, act) and product_transposed(rows, dtype, False):
+            # 16-bit on oneDNN's AMX kernels: Z^T = W x^T, then the pass adds the bias and writes y
+            z_t = _transposed_out(x, cols)
+            torch.mm(_unpadded(weight), x.t(), out=z_t)
+            y = _empty((rows, cols), dtype, x.device)
+            bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
+            _native.cpu_module().cpu_act_forward_from_transposed(
+                _native.DTYPE_CODES[dtype], act.code, rows, cols, z_t.data_ptr(), z_t.stride(0), _ptr(bias),
+                y.data_ptr(), 0, 0, _native.num_threads())
+            return y
         return self._linear_act(x, weight, bias, act, "nothing")[0]
 
     def _linear_act(self, x, weight, bias, act, saves):
