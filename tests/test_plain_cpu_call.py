@@ -70,28 +70,29 @@ def test_same_bits_as_the_general_path(dtype, grad, activation, bias, rows):
     gradient, float32 and float64, and bfloat16 on AMX, take the cpu backend's one-frame inference
     paths.)"""
     x, w, wu, b = _inputs(dtype, rows=rows, grad=grad)
+    bu = b.detach() * 0.5 - 0.25  # (the up projection's bias, for the gated unit)
     if bias == "strided-bias":
-        b = torch.stack([b.detach(), b.detach()], 1)[:, 0].requires_grad_(grad)
-    b = None if bias == "no-bias" else b
+        b, bu = (torch.stack([t.detach(), t.detach()], 1)[:, 0] for t in (b, bu))
+    b, bu = (None, None) if bias == "no-bias" else (b.detach().requires_grad_(grad), bu.requires_grad_(grad))
     gated = activation in fastnn.GATED
 
-    def ours(x, w, wu, b):
+    def ours(x, w, wu, b, bu):
         if gated:
-            return fastnn.linear_glu(x, w, wu, b, None, activation)
+            return fastnn.linear_glu(x, w, wu, b, bu, activation)
         return fastnn.linear_act(x, w, b, activation)
 
-    def through_op(x, w, wu, b):
+    def through_op(x, w, wu, b, bu):
         x2 = x.reshape(-1, x.shape[-1])
         if gated:
-            y = torch.ops.fastnn.linear_glu_fwd(x2, w, wu, b, None, activation, "cpu", grad)[0]
+            y = torch.ops.fastnn.linear_glu_fwd(x2, w, wu, b, bu, activation, "cpu", grad)[0]
         else:
             y = torch.ops.fastnn.linear_act_fwd(x2, w, b, activation, "cpu", grad)[0]
         return y.reshape(*x.shape[:-1], -1)
 
     outs = []
     for fn in (ours, through_op):
-        y = fn(x, w, wu, b)
-        leaves = [t for t in (x, w, wu, b) if t is not None]
+        y = fn(x, w, wu, b, bu)
+        leaves = [t for t in (x, w, wu, b) + ((bu,) if gated else ()) if t is not None]
         grads = torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True) if grad else ()
         outs.append((y, *grads))
     for a, c in zip(*outs):

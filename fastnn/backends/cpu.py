@@ -382,6 +382,17 @@ def _gemm_transposed(x, weight, bias, fold_bias):
     return _mm([(weight, x.t())], out=out), (None if bias is None else bias.contiguous())
 
 
+def _product_with_bias(x, weight, bias):
+    """x W^T + b by one GEMM (float32 / float64: F.linear's bits) into fastnn's own buffer."""
+    z = _empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
+    return torch.mm(x, weight.t(), out=z) if bias is None else torch.addmm(bias, x, weight.t(), out=z)
+
+
+def _product_transposed(x, weight):
+    """Z^T = W x^T in x's dtype, its rows padded as _transposed_out pads them."""
+    return torch.mm(_unpadded(weight), x.t(), out=_transposed_out(x, weight.shape[0]))
+
+
 def _saved_buffer(saves, rows, cols, x):
     """What linear_act's forward keeps for backward, to be filled: Z, its sign mask, or None."""
     if saves == "preact":
@@ -411,28 +422,24 @@ class CpuBackend(Backend):
         y, kept = self._linear_act(x, weight, bias, act, act.saves if save else "nothing")
         return y, (empty_like_nothing(x) if kept is None else kept)
 
+    # The common inference calls (no gradient) of linear_act and linear_glu in one frame each, what
+    # _linear_act / _linear_glu do for them: right after a large GEMM each Python call costs
+    # microseconds (caches cold), and the dozen through the general forward cost more than the pass
+    # saves at few rows (Xeon with AMX, 2 threads, paired: float32 gelu at 1-64 x 768 -> 3072 and
+    # 16 x 3072 -> 768 1.01-1.05x faster this way; bfloat16 gelu at 1 x 768 -> 3072 1.05x,
+    # at 16-256 rows 1.04-1.07x). The two: float32 / float64 in F.linear's orientation (the GEMM adds
+    # the bias, the pass runs in place), and 16-bit on oneDNN's AMX kernels where the pass adds the
+    # bias (Z^T = W x^T, then the pass writes y).
     def linear_act_y(self, x, weight, bias, act):
-        # The two common inference calls in one frame each, what _linear_act does for them: right
-        # after a large GEMM each Python call costs microseconds (caches cold), and the dozen through
-        # _linear_act cost more than the pass saves at few rows (Xeon with AMX, 2 threads, paired:
-        # float32 gelu at 1-64 x 768 -> 3072 and 16 x 3072 -> 768 1.01-1.05x faster this way;
-        # bfloat16 gelu at 1 x 768 -> 3072 1.12x).
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
         if dtype in _FOLDED and not product_transposed(rows, dtype, True):
-            # float32 / float64 as F.linear orients them: the GEMM adds the bias, the pass runs in place
-            z = _empty((rows, cols), dtype, x.device)
-            if bias is None:
-                torch.mm(x, weight.t(), out=z)
-            else:
-                torch.addmm(bias, x, weight.t(), out=z)
+            z = _product_with_bias(x, weight, bias)
             if act.name != "identity":
                 _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[dtype], act.code, rows, cols,
                                                           z.data_ptr(), 0, z.data_ptr(), 0, _native.num_threads())
             return z
         if dtype in _HALF and not _fold_bias(dtype, act) and product_transposed(rows, dtype, False):
-            # 16-bit on oneDNN's AMX kernels: Z^T = W x^T, then the pass adds the bias and writes y
-            z_t = _transposed_out(x, cols)
-            torch.mm(_unpadded(weight), x.t(), out=z_t)
+            z_t = _product_transposed(x, weight)
             y = _empty((rows, cols), dtype, x.device)
             bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
             _native.cpu_module().cpu_act_forward_from_transposed(
@@ -522,6 +529,25 @@ class CpuBackend(Backend):
         return y, z_gate, z_up
 
     def linear_glu_y(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act):
+        # (the one-frame calls of linear_act_y's comment)
+        dtype, rows, cols = x.dtype, x.shape[0], gate_weight.shape[0]
+        if dtype in _FOLDED and not product_transposed(rows, dtype, True):
+            p_gate = _product_with_bias(x, gate_weight, gate_bias)
+            p_up = _product_with_bias(x, up_weight, up_bias)
+            _native.cpu_module().cpu_glu_forward(_native.DTYPE_CODES[dtype], gate_act.code, rows, cols,
+                                                 p_gate.data_ptr(), p_up.data_ptr(), 0, 0, p_gate.data_ptr(),
+                                                 _native.num_threads())
+            return p_gate
+        if dtype in _HALF and not _fold_bias(dtype, gate_act) and product_transposed(rows, dtype, False):
+            p_gate, p_up = _product_transposed(x, gate_weight), _product_transposed(x, up_weight)
+            y = _empty((rows, cols), dtype, x.device)
+            # (held: the pass reads them by pointer)
+            gate_bias = None if gate_bias is None else gate_bias.contiguous()
+            up_bias = None if up_bias is None else up_bias.contiguous()
+            _native.cpu_module().cpu_glu_forward_from_transposed(
+                _native.DTYPE_CODES[dtype], gate_act.code, rows, cols, p_gate.data_ptr(), p_up.data_ptr(),
+                p_gate.stride(0), _ptr(gate_bias), _ptr(up_bias), y.data_ptr(), 0, 0, _native.num_threads())
+            return y
         return self._linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act, False)[0]
 
     def _linear_glu(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
