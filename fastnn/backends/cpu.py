@@ -343,7 +343,7 @@ def _fold_bias(dtype, act):
     whose sign nothing reads. A forward that saves nothing folds it as one that saves: its output is
     then bit for bit the same with or without a gradient to give (reentrant checkpointing compares
     a no_grad forward with its recomputation; eager PyTorch gives the same bits either way)."""
-    return (dtype in (torch.float32, torch.float64) or gemm_in_float32(dtype)
+    return (dtype in _FOLDED or gemm_in_float32(dtype)
             or (act is not None and act.saves == "mask"))
 
 
