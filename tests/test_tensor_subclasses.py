@@ -129,18 +129,14 @@ def test_nested_jagged_input():
 
 
 # ---- torchao's own quantisation, where installed ------------------------------------------------
-def _torchao_configs():
-    quantization = pytest.importorskip("torchao.quantization")
-    return {"int8 weight-only": quantization.Int8WeightOnlyConfig(),
-            "int8 dynamic activation": quantization.Int8DynamicActivationInt8WeightConfig()}
-
-
 @pytest.mark.parametrize("config", ["int8 weight-only", "int8 dynamic activation"])
 @pytest.mark.parametrize("family", ["sequential", "llama", "bert"])
 @pytest.mark.parametrize("order", ["quantize then fuse", "fuse then quantize"])
 def test_torchao_quantize_(config, family, order):
-    quantize_ = pytest.importorskip("torchao.quantization").quantize_
-    cfg = _torchao_configs()[config]
+    quantization = pytest.importorskip("torchao.quantization")
+    cfg = {"int8 weight-only": quantization.Int8WeightOnlyConfig,
+           "int8 dynamic activation": quantization.Int8DynamicActivationInt8WeightConfig}[config]()
+    quantize_ = quantization.quantize_
     if family == "sequential":
         build, inputs = _sequential, dict(input=torch.randn(3, 5, 16))
     else:
