@@ -47,7 +47,52 @@ def differentiable_backward_wanted() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
+# The bias. F.linear keeps none for backward, so eager PyTorch lets a bias change in place between
+# forward and backward (an optimizer step on it, a hook) and its gradients are those of the forward's
+# bias. fastnn's fused backwards mostly need no bias either: the pre-activation they keep has it.
+# Where one does (the cpu backend's 16-bit pre-activation lacks it, backward adds it again; a forward
+# run without `save` recomputes), the eager autograd.Functions keep a copy of it taken at forward
+# (a row of out_features elements), so backward sees the forward's bias as eager PyTorch's does, not
+# autograd's "modified by an inplace operation" error, nor, after a change through .data, a silently
+# different one. The composite backward recomputes the pre-activation from the bias itself (its
+# gradients must reach it): it gets the bias as a BiasAtForward, which raises if it changed.
+class BiasAtForward:
+    """A bias as the forward saw it, for the composite backward: the tensor and its version counter."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def get(self, op):
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                f"fastnn.{op}: a bias was modified by an inplace operation between forward and backward "
+                f"(version {self.version}, now {self.tensor._version}); this backward runs PyTorch's "
+                "composite (create_graph=True, a torch.func transform or batched grad outputs), which "
+                "recomputes the pre-activation from the bias. Change the bias after backward, or run this "
+                "layer with backend='torch'")
+        return self.tensor
+
+
+def keep_bias(ctx, bias, read_by_backward):
+    """Saves what backward needs of `bias` (see above) and returns what to save_for_backward: a copy
+    where the fused backward reads it, else None; ctx.biases_at_forward gets its BiasAtForward."""
+    if bias is None:
+        ctx.biases_at_forward += (None,)
+        return None
+    ctx.biases_at_forward += (BiasAtForward(bias),)
+    return bias.detach().clone() if read_by_backward else None
+
+
+def bias_for_composite(ctx, i, saved_bias, op):
+    """The i-th bias for the composite backward: the forward's tensor (checked unchanged) where the
+    forward kept a BiasAtForward, else what it saved."""
+    kept = ctx.biases_at_forward[i] if ctx.biases_at_forward else None
+    return saved_bias if kept is None else kept.get(op)
+
+
+def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=None):
     """(setup_context, backward) for a linear_act forward whose inputs are
     (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved), or with
     private_saved, y alone: setup_context(ctx, inputs, (y, saved)) is then called by the forward,
@@ -57,9 +102,12 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
     bwd_call(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db, reuse)
     -> (dx, dw, db).
     Backward keeps only what it will use: x for dW, the weight (for dX, and for the composite below,
-    which recomputes z; a parameter, already alive), the bias and the backend's `saved`.
+    which recomputes z; a parameter, already alive), the bias (see keep_bias) and the backend's `saved`.
     A forward run with save=False (fastnn's recompute mode, or a raw call of the op) keeps the
     inputs instead and recomputes `saved` in backward.
+    bias_read(dtype, act, extra) says whether the backend's backward reads the bias (act an
+    Activation, None for a gated unit's up projection); with it the bias is kept as above. Without it
+    (the torch.library ops, which torch.compile traces) the bias itself is saved.
     """
 
     def setup_context(ctx, inputs, output):
@@ -73,6 +121,9 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
         if not private_saved:
             ctx.mark_non_differentiable(output[1])
             ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
+        ctx.biases_at_forward = ()
+        if bias_read is not None:
+            bias = keep_bias(ctx, bias, ctx.recompute or bias_read(x.dtype, activations.get(activation), ctx.extra))
         ctx.save_for_backward(x if keep_x else None, weight, bias, output[1])
 
     def backward(ctx, dy, _dsaved=None):
@@ -83,6 +134,7 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False):
         if dy is None or not (need_dx or need_dw or need_db):
             return (None, None, None) + tail
         if functorch_active() or batched(dy) or differentiable_backward_wanted():
+            bias = bias_for_composite(ctx, 0, bias, "linear_act")
             return _composite_act_backward(dy, x, weight, bias, ctx.activation, need_dx, need_dw, need_db) + tail
         if ctx.recompute:
             with torch.no_grad():
@@ -157,7 +209,7 @@ def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
+def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=None):
     """(setup_context, backward) for a linear_glu forward whose inputs are
     (x, gate_weight, up_weight, gate_bias, up_bias, activation, *extra, save), and whose outputs are
     (y, z_gate, z_up), or with private_saved y alone (as for linear_act_autograd).
@@ -166,7 +218,8 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
     bwd_call(dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, activation, extra,
              needs, reuse) -> 5 grads,
     needs = (dx, d_gate_weight, d_up_weight, d_gate_bias, d_up_bias). With save=False the
-    pre-activations are recomputed in backward from the kept inputs.
+    pre-activations are recomputed in backward from the kept inputs. bias_read: as for
+    linear_act_autograd (asked for the gate's activation and for the up projection, act None).
     """
 
     def setup_context(ctx, inputs, output):
@@ -178,6 +231,11 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
         if not private_saved:
             ctx.mark_non_differentiable(output[1], output[2])
             ctx.set_materialize_grads(False)
+        ctx.biases_at_forward = ()
+        if bias_read is not None:
+            gate_act = activations.get_gated(activation)
+            gate_bias = keep_bias(ctx, gate_bias, ctx.recompute or bias_read(x.dtype, gate_act, ctx.extra))
+            up_bias = keep_bias(ctx, up_bias, ctx.recompute or bias_read(x.dtype, None, ctx.extra))
         ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, output[1], output[2])
 
     def backward(ctx, dy, _dzg=None, _dzu=None):
@@ -188,6 +246,8 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False):
         if dy is None or not any(needs):
             return (None,) * 5 + none_tail
         if functorch_active() or batched(dy) or differentiable_backward_wanted():
+            gate_bias = bias_for_composite(ctx, 0, gate_bias, "linear_glu")
+            up_bias = bias_for_composite(ctx, 1, up_bias, "linear_glu")
             return _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, ctx.activation,
                                            needs) + none_tail
         if ctx.recompute:

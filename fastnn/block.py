@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 
 from . import activations
-from .autograd import (act_composite, act_dz, differentiable_backward_wanted, glu_composite, glu_dz,
-                       saved_may_be_overwritten, saved_tensor_hooks_active)
+from .autograd import (act_composite, act_dz, bias_for_composite, differentiable_backward_wanted, glu_composite,
+                       glu_dz, keep_bias, saved_may_be_overwritten, saved_tensor_hooks_active)
 from .backends import BACKENDS
 from .backends.base import empty_like_nothing
 from .dropin import batched, functorch_active
@@ -71,6 +71,10 @@ class MlpFunction(torch.autograd.Function):
         ctx.has_bias = (b1 is not None, bu is not None, b2 is not None)
         # h and z1 never leave this op, so backward may write into them (fastnn/autograd.py)
         ctx.private_saved = not saved_tensor_hooks_active()
+        # fc1's biases as fastnn/autograd.py keeps them (fc2's: its gradient is dY's column sums)
+        ctx.biases_at_forward = ()
+        b1 = keep_bias(ctx, b1, be.backward_reads_bias(x.dtype, act))
+        bu = keep_bias(ctx, bu, gated and be.backward_reads_bias(x.dtype, None))
         ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
         return y
 
@@ -80,6 +84,7 @@ class MlpFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         tail = (None, None, None)
         if functorch_active() or batched(dy) or differentiable_backward_wanted():
+            b1, bu = (bias_for_composite(ctx, i, b, "mlp") for i, b in enumerate((b1, bu)))
             return _composite_backward(ctx, dy, x, w1, b1, wu, bu, w2) + tail
         be, act, gated = ctx.be, ctx.act, ctx.gated
         dy = dy.contiguous()

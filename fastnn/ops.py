@@ -85,7 +85,12 @@ def _eager_act_bwd(dy, x, weight, bias, saved, activation, extra, need_dx, need_
                                              need_dx, need_dw, need_db, reuse=reuse)
 
 
-_act_setup, _act_backward = linear_act_autograd(_eager_act_fwd, _eager_act_bwd, private_saved=True)
+def _backward_reads_bias(dtype, act, extra):
+    return BACKENDS[extra[0]].backward_reads_bias(dtype, act)
+
+
+_act_setup, _act_backward = linear_act_autograd(_eager_act_fwd, _eager_act_bwd, private_saved=True,
+                                                bias_read=_backward_reads_bias)
 
 
 class LinearActFunction(torch.autograd.Function):
@@ -166,7 +171,8 @@ def _eager_glu_bwd(dy, x, wg, wu, bg, bu, zg, zu, activation, extra, needs, reus
                                              *needs, reuse=reuse)
 
 
-_glu_setup, _glu_backward = linear_glu_autograd(_eager_glu_fwd, _eager_glu_bwd, private_saved=True)
+_glu_setup, _glu_backward = linear_glu_autograd(_eager_glu_fwd, _eager_glu_bwd, private_saved=True,
+                                                bias_read=_backward_reads_bias)
 
 
 class LinearGluFunction(torch.autograd.Function):

@@ -54,6 +54,12 @@ class Backend:
         a fresh allocation and its page faults (see fastnn/autograd.py for when this is safe)."""
         raise NotImplementedError
 
+    def backward_reads_bias(self, dtype: torch.dtype, act: Optional[Activation]) -> bool:
+        """Whether linear_act_bwd / linear_glu_bwd / act_hidden / glu_hidden read the forward's bias
+        for this dtype and activation (act None: a gated unit's up projection), i.e. whether what
+        the forward saved lacks it. Where they do, autograd keeps a copy for them (fastnn/autograd.py)."""
+        return False
+
     # -- linear_glu ----------------------------------------------------------------------------
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act: Activation,
                        save: bool):

@@ -418,6 +418,10 @@ class CpuBackend(Backend):
             return f"it supports float32, bfloat16, float16 and float64, not {x.dtype}"
         return None
 
+    def backward_reads_bias(self, dtype, act):
+        # a 16-bit product kept without the bias (_bias_to_add); relu's mask and the identity need none
+        return (act is None or act.saves == "preact") and not _fold_bias(dtype, act)
+
     def linear_act_fwd(self, x, weight, bias, act, save):
         y, kept = self._linear_act(x, weight, bias, act, act.saves if save else "nothing")
         return y, (empty_like_nothing(x) if kept is None else kept)
