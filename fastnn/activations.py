@@ -64,6 +64,7 @@ ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in [
         Activation("identity", 0, lambda z: z, torch.ones_like, "nothing"),
+        # relu'(NaN) = 0: the sign mask's z > 0 (torch's threshold_backward passes dY there)
         Activation("relu", 1, F.relu, lambda z: (z > 0).to(z.dtype), "mask"),
         Activation("gelu", 2, F.gelu, _gelu_grad, "preact"),
         Activation("gelu_tanh", 3, lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad, "preact"),

@@ -112,3 +112,17 @@ def check_against_reference(fn, torch_fn, inputs, what="", g_seed=1):
         assert a is not None, f"{what}: gradient {i} missing"
         assert_within_2x(f"{what} grad[{i}]", a, b_, r,
                          bias_grad_magnitude(torch_fn, ref_inputs, i, y_r, g_lo.double()))
+
+
+# NaN, +-inf and +-0: where each activation and its derivative are checked against the reference exactly
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0]
+
+
+def assert_special_values(act, z, out, dout):
+    """act and act' at NaN, +-inf and +-0 as the reference gives them: NaN where it has NaN (a NaN
+    z gives NaN, but for relu' and leaky_relu', which the sign mask defines), else its values."""
+    for what, got, ref in (("value", out, act.fn(z.double())), ("derivative", dout, act.grad(z.double()))):
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{act.name} {what}: {got.tolist()} vs {ref.tolist()}"
+        finite = ~torch.isnan(ref)
+        torch.testing.assert_close(got[finite].double(), ref[finite], msg=f"{act.name} {what}")
+    assert torch.isnan(out[0]), act.name

@@ -12,7 +12,8 @@ import fastnn
 from cases import HAS_CUDA
 from fastnn import activations
 from fastnn.backends import triton as triton_backend
-from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
+from numerics import (SPECIAL, assert_special_values, check_against_reference, make_inputs, torch_linear_act,
+                      torch_linear_glu)
 
 pytestmark = pytest.mark.skipif(triton_backend.IMPORT_ERROR is not None,
                                 reason=f"triton not usable: {triton_backend.IMPORT_ERROR}")
@@ -48,6 +49,11 @@ def test_triton_activation_functions(activation):
         tol = 2 * (theirs - ref).abs() + 8 * torch.finfo(torch.float32).eps * ref.abs().clamp(min=1.0)
         bad = err > tol
         assert not bad.any(), f"{activation} {name} at z={z[bad][:3].tolist()}: {got[bad][:3].tolist()} vs {ref[bad][:3].tolist()}"
+    # NaN, +-inf, +-0 as the C++ functors give them
+    special = torch.tensor(SPECIAL, device=DEVICE)
+    out, dout = torch.empty_like(special), torch.empty_like(special)
+    act_eval_kernel[(1,)](special, out, dout, special.numel(), ACT=act.code, BLOCK=1024)
+    assert_special_values(act, special.cpu(), out.cpu(), dout.cpu())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -116,7 +116,7 @@ def act_grad(z, ACT: tl.constexpr):
     elif ACT == LEAKY_RELU:
         out = tl.where(z > 0, 1.0, LEAKY_SLOPE)
     elif ACT == SQUARED_RELU:
-        out = tl.where(z > 0, 2.0 * z, 0.0)
+        out = tl.where(z < 0, 0.0, 2.0 * z)  # NaN propagates, as in activations.h
     elif ACT == QUICK_GELU:
         s, sc = sigmoid_pair(z * QUICK_GELU_SCALE)
         out = s * (1.0 + z * sc * QUICK_GELU_SCALE)

@@ -259,7 +259,8 @@ template <>
 struct Activation<Act::kRelu> {
   // written so that NaN propagates, as torch.relu
   template <typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z; }
-  // derivative 0 at z == 0, as torch's threshold_backward
+  // derivative 0 at z == 0, as torch's threshold_backward, and at NaN (fastnn's definition, the
+  // sign mask's z > 0; torch's threshold_backward passes dY there)
   template <typename T> static FASTNN_HD T df(T z) { return z > T(0) ? T(1) : T(0); }
 };
 
@@ -272,7 +273,8 @@ struct Activation<Act::kLeakyRelu> {
 template <>
 struct Activation<Act::kSquaredRelu> {
   template <typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z * z; }
-  template <typename T> static FASTNN_HD T df(T z) { return z > T(0) ? T(2) * z : T(0); }
+  // df(NaN) = NaN, as autograd gives through torch.square(F.relu(z))
+  template <typename T> static FASTNN_HD T df(T z) { return z < T(0) ? T(0) : T(2) * z; }
 };
 
 // Exact gelu: z * Phi(z), Phi(z) = 1 - q for z > 0 and q otherwise, from the Gaussian tail
