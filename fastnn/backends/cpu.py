@@ -338,6 +338,27 @@ def _onednn_linear_exact(dtype) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _one_row_by_mv(dtype) -> bool:
+    """Whether one row's GEMM runs as torch.mv / addmv: for bfloat16 on oneDNN's AMX kernels, whose
+    one-row GEMM runs far slower than mv (Xeon with AMX, 2 threads: 768 -> 3072 mm 358 us, mv 224;
+    4096 -> 11008 5.9 ms against 3.8; F.linear runs the one-row GEMM, oneDNN's linear slower still),
+    where a probe finds mv and addmv give mm's and addmm's (F.linear's) bits: on a few shapes, a long
+    inner dimension among them. (Not addmv with one input feature: torch 2.13's rounds the product
+    before it adds the bias there.)"""
+    if dtype != torch.bfloat16 or gemm_in_float32(dtype) or not _has_amx():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for k, n in ((24, 40), (3000, 17), (2, 3), (1, 5), (768, 3072)):
+            x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((1, k), (n, k), (n,)))
+            if not torch.equal(torch.mv(w, x[0]), torch.mm(x, w.t())[0]):
+                return False
+            if k > 1 and not torch.equal(torch.addmv(b, w, x[0]), torch.addmm(b, x, w.t())[0]):
+                return False
+    return True
+
+
 def _fold_bias(dtype, act):
     """Whether the GEMM adds the bias (see the module docstring). act is None for an up projection,
     whose sign nothing reads. A forward that saves nothing folds it as one that saves: its output is
@@ -355,6 +376,8 @@ def _bias_to_add(bias, dtype, act):
 def _gemm(x, weight, bias, fold_bias):
     """x @ W^T, plus the bias when fold_bias; returns (product, bias still to add)."""
     if bias is not None and fold_bias:
+        if x.shape[0] == 1 and x.shape[1] > 1 and _one_row_by_mv(x.dtype):
+            return torch.addmv(bias, _unpadded(weight), x[0]).unsqueeze(0), None
         if (not gemm_in_float32(x.dtype) and _onednn_linear_exact(x.dtype) and x.shape[1] > 0
                 and x.is_contiguous() and weight.is_contiguous()):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias.contiguous(), "none", [], ""), None
@@ -389,8 +412,13 @@ def _product_with_bias(x, weight, bias):
 
 
 def _product_transposed(x, weight):
-    """Z^T = W x^T in x's dtype, its rows padded as _transposed_out pads them."""
-    return torch.mm(_unpadded(weight), x.t(), out=_transposed_out(x, weight.shape[0]))
+    """Z^T = W x^T in x's dtype, its rows padded as _transposed_out pads them (one row: W x by
+    torch.mv where _one_row_by_mv)."""
+    out = _transposed_out(x, weight.shape[0])
+    if x.shape[0] == 1 and _one_row_by_mv(x.dtype):
+        torch.mv(_unpadded(weight), x[0], out=out[:, 0])
+        return out
+    return torch.mm(_unpadded(weight), x.t(), out=out)
 
 
 def _saved_buffer(saves, rows, cols, x):
