@@ -117,6 +117,10 @@ def test_memory_levels(backend, activation):
     hidden_bytes = m * hidden * 4
     mask = m * hidden // 8 if backend == "cpu" else hidden_bytes  # the torch backend keeps z itself
     fc1_saved = {"gelu": hidden_bytes, "relu": mask, "swiglu": 2 * hidden_bytes}[activation]
+    # and a copy of fc1's biases where the backend's saved product lacks them (fastnn/autograd.py, keep_bias)
+    act = activations.get_gated(activation) if gated else activations.get(activation)
+    reads = fastnn.backends.BACKENDS[backend].backward_reads_bias
+    fc1_saved += hidden * 4 * (reads(torch.float32, act) + (gated and reads(torch.float32, None)))
     assert run["none"] == x_bytes + fc1_saved + hidden_bytes, run
     assert run["activation"] == x_bytes + fc1_saved + (hidden_bytes if activation == "relu" else 0), run
     assert run["fc1"] == x_bytes, run

@@ -8,8 +8,11 @@ GEMM left it out, so forward writes nothing but y. Backward: one native pass for
 dZ = dY * act'(Z) and the bias gradient (column sums of the unrounded dZ, in double for float32
 with groups of 8 rows added in float first), then two GEMMs give dX = dZ @ W and dW = dZ^T @ X.
 
-Where the bias goes. In float32 and float64 the GEMM adds it (addmm costs no more than mm there),
-so Z is the accumulator plus bias rounded once, bit for bit what F.linear computes. In bfloat16
+Where the bias goes. In float64, and in float32 where addmm costs no more than mm (the AMD EPYCs
+measured), the GEMM adds it, so Z is bit for bit what F.linear computes. On Intel's CPUs MKL's
+float32 addmm costs 1-11% more than mm (see F32_BIAS_IN_PASS), so there the pass that reads the
+product anyway adds the bias for the smooth activations and the up projections: Z = fl(acc + b),
+the numerics rule's, but not F.linear's bits. In bfloat16
 and float16 torch's GEMM rounds its product to 16 bits and addmm's bias costs an extra pass over
 the output (1.03-1.28x mm), so the native pass adds the bias in float instead: Z = round(x W^T) + b
 is never rounded again, which the smooth activations absorb within the error rule. The kinked ones
@@ -25,7 +28,7 @@ pass, about 10 us more per call and a slower kernel, and no less above that.)
 float16 with oneDNN only where the CPU has AVX512-BF16 / AVX512-FP16 or AMX; elsewhere (AVX2-only
 x86, for one) it falls back to a reference loop 40-80x slower than its own float32 GEMM. There the
 cpu backend multiplies in float32: exact conversions in, float32 accumulation, one rounding out (the
-numerics rule), and since a float32 GEMM adds the bias for free, it folds the bias in as for float32.
+numerics rule), and it folds the bias into that GEMM, as float32 does where addmm costs what mm does.
 FASTNN_CPU_GEMM16=native|float32, read at import, overrides the choice (tests run both).
 
 What this backend does for speed that eager PyTorch does not:
@@ -62,7 +65,7 @@ def _ptr(t):
 
 
 _HALF = (torch.bfloat16, torch.float16)
-_FOLDED = (torch.float32, torch.float64)  # dtypes whose GEMM always adds the bias (_fold_bias)
+_FLOAT = (torch.float32, torch.float64)  # F.linear's orientation, the bias where _fold_bias says
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,13 +362,35 @@ def _one_row_by_mv(dtype) -> bool:
     return True
 
 
+# On Intel's CPUs MKL's float32 addmm costs more than mm: it writes the bias into the output
+# before the GEMM and reads it back (Xeon with AMX, 2 threads, paired, addmm / mm: 1.04x at
+# 256 x 768 -> 3072, 1.05x at 2048 x 768 -> 3072, 1.01x at 2048 x 3072 -> 768, 1.11x at
+# 8192 x 256 -> 1024, 1.03x at 4096 x 1024 -> 4096). A pass that reads the product anyway adds the
+# bias for nothing, so there the smooth activations and the up projections take it in the pass
+# (paired, against the bias in the GEMM: gelu forward 1.03x faster at 256 x 768 -> 3072 and
+# 8192 x 256 -> 1024, swiglu 1.03x, forward+backward 1.01-1.03x). The identity has no pass (fc2 of
+# the MLP block) and relu's sign must be F.linear's: their GEMM adds it.
+# FASTNN_CPU_F32_BIAS=gemm|pass, read at import, overrides the choice (tests run both).
+F32_BIAS_OVERRIDE = _env_choice("FASTNN_CPU_F32_BIAS", ("gemm", "pass"))
+
+
+def f32_bias_in_pass() -> bool:
+    """Whether float32's smooth activations and up projections add the bias in the pass (above)."""
+    if F32_BIAS_OVERRIDE is not None:
+        return F32_BIAS_OVERRIDE == "pass"
+    return _intel_cpu()
+
+
 def _fold_bias(dtype, act):
     """Whether the GEMM adds the bias (see the module docstring). act is None for an up projection,
     whose sign nothing reads. A forward that saves nothing folds it as one that saves: its output is
     then bit for bit the same with or without a gradient to give (reentrant checkpointing compares
     a no_grad forward with its recomputation; eager PyTorch gives the same bits either way)."""
-    return (dtype in _FOLDED or gemm_in_float32(dtype)
-            or (act is not None and act.saves == "mask"))
+    if act is not None and act.saves != "preact":  # relu's sign, or no pass (the identity)
+        return act.saves == "mask" or dtype in _FLOAT or gemm_in_float32(dtype)
+    if dtype == torch.float32:
+        return not f32_bias_in_pass()
+    return dtype == torch.float64 or gemm_in_float32(dtype)
 
 
 def _bias_to_add(bias, dtype, act):
@@ -460,15 +485,17 @@ class CpuBackend(Backend):
     # saves at few rows (Xeon with AMX, 2 threads, paired: float32 gelu at 1-64 x 768 -> 3072 and
     # 16 x 3072 -> 768 1.01-1.05x faster this way; bfloat16 gelu at 1 x 768 -> 3072 1.05x,
     # at 16-256 rows 1.04-1.07x). The two: float32 / float64 in F.linear's orientation (the GEMM adds
-    # the bias, the pass runs in place), and 16-bit on oneDNN's AMX kernels where the pass adds the
+    # the bias, or the pass, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's AMX kernels where the pass adds the
     # bias (Z^T = W x^T, then the pass writes y).
     def linear_act_y(self, x, weight, bias, act):
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
-        if dtype in _FOLDED and not product_transposed(rows, dtype, True):
-            z = _product_with_bias(x, weight, bias)
+        if dtype in _FLOAT and not product_transposed(rows, dtype, True):
+            add = _bias_to_add(bias, dtype, act)
+            z = _product_with_bias(x, weight, None if add is not None else bias)
             if act.name != "identity":
                 _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[dtype], act.code, rows, cols,
-                                                          z.data_ptr(), 0, z.data_ptr(), 0, _native.num_threads())
+                                                          z.data_ptr(), _ptr(add), z.data_ptr(), 0,
+                                                          _native.num_threads())
             return z
         if dtype in _HALF and not _fold_bias(dtype, act) and product_transposed(rows, dtype, False):
             z_t = _product_transposed(x, weight)
@@ -563,12 +590,13 @@ class CpuBackend(Backend):
     def linear_glu_y(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act):
         # (the one-frame calls of linear_act_y's comment)
         dtype, rows, cols = x.dtype, x.shape[0], gate_weight.shape[0]
-        if dtype in _FOLDED and not product_transposed(rows, dtype, True):
-            p_gate = _product_with_bias(x, gate_weight, gate_bias)
-            p_up = _product_with_bias(x, up_weight, up_bias)
+        if dtype in _FLOAT and not product_transposed(rows, dtype, True):
+            add_gate, add_up = _bias_to_add(gate_bias, dtype, gate_act), _bias_to_add(up_bias, dtype, None)
+            p_gate = _product_with_bias(x, gate_weight, None if add_gate is not None else gate_bias)
+            p_up = _product_with_bias(x, up_weight, None if add_up is not None else up_bias)
             _native.cpu_module().cpu_glu_forward(_native.DTYPE_CODES[dtype], gate_act.code, rows, cols,
-                                                 p_gate.data_ptr(), p_up.data_ptr(), 0, 0, p_gate.data_ptr(),
-                                                 _native.num_threads())
+                                                 p_gate.data_ptr(), p_up.data_ptr(), _ptr(add_gate), _ptr(add_up),
+                                                 p_gate.data_ptr(), _native.num_threads())
             return p_gate
         if dtype in _HALF and not _fold_bias(dtype, gate_act) and product_transposed(rows, dtype, False):
             p_gate, p_up = _product_transposed(x, gate_weight), _product_transposed(x, up_weight)
