@@ -10,7 +10,7 @@ with groups of 8 rows added in float first), then two GEMMs give dX = dZ @ W and
 
 Where the bias goes. In float64, and in float32 where addmm costs no more than mm (the AMD EPYCs
 measured), the GEMM adds it, so Z is bit for bit what F.linear computes. On Intel's CPUs MKL's
-float32 addmm costs 1-11% more than mm (see F32_BIAS_IN_PASS), so there the pass that reads the
+float32 addmm costs 1-11% more than mm (see f32_bias_in_pass), so there the pass that reads the
 product anyway adds the bias for the smooth activations and the up projections: Z = fl(acc + b),
 the numerics rule's, but not F.linear's bits. In bfloat16
 and float16 torch's GEMM rounds its product to 16 bits and addmm's bias costs an extra pass over
@@ -472,7 +472,8 @@ class CpuBackend(Backend):
         return None
 
     def backward_reads_bias(self, dtype, act):
-        # a 16-bit product kept without the bias (_bias_to_add); relu's mask and the identity need none
+        # a product kept without the bias (_fold_bias: 16-bit, float32 on Intel); relu's mask and the
+        # identity need none
         return (act is None or act.saves == "preact") and not _fold_bias(dtype, act)
 
     def linear_act_fwd(self, x, weight, bias, act, save):
@@ -484,9 +485,9 @@ class CpuBackend(Backend):
     # microseconds (caches cold), and the dozen through the general forward cost more than the pass
     # saves at few rows (Xeon with AMX, 2 threads, paired: float32 gelu at 1-64 x 768 -> 3072 and
     # 16 x 3072 -> 768 1.01-1.05x faster this way; bfloat16 gelu at 1 x 768 -> 3072 1.05x,
-    # at 16-256 rows 1.04-1.07x). The two: float32 / float64 in F.linear's orientation (the GEMM adds
-    # the bias, or the pass, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's AMX kernels where the pass adds the
-    # bias (Z^T = W x^T, then the pass writes y).
+    # at 16-256 rows 1.04-1.07x). The two: float32 / float64 in F.linear's orientation (the GEMM or
+    # the pass adds the bias, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's AMX
+    # kernels where the pass adds the bias (Z^T = W x^T, then the pass writes y).
     def linear_act_y(self, x, weight, bias, act):
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
         if dtype in _FLOAT and not product_transposed(rows, dtype, True):
