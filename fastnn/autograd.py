@@ -62,10 +62,11 @@ class BiasAtForward:
     __slots__ = ("tensor", "version")
 
     def __init__(self, tensor):
-        self.tensor, self.version = tensor, tensor._version
+        # (an inference-mode tensor has no version counter; eager PyTorch takes one as a bias)
+        self.tensor, self.version = tensor, None if tensor.is_inference() else tensor._version
 
     def get(self, op):
-        if self.tensor._version != self.version:
+        if self.version is not None and self.tensor._version != self.version:
             raise RuntimeError(
                 f"fastnn.{op}: a bias was modified by an inplace operation between forward and backward "
                 f"(version {self.version}, now {self.tensor._version}); this backward runs PyTorch's "

@@ -103,3 +103,25 @@ def test_bias_only_training_step_between_forward_and_backward(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["linear_act", "linear_glu", "mlp"])
+def test_bias_made_in_inference_mode(op, dtype):
+    """Biases created under torch.inference_mode (no version counter): F.linear keeps none, so
+    eager PyTorch gives x's gradient; so does fastnn, the same as with ordinary biases."""
+    gen = torch.Generator().manual_seed(0)
+    t = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    x, w, wu, w2 = t(37, 24), t(40, 24) / 5, t(40, 24) / 5, t(24, 40) / 6
+    with torch.inference_mode():
+        inference_biases = (t(40), t(40), t(24))
+    assert all(b.is_inference() for b in inference_biases)
+    calls = {"linear_act": lambda x, b, bu, b2: fastnn.linear_act(x, w, b, "gelu", backend="cpu"),
+             "linear_glu": lambda x, b, bu, b2: fastnn.linear_glu(x, w, wu, b, bu, "swiglu", backend="cpu"),
+             "mlp": lambda x, b, bu, b2: fastnn.mlp(x, w, b, w2, b2, "gelu", backend="cpu")}
+    grads = []
+    for biases in (inference_biases, tuple(b.clone() for b in inference_biases)):
+        x_ = x.clone().requires_grad_()
+        y = calls[op](x_, *biases)
+        grads.append(torch.autograd.grad(y, x_, torch.ones_like(y))[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
