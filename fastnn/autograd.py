@@ -76,19 +76,17 @@ class BiasAtForward:
         return self.tensor
 
 
-def keep_bias(ctx, bias, read_by_backward):
-    """Saves what backward needs of `bias` (see above) and returns what to save_for_backward: a copy
-    where the fused backward reads it, else None; ctx.biases_at_forward gets its BiasAtForward."""
+def keep_bias(bias, read_by_backward):
+    """What backward keeps of `bias` (see above): (what to save_for_backward: a copy where the fused
+    backward reads it, else None; its BiasAtForward for the composite), (None, None) without one."""
     if bias is None:
-        ctx.biases_at_forward += (None,)
-        return None
-    ctx.biases_at_forward += (BiasAtForward(bias),)
-    return bias.detach().clone() if read_by_backward else None
+        return None, None
+    return (bias.detach().clone() if read_by_backward else None), BiasAtForward(bias)
 
 
 def bias_for_composite(ctx, i, saved_bias, op):
     """The i-th bias for the composite backward: the forward's tensor (checked unchanged) where the
-    forward kept a BiasAtForward, else what it saved."""
+    forward kept a BiasAtForward in ctx.biases_at_forward, else what it saved."""
     kept = ctx.biases_at_forward[i] if ctx.biases_at_forward else None
     return saved_bias if kept is None else kept.get(op)
 
@@ -124,7 +122,9 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=No
             ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
         ctx.biases_at_forward = ()
         if bias_read is not None:
-            bias = keep_bias(ctx, bias, ctx.recompute or bias_read(x.dtype, activations.get(activation), ctx.extra))
+            read = ctx.recompute or bias_read(x.dtype, activations.get(activation), ctx.extra)
+            bias, at_forward = keep_bias(bias, read)
+            ctx.biases_at_forward = (at_forward,)
         ctx.save_for_backward(x if keep_x else None, weight, bias, output[1])
 
     def backward(ctx, dy, _dsaved=None):
@@ -235,8 +235,9 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=No
         ctx.biases_at_forward = ()
         if bias_read is not None:
             gate_act = activations.get_gated(activation)
-            gate_bias = keep_bias(ctx, gate_bias, ctx.recompute or bias_read(x.dtype, gate_act, ctx.extra))
-            up_bias = keep_bias(ctx, up_bias, ctx.recompute or bias_read(x.dtype, None, ctx.extra))
+            gate_bias, gate_at_forward = keep_bias(gate_bias, ctx.recompute or bias_read(x.dtype, gate_act, ctx.extra))
+            up_bias, up_at_forward = keep_bias(up_bias, ctx.recompute or bias_read(x.dtype, None, ctx.extra))
+            ctx.biases_at_forward = (gate_at_forward, up_at_forward)
         ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, output[1], output[2])
 
     def backward(ctx, dy, _dzg=None, _dzu=None):

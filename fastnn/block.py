@@ -72,9 +72,9 @@ class MlpFunction(torch.autograd.Function):
         # h and z1 never leave this op, so backward may write into them (fastnn/autograd.py)
         ctx.private_saved = not saved_tensor_hooks_active()
         # fc1's biases as fastnn/autograd.py keeps them (fc2's: its gradient is dY's column sums)
-        ctx.biases_at_forward = ()
-        b1 = keep_bias(ctx, b1, be.backward_reads_bias(x.dtype, act))
-        bu = keep_bias(ctx, bu, gated and be.backward_reads_bias(x.dtype, None))
+        b1, b1_at_forward = keep_bias(b1, be.backward_reads_bias(x.dtype, act))
+        bu, bu_at_forward = keep_bias(bu, gated and be.backward_reads_bias(x.dtype, None))
+        ctx.biases_at_forward = (b1_at_forward, bu_at_forward)
         ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
         return y
 
