@@ -80,13 +80,13 @@ workers="${CHECK_JOBS:-8}"
 xdist=""
 "$python" -c "import xdist" 2>/dev/null && xdist="-n $workers"
 : >"$out/paths.txt"
-stage tests 180 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
+stage tests 150 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
   "$python" -m pytest -q $xdist -p no:cacheprovider -rs --durations=15 \
   "$repo"/tests/test_{cuda,triton,linear_act,linear_glu,compile,errors,mlp}.py || failed+=(tests)
 echo "cuda backend paths (tests): $(sort -u "$out/paths.txt" | grep -c .) lines in paths.txt" | tee -a "$summary"
 sed -E 's/^\[[^]]*\] //' "$out/paths.txt" | sort | uniq | grep probe | tee -a "$summary"
 
-stage bench 130 "$out/bench.log" "$python" "$repo/benchmarks/fused_linear.py" --device cuda \
+stage bench 110 "$out/bench.log" "$python" "$repo/benchmarks/fused_linear.py" --device cuda \
   --shapes bert-base llama-7b 16x4096x11008 --dtype bfloat16 --activation gelu --mode fwd fwd+bwd \
   --compile-modes default --out "$out/gpu_bench.json" --plot "$out/gpu_bench.png" || failed+=(bench)
 
