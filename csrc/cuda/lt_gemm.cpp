@@ -49,6 +49,26 @@ bool uses_aux(Epilogue e) {
          e == Epilogue::kDGeluBgrad || e == Epilogue::kReluAux || e == Epilogue::kGeluAux;
 }
 
+// The forward epilogues that add a bias.
+bool adds_bias(Epilogue e) {
+  return e == Epilogue::kBias || e == Epilogue::kReluBias || e == Epilogue::kReluAuxBias ||
+         e == Epilogue::kGeluBias || e == Epilogue::kGeluAuxBias;
+}
+Epilogue without_bias(Epilogue e) {
+  switch (e) {
+    case Epilogue::kBias: return Epilogue::kNone;
+    case Epilogue::kReluBias: return Epilogue::kRelu;
+    case Epilogue::kReluAuxBias: return Epilogue::kReluAux;
+    case Epilogue::kGeluBias: return Epilogue::kGelu;
+    case Epilogue::kGeluAuxBias: return Epilogue::kGeluAux;
+    default: return e;
+  }
+}
+// 16-bit outputs take the bias as the C matrix (leading dimension 0: the same [N] vector for
+// every row, beta = 1), which cuBLASLt adds in float32 before the epilogue and the one rounding.
+// Its bias epilogue adds in the output type under split-K algorithms (pytorch/pytorch#180875):
+// seen on an H200 as relu masks and gelu_tanh outputs that disagree with the exact z.
+bool bias_as_c(const GemmArgs& g) { return g.dtype != DType::kFloat32 && adds_bias(g.epilogue); }
 bool uses_bias_grad(Epilogue e) {
   return e == Epilogue::kDReluBgrad || e == Epilogue::kDGeluBgrad || e == Epilogue::kBgradB;
 }
@@ -91,12 +111,13 @@ constexpr size_t kMaxPlans = 1024;
 // A matmul descriptor, layouts and the heuristic's algorithm; pointers are set per call.
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;  // c: the bias as C, else d
   cublasLtMatmulAlgo_t algo{};
   bool supported = false;
   ~Plan() {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (b) cublasLtMatrixLayoutDestroy(b);
+    if (c) cublasLtMatrixLayoutDestroy(c);
     if (d) cublasLtMatrixLayoutDestroy(d);
     if (desc) cublasLtMatmulDescDestroy(desc);
   }
@@ -141,32 +162,45 @@ std::unique_ptr<Plan> make_plan(const GemmArgs& g, const PlanKey& key, cublasLtH
   const cublasOperation_t op_lt_b = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   set_attr(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, op_lt_a);
   set_attr(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, op_lt_b);
-  set_attr(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, lt_epilogue(g.epilogue));
-  if (uses_aux(g.epilogue)) set_attr(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.aux_ld);
+  const Epilogue epilogue = bias_as_c(g) ? without_bias(g.epilogue) : g.epilogue;
+  set_attr(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, lt_epilogue(epilogue));
+  if (uses_aux(epilogue)) set_attr(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.aux_ld);
   // layouts: rows x cols of the stored column-major matrices
   const uint64_t la_rows = g.trans_b ? g.k : g.n, la_cols = g.trans_b ? g.n : g.k;
   const uint64_t lb_rows = g.trans_a ? g.m : g.k, lb_cols = g.trans_a ? g.k : g.m;
   FASTNN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->a, t, la_rows, la_cols, g.ldb));
   FASTNN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->b, t, lb_rows, lb_cols, g.lda));
   FASTNN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->d, t, g.n, g.m, g.ldd));
+  if (bias_as_c(g) && cublasLtMatrixLayoutCreate(&plan->c, t, g.n, g.m, 0) != CUBLAS_STATUS_SUCCESS) {
+    plan->c = nullptr;
+    return plan;  // unsupported: the caller's own path
+  }
 
   cublasLtMatmulPreference_t pref;
   FASTNN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = g.workspace_bytes;
   const uint32_t align_a = key.align_b, align_b = key.align_a, align_d = key.align_d;
+  const uint32_t align_c = plan->c ? key.align_bias : align_d;
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a));
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b));
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c));
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d));
+  // Split-K partial sums stay in float32: the default also allows partials rounded to a 16-bit
+  // output type (INPLACE, OUTPUT_TYPE), several roundings per element instead of one.
+  const uint32_t reductions = g.dtype == DType::kFloat32 ? CUBLASLT_REDUCTION_SCHEME_MASK
+                                                         : CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions,
+                                       sizeof(reductions));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   // The pointers in the descriptor matter to the heuristic only through alignment: set them so
   // that epilogues needing a bias or aux are judged with them present.
-  if (g.bias) set_attr(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  if (g.bias && !plan->c) set_attr(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
   if (g.bias_grad) set_attr(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias_grad);
   if (g.aux) set_attr(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d, plan->d,
+  const cublasLtMatrixLayout_t c = plan->c ? plan->c : plan->d;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, c, plan->d,
                                                            pref, 1, &result, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   // Any refusal here (NOT_SUPPORTED, or INVALID_VALUE for an epilogue/layout combination some
@@ -191,6 +225,8 @@ bool lt_gemm(const GemmArgs& g) {
   if ((g.epilogue == Epilogue::kBias || g.epilogue == Epilogue::kReluBias || g.epilogue == Epilogue::kReluAuxBias ||
        g.epilogue == Epilogue::kGeluBias || g.epilogue == Epilogue::kGeluAuxBias) && !g.bias)
     throw std::invalid_argument("fastnn cuBLASLt: this epilogue needs a bias (use the epilogue without _BIAS)");
+  if (g.accumulate && adds_bias(g.epilogue))
+    throw std::invalid_argument("fastnn cuBLASLt: accumulate and a bias epilogue together");
   // Nothing to launch. An empty D whose bias gradient is still wanted (BGRADB with no columns: the
   // sums over the reduction do not depend on them) and an empty reduction (k == 0) are the
   // caller's to fill: false.
@@ -227,12 +263,14 @@ bool lt_gemm(const GemmArgs& g) {
   Plan& plan = *it->second;
   if (!plan.supported) return false;
 
-  if (g.bias) set_attr(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  if (g.bias && !plan.c) set_attr(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
   if (g.bias_grad) set_attr(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias_grad);
   if (g.aux) set_attr(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
-  const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, g.d, plan.d,
-                                           g.d, plan.d, &plan.algo, g.workspace, g.workspace_bytes, g.stream);
+  const float alpha = 1.0f, beta = g.accumulate || plan.c ? 1.0f : 0.0f;
+  const void* c = plan.c ? g.bias : g.d;
+  const cublasStatus_t st = cublasLtMatmul(handle, plan.desc, &alpha, g.b, plan.a, g.a, plan.b, &beta, c,
+                                           plan.c ? plan.c : plan.d, g.d, plan.d, &plan.algo, g.workspace,
+                                           g.workspace_bytes, g.stream);
   // A refusal at run time (the algorithm does not take these pointers after all) launches nothing:
   // the caller takes its own path, as for a refusal by the heuristic.
   if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) return false;
