@@ -23,6 +23,8 @@ In the MLP block (fastnn.mlp), fc2's dgrad dH = dY @ W2 takes fc1's D as its epi
 Per element of [M, hidden], that reads D1 once and writes and reads dZ1 (4 passes) where
 storing dH and multiplying D1 into both of fc1's kernels makes 5.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -417,8 +419,40 @@ def _split_m(m, n, k, device, force):
     return max(1, min(8, triton.cdiv(2 * sms, tiles), m // 1024))
 
 
+def wgrad_kernel_on_gpu() -> bool:
+    """Whether wgrad runs its Triton kernel on a GPU (under the interpreter it always does). Not by
+    default: on an H200 with Triton 3.6 (2026-12-04) the compiled kernel gave bf16 dW several ulps
+    off at GPT-2 XL's MLP shapes (8192 rows; which configs failed moved with the shape), while the
+    interpreter gives the same logic exact there. Until a GPU run shows it right, dW on a GPU is
+    torch's GEMM (wgrad_by_torch). FASTNN_TRITON_WGRAD=kernel runs the kernel, to investigate."""
+    return os.environ.get("FASTNN_TRITON_WGRAD", "torch") == "kernel"
+
+
+def wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db):
+    """wgrad's results from torch's GEMM and a float32 column sum: dZ = dY * D formed in float32,
+    rounded to dY's dtype for the GEMM (as the kernel rounds its tiles) and summed unrounded for db."""
+    M, N = dy.shape
+    if save_mode == SAVE_NOTHING:
+        dz32, dz = (dy.float() if need_db else None), dy
+    else:
+        if save_mode == SAVE_MASK:
+            shifts = torch.arange(8, dtype=torch.uint8, device=dy.device)
+            d = ((saved[:, :(N + 7) // 8, None] >> shifts) & 1).reshape(M, -1)[:, :N].float()
+            if leaky:
+                d = d + (1.0 - d) * LEAKY_SLOPE.value
+        else:
+            d = saved[:, :N].float()
+        dz32 = dy.float() * d
+        dz = dz32.to(dy.dtype)
+    dw = torch.mm(dz.t(), x) if need_dw else None
+    db = dz32.sum(0).to(dy.dtype) if need_db else None
+    return dw, db
+
+
 def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity, force_split_m=None):
     """(dW = (dY * D)^T @ X or None, db = column sums of dY * D or None); dy contiguous."""
+    if not interpreting() and not wgrad_kernel_on_gpu():
+        return wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db)
     M, N = dy.shape
     K = x.shape[1] if need_dw else 0  # x is an empty stand-in when dW is not asked for
     dw = torch.empty((N, K), dtype=dy.dtype, device=dy.device) if need_dw else None
