@@ -52,7 +52,7 @@ struct GemmArgs {
   int64_t ldd = 0;
   bool accumulate = false;
   Epilogue epilogue = Epilogue::kNone;
-  const void* bias = nullptr;  // [N] in dtype (forward epilogues)
+  const void* bias = nullptr;  // [N] in dtype (forward epilogues; 16-bit: as the C matrix, lt_gemm.cpp)
   void* bias_grad = nullptr;   // [N] in dtype (BGRAD epilogues)
   void* aux = nullptr;         // [M, aux_ld] elements of dtype, or bits for the relu mask
   int64_t aux_ld = 0;  // cuBLASLt wants a multiple of 128 (relu bits) or 8 (gelu elements): see
