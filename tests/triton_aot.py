@@ -24,6 +24,8 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
+# wgrad runs its kernel on a GPU only when asked (linear_act.wgrad_kernel_on_gpu): it is compiled here all the same
+os.environ["FASTNN_TRITON_WGRAD"] = "kernel"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
