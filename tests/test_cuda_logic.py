@@ -172,8 +172,9 @@ class _FakeGeluEpilogue:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gelu_probe_sees_an_error_that_does_not_scale_with_the_output(dtype):
-    """An epilogue off by 3e-4 everywhere (what cuBLASLt's 16-bit GELU gave on outputs near 0.004
-    on an H200) passes at the probe's first scale (outputs up to about 5) and fails at the second."""
+    """An epilogue off by 3e-4 everywhere (the size of what a bias added in bfloat16 gave on
+    gelu_tanh outputs near 0.004 on an H200) passes at the probe's first scale (outputs up to about
+    5) and fails at the second."""
     gelu = activations.get("gelu_tanh")
     assert cuda_backend._probe(_FakeGeluEpilogue(0.0), gelu, cuda_backend.GELU_BIAS, dtype, "cpu")
     assert not cuda_backend._probe(_FakeGeluEpilogue(3e-4), gelu, cuda_backend.GELU_BIAS, dtype, "cpu")
