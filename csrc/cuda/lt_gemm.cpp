@@ -66,8 +66,9 @@ Epilogue without_bias(Epilogue e) {
 }
 // 16-bit outputs take the bias as the C matrix (leading dimension 0: the same [N] vector for
 // every row, beta = 1), which cuBLASLt adds in float32 before the epilogue and the one rounding.
-// Its bias epilogue adds in the output type under split-K algorithms (pytorch/pytorch#180875):
-// seen on an H200 as relu masks and gelu_tanh outputs that disagree with the exact z.
+// Its bias epilogue can add in the output type (PyTorch traced that to split-K algorithms,
+// pytorch/pytorch#180875): seen on an H200 as relu masks and gelu_tanh outputs that disagree with
+// the exact z, at shapes from 1 x 9 -> 1 to 1000 x 1000 -> 127 (tests/test_cuda.py).
 bool bias_as_c(const GemmArgs& g) { return g.dtype != DType::kFloat32 && adds_bias(g.epilogue); }
 bool uses_bias_grad(Epilogue e) {
   return e == Epilogue::kDReluBgrad || e == Epilogue::kDGeluBgrad || e == Epilogue::kBgradB;

@@ -26,8 +26,8 @@ definition: relu(NaN) = NaN, relu'(0) = 0, the kept z exact, gelu_tanh within th
 An epilogue that disagrees is not used there; fastnn's own kernel runs instead
 (`epilogue_trust()` says what was decided). Bias gradients are always fastnn's deterministic
 float32 column sums (BGRADB's order is cuBLASLt's, and its 16-bit sums were seen off on an H200).
-16-bit forwards pass the bias as cuBLASLt's C matrix rather than to its bias epilogues, which add
-it in the output type under split-K algorithms (csrc/cuda/lt_gemm.cpp).
+16-bit forwards pass the bias as cuBLASLt's C matrix rather than to its bias epilogues, which can
+add it in the output type (csrc/cuda/lt_gemm.cpp).
 `paths()` counts which path served each (op, dtype, activation): `python -m fastnn.info` prints it.
 """
 from __future__ import annotations
