@@ -5,7 +5,7 @@
 # and lacks fastnn.triton_kernels), run the GPU test tier, one compute-sanitizer memcheck pass over the CUDA kernels, and the
 # benchmark's GPU set. Everything lands in the output folder:
 #   env.txt build.log info.txt tests.log paths.txt sanitizer.log bench.log gpu_bench.json
-#   gpu_bench.png bench_mlp.log gpu_mlp_gelu.json gpu_mlp_swiglu.json summary.txt
+#   gpu_bench.png bench_mlp.log gpu_mlp_gelu.json gpu_mlp_swiglu.json profile.log summary.txt
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu_check_out)
 #
@@ -98,6 +98,9 @@ stage bench_mlp 130 "$out/bench_mlp.log" bash -c "\"$python\" \"$repo/benchmarks
   --out \"$out/gpu_mlp_gelu.json\"; rc=\$?; \"$python\" \"$repo/benchmarks/fused_linear.py\" --device cuda --mode mlp \
   --dtype bfloat16 --compile-modes default --shapes 4096x4096x11008 --activation swiglu \
   --out \"$out/gpu_mlp_swiglu.json\" || rc=1; exit \$rc" || failed+=(bench_mlp)
+# Where the time goes: host time per call and each call's kernels, fastnn beside eager
+stage profile 60 "$out/profile.log" "$python" "$repo/benchmarks/profile_calls.py" --device cuda \
+  --shapes bert-base 16x4096x11008 --dtype bfloat16 --activation gelu || failed+=(profile)
 # (last: the benchmarks' numbers matter more to a short lease than the memcheck)
 # One compute-sanitizer memcheck pass over the CUDA backend's kernels and cuBLASLt calls, with
 # torch's caching allocator off: inside its pooled segments an overrun is invisible to memcheck.

@@ -21,7 +21,7 @@ def test_dry_run_runs_every_stage_in_order(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
     stages = [line.split()[1] for line in summary.splitlines() if line.startswith("== ")]
-    assert stages == ["build", "info", "tests", "bench", "bench_mlp", "sanitizer"]
+    assert stages == ["build", "info", "tests", "bench", "bench_mlp", "profile", "sanitizer"]
     assert "CHECK_SECONDS:-480" in SCRIPT.read_text()  # the whole check ends inside 8 minutes (10 per device call)
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer" in (out / "sanitizer.log").read_text()
     assert "FASTNN_PATHS_LOG=" in (out / "tests.log").read_text()
@@ -32,7 +32,7 @@ def test_stage_limits_are_cut_to_the_budget(tmp_path):
     proc, out = _run(tmp_path, CHECK_SECONDS="100")
     summary = (out / "summary.txt").read_text()
     limits = [int(line.split("limit ")[1].split("s)")[0]) for line in summary.splitlines() if line.startswith("== ")]
-    assert len(limits) == 6 and max(limits) <= 100
+    assert len(limits) == 7 and max(limits) <= 100
 
 
 def test_a_failing_stage_is_named_and_the_run_goes_on(tmp_path):
@@ -40,7 +40,7 @@ def test_a_failing_stage_is_named_and_the_run_goes_on(tmp_path):
     assert proc.returncode != 0
     summary = (out / "summary.txt").read_text()
     stages = [line.split()[1] for line in summary.splitlines() if line.startswith("== ")]
-    assert stages == ["build", "info", "tests", "bench", "bench_mlp", "sanitizer"]
+    assert stages == ["build", "info", "tests", "bench", "bench_mlp", "profile", "sanitizer"]
     assert "failing stages: tests;" in summary and "every stage passed" not in summary
 
 

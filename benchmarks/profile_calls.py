@@ -1,0 +1,116 @@
+"""Where a call's time goes: for each configuration of the benchmark (fastnn on each backend, eager
+PyTorch), the host time per call and the device kernels one call launches, with their times.
+
+The H200 run of 2026-12-04 had fastnn behind eager in every GPU row, most at small shapes; this
+splits that gap into host work (Python, dispatch, launches) and device work (which kernels, how
+long each), so that a short lease says which to attack.
+
+  python benchmarks/profile_calls.py [--device cuda] [--shapes bert-base 16x4096x11008]
+      [--dtype bfloat16] [--activation gelu] [--mode fwd fwd+bwd] [--backends cuda triton]
+
+Host time per call: the wall time of a burst of calls on a tiny problem (16 x 64 -> 64), where the
+device keeps up with whatever the host queues, so that the host side is what is timed. Device
+time: torch.profiler over a few calls at each shape, each kernel's total over the calls, per call
+(on a CPU, the top operators' own CPU time instead).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fused_linear as bench  # noqa: E402  (its cases, inputs and configurations)
+
+TINY = (16, 64, 64)
+
+
+def _configs(case, device, backends):
+    inputs = bench.make_inputs(case, device)
+    grad_out = None
+    if case.mode != "fwd":
+        cols = case.k if case.mode == "mlp" else case.n
+        grad_out = torch.randn(case.m, cols, generator=torch.Generator().manual_seed(1)).to(
+            device=device, dtype=bench.DTYPES[case.dtype])
+    cfgs = bench.build_configs(case, inputs, grad_out, device, backends, compile_modes=[], baselines=[])
+    return [c for c in cfgs if c.run is not None and not c.name.startswith("bare GEMM")]
+
+
+def host_us_per_call(run, device, calls=200):
+    for _ in range(20):
+        run()
+    bench.sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    host = time.perf_counter() - start
+    bench.sync(device)
+    return host / calls * 1e6
+
+
+def device_kernels(run, device, calls=5, top=8):
+    """(total device microseconds per call, [(kernel, launches per call, microseconds per call)])."""
+    for _ in range(3):
+        run()
+    bench.sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            run()
+        bench.sync(device)
+    rows = []
+    for e in prof.key_averages():
+        own = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
+        if cuda and own is None:
+            own = getattr(e, "self_cuda_time_total", 0)
+        if own and own > 0 and (not cuda or getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU):
+            rows.append((e.key, e.count / calls, own / calls))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows) if cuda else None
+    return total, rows[:top]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="+", default=None, help="MxKxN or the benchmark's presets")
+    p.add_argument("--dtype", default=None, choices=list(bench.DTYPES))
+    p.add_argument("--activation", default="gelu")
+    p.add_argument("--mode", nargs="+", default=["fwd", "fwd+bwd"], choices=bench.MODES)
+    p.add_argument("--backends", nargs="+", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    shapes = bench.parse_shapes(args.shapes or (["bert-base", "16x4096x11008"] if cuda else ["256x768x3072"]))
+    backends = args.backends or [b for b in (("cuda", "triton") if cuda else ("cpu",)) if bench._usable(b, device)]
+    print(f"profile_calls on {bench.device_name(device)}; torch {torch.__version__}; backends {', '.join(backends)}; "
+          f"{dtype} {args.activation}")
+    for mode in args.mode:
+        tiny = bench.Case(*TINY, dtype, args.activation, mode)
+        print(f"\nhost time per call, {tiny.label()} (device work negligible):")
+        for cfg in _configs(tiny, device, backends):
+            print(f"  {cfg.name:<28} {host_us_per_call(cfg.run, device):8.1f} us")
+        for m, k, n in shapes:
+            case = bench.Case(m, k, n, dtype, args.activation, mode)
+            print(f"\n{'device kernels' if cuda else 'operators (own CPU time)'} per call, {case.label()}:")
+            for cfg in _configs(case, device, backends):
+                try:
+                    total, rows = device_kernels(cfg.run, device)
+                except Exception as exc:  # noqa: BLE001 -- one configuration's failure is reported, not fatal
+                    print(f"  {cfg.name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    continue
+                head = f"{total:.1f} us on the device" if total is not None else ""
+                print(f"  {cfg.name}: {head}")
+                for name, count, us in rows:
+                    print(f"      {us:9.1f} us  x{count:<4.3g} {name[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
