@@ -283,6 +283,8 @@ def test_wgrad_by_torch_matches_the_kernel(activation):
     _, saved = K.forward(x, w, b, act.code, mode)
     dy = torch.randn(37, 19)
     leaky = activation == "leaky_relu"
+    empty = K.wgrad_by_torch(dy[:0], saved[:0], mode, leaky, x[:0], True, True)
+    assert torch.equal(empty[0], torch.zeros(19, 23)) and torch.equal(empty[1], torch.zeros(19))
     for need_db in (True, False):
         want = K.wgrad(dy, saved, mode, leaky, x, True, need_db)
         got = K.wgrad_by_torch(dy, saved, mode, leaky, x, True, need_db)
@@ -296,8 +298,8 @@ def test_wgrad_by_torch_matches_the_kernel(activation):
 @pytest.mark.parametrize("case", ["gelu-8192x1600x6400", "identity-8192x6400x1600"])
 def test_autotuned_at_gpt2_xl_mlp_shapes(monkeypatch, case):
     """GPT-2 XL's fc1 and fc2 with autotuning on, as the benchmark runs them: on an H200 with
-    Triton 3.6 their bf16 weight gradients came out far outside the rule (2026-12-04) while every
-    test with autotuning off passed."""
+    Triton 3.6 the wgrad kernel's bf16 weight gradients came out far outside the rule here
+    (2026-12-04); dW on a GPU now comes from torch's GEMM (wgrad_kernel_on_gpu)."""
     test_tuned_configs_on_gpu(monkeypatch, case)
 
 
