@@ -2,8 +2,9 @@
 # The prepared check for a GPU machine: install fastnn into the machine's own Python with pip
 # (no build isolation, no package index: setuptools>=77, pybind11, cmake and ninja must be
 # installed; stages then run outside the source tree, which would shadow the installed package
-# and lacks fastnn.triton_kernels), run the GPU test tier, one compute-sanitizer memcheck pass over the CUDA kernels, and the
-# benchmark's GPU set. Everything lands in the output folder:
+# and lacks fastnn.triton_kernels), run the GPU test tier, the benchmark's GPU set and a profile
+# of its calls, and one compute-sanitizer memcheck pass over the CUDA kernels. Everything lands in
+# the output folder:
 #   env.txt build.log info.txt tests.log paths.txt sanitizer.log bench.log gpu_bench.json
 #   gpu_bench.png bench_mlp.log gpu_mlp_gelu.json gpu_mlp_swiglu.json profile.log summary.txt
 #

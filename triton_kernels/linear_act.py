@@ -433,7 +433,7 @@ def wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db):
     rounded to dY's dtype for the GEMM (as the kernel rounds its tiles) and summed unrounded for db."""
     M, N = dy.shape
     if save_mode == SAVE_NOTHING:
-        dz32, dz = (dy.float() if need_db else None), dy
+        dz, db = dy, (dy.sum(0, dtype=torch.float32) if need_db else None)
     else:
         if save_mode == SAVE_MASK:
             shifts = torch.arange(8, dtype=torch.uint8, device=dy.device)
@@ -444,10 +444,9 @@ def wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db):
         else:
             d = saved[:, :N].float()
         dz32 = dy.float() * d
-        dz = dz32.to(dy.dtype)
+        dz, db = dz32.to(dy.dtype), (dz32.sum(0) if need_db else None)
     dw = torch.mm(dz.t(), x) if need_dw else None
-    db = dz32.sum(0).to(dy.dtype) if need_db else None
-    return dw, db
+    return dw, (db.to(dy.dtype) if need_db else None)
 
 
 def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity, force_split_m=None):

@@ -223,8 +223,7 @@ bool lt_gemm(const GemmArgs& g) {
   if (uses_aux(g.epilogue) && !g.aux) throw std::invalid_argument("fastnn cuBLASLt: this epilogue needs aux");
   if (uses_bias_grad(g.epilogue) && !g.bias_grad)
     throw std::invalid_argument("fastnn cuBLASLt: this epilogue needs bias_grad");
-  if ((g.epilogue == Epilogue::kBias || g.epilogue == Epilogue::kReluBias || g.epilogue == Epilogue::kReluAuxBias ||
-       g.epilogue == Epilogue::kGeluBias || g.epilogue == Epilogue::kGeluAuxBias) && !g.bias)
+  if (adds_bias(g.epilogue) && !g.bias)
     throw std::invalid_argument("fastnn cuBLASLt: this epilogue needs a bias (use the epilogue without _BIAS)");
   if (g.accumulate && adds_bias(g.epilogue))
     throw std::invalid_argument("fastnn cuBLASLt: accumulate and a bias epilogue together");
