@@ -9,13 +9,16 @@ long each), so that a short lease says which to attack.
       [--dtype bfloat16] [--activation gelu] [--mode fwd fwd+bwd] [--backends cuda triton]
 
 Host time per call: the wall time of a burst of calls on a tiny problem (16 x 64 -> 64), where the
-device keeps up with whatever the host queues, so that the host side is what is timed. Device
+device keeps up with whatever the host queues, so that the host side is what is timed; then
+cProfile's split of it into the functions that spend it (own time per call). Device
 time: torch.profiler over a few calls at each shape, each kernel's total over the calls, per call
 (on a CPU, the top operators' own CPU time instead).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -50,6 +53,27 @@ def host_us_per_call(run, device, calls=200):
     host = time.perf_counter() - start
     bench.sync(device)
     return host / calls * 1e6
+
+
+def host_functions(run, device, calls=200, top=10):
+    """[(function, calls per call, own microseconds per call)]: cProfile over a burst of calls, the
+    Python functions and builtins (torch's C entry points among them) that take the host's time,
+    by own time. (cProfile's hooks add a little to each function call.)"""
+    for _ in range(20):
+        run()
+    bench.sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        run()
+    prof.disable()
+    bench.sync(device)
+    rows = []
+    for (path, line, name), (_, ncalls, own, _, _) in pstats.Stats(prof).stats.items():
+        where = f"{Path(path).name}:{line}({name})" if path != "~" else name
+        rows.append((where, ncalls / calls, own / calls * 1e6))
+    rows.sort(key=lambda r: -r[2])
+    return rows[:top]
 
 
 def device_kernels(run, device, calls=5, top=8):
@@ -94,8 +118,13 @@ def main(argv=None):
     for mode in args.mode:
         tiny = bench.Case(*TINY, dtype, args.activation, mode)
         print(f"\nhost time per call, {tiny.label()} (device work negligible):")
-        for cfg in _configs(tiny, device, backends):
+        tiny_cfgs = _configs(tiny, device, backends)
+        for cfg in tiny_cfgs:
             print(f"  {cfg.name:<28} {host_us_per_call(cfg.run, device):8.1f} us")
+        for cfg in tiny_cfgs:
+            print(f"\nwhere {cfg.name}'s host time goes, {tiny.label()} (cProfile, own time per call):")
+            for name, count, us in host_functions(cfg.run, device):
+                print(f"      {us:9.1f} us  x{count:<4.3g} {name[:90]}")
         for m, k, n in shapes:
             case = bench.Case(m, k, n, dtype, args.activation, mode)
             print(f"\n{'device kernels' if cuda else 'operators (own CPU time)'} per call, {case.label()}:")

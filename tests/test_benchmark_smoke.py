@@ -65,10 +65,11 @@ def test_paired_ratio_cancels_drift():
 
 def test_profile_calls_runs(tmp_path):
     """benchmarks/profile_calls.py (the GPU check's profile stage) on this machine's backend: host
-    time per call and each configuration's operators."""
+    time per call, the functions that spend it, and each configuration's operators."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_calls.py"), "--shapes", "64x96x80",
                            "--mode", "fwd", "fwd+bwd"], capture_output=True, text=True, timeout=300, env=ENV,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "host time per call" in proc.stdout and "failed" not in proc.stdout
     assert proc.stdout.count("eager") >= 4 and "aten::" in proc.stdout
+    assert "where fastnn[cpu]'s host time goes" in proc.stdout and "functional.py:" in proc.stdout
