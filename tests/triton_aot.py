@@ -9,8 +9,9 @@ sm_90a), the backend's real launchers (fastnn.triton_kernels) called on small CP
 integers equal to 1, 16-byte alignment), the autotuner's own pruning with the target's shared
 memory limit and SM count; registers and spills from the log of the compile's own `ptxas -v`
 (the Triton wheel's ptxas run again for a kernel that came from Triton's cache).
-Fails (exit 1) on a compile error or on shared memory over the target's limit; spills are
-reported. Needs TRITON_INTERPRET unset (the script clears it).
+Fails (exit 1) on a compile error, on shared memory over the target's limit, or on a pipelining
+hazard in the TTGIR (short_operand_buffer); spills are reported. Needs TRITON_INTERPRET unset (the
+script clears it).
 """
 import argparse
 import contextlib
@@ -103,6 +104,22 @@ def ptxas_usage(ptx, arch):
     return parse_ptxas_log(text) or (-1, -1, -1)
 
 
+def short_operand_buffer(ttgir):
+    """Why a kernel's asynchronous wgmma may read a shared-memory tile that the pipeline overwrites,
+    or None. Where both operands of the wgmma come from shared memory, each pipelined buffer needs a
+    slot per stage; Triton gave one slot fewer to a tile that the loop also loads into registers
+    (the wgrad kernel summing dY for db: wrong dW on an H200, see linear_act.wgrad), so the copy of a
+    later tile could land while the dot still read it. (A wgmma whose left operand is in registers
+    reads only the right one's buffer; its other buffers are read synchronously.)"""
+    dots = [line for line in ttgir.splitlines() if "warp_group_dot " in line and "isAsync = true" in line]
+    if not dots or any("#ttg.dot_op<{opIdx = 0" in line for line in dots):
+        return None
+    slots = [int(n) for n in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)]
+    if slots and min(slots) < max(slots):
+        return f"pipelined buffers of an asynchronous wgmma with {min(slots)} and {max(slots)} slots: {slots}"
+    return None
+
+
 class Compiler:
     """The `wrap` given to the launchers: each launch becomes warmups of the configs it would run."""
 
@@ -153,6 +170,9 @@ class Compiler:
             self.rows[key]["variants"].add(self.variant)
             return
         shared = compiled.metadata.shared
+        hazard = short_operand_buffer(compiled.asm.get("ttgir", ""))
+        if hazard:
+            self.failures.append(dict(kernel=name, variant=self.variant, error=hazard, **constants))
         try:
             regs, spill_st, spill_ld = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], self.arch)
         except RuntimeError as exc:
@@ -226,6 +246,10 @@ def run(arch, quick=False):
                 for need_dw, need_db in ((True, True), (True, False), (False, True)):
                     K.wgrad(dy, saved, save, act_name == "leaky_relu", x if need_dw else x.new_empty((0,)),
                             need_dw, need_db, wrap=comp)
+                if quick and act_name == "relu":  # the identity's wgrad (every MLP's fc2), with a bias
+                    comp.variant = f"bwd {dname} identity {sname}"
+                    K.wgrad(dy, dy.new_empty((0,)), 0, False, x, True, True, wrap=comp)
+                    comp.variant = f"bwd {dname} {act_name} {sname}"
                 comp.variant = f"bwd {dname} {act_name} {sname} split-m"
                 K.wgrad(dy, saved, save, act_name == "leaky_relu", x, True, True, wrap=comp, force_split_m=4)
         for sname, (m, k, n) in shapes.items():

@@ -206,8 +206,10 @@ def linear_act_wgrad_kernel(dy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, M_PER
                             GROUP_M: tl.constexpr):
     """dW[N, K] = (dY * D)^T @ X over rows [split * M_PER_SPLIT, ...) of split = program_id(1); the
     programs of the first K block also write db = sum_m dY * D (fp32 sums of the unrounded dZ, added
-    in row order: deterministic). With more than one split, dw_ptr / db_ptr are float32 workspaces
-    [splits, N, K] / [splits, N] that sum_splits_kernel adds up in split order."""
+    in row order: deterministic; not with SAVE 0, see wgrad). With more than one split, dw_ptr /
+    db_ptr are float32 workspaces [splits, N, K] / [splits, N] that sum_splits_kernel adds up in
+    split order."""
+    tl.static_assert(not (COMPUTE_DB and SAVE == 0), "SAVE 0 takes db from torch's column sum (see wgrad)")
     pid_n, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
     split = tl.program_id(1)
     m_lo = split * M_PER_SPLIT
@@ -264,8 +266,8 @@ TMA_CONFIGS = [_cfg(128, 256, 64, 3, 8), _cfg(128, 128, 64, 4, 8)]
 SPLITK_CONFIGS = [_cfg(16, 128, 128, 3, 4), _cfg(32, 64, 128, 4, 4)]
 # backward: BLOCK_N is the reduction (dgrad) or output (wgrad) axis of the N dimension
 DGRAD_CONFIGS = [_cfg(128, 64, 128, 3, 8), _cfg(64, 64, 128, 4, 4)]
-# (on an H200 with Triton 3.6 the wgrad kernel gave wrong bf16 dW with configs that moved with the
-# shape: off on GPUs by default, see wgrad_kernel_on_gpu; tests/test_triton.py runs each config alone)
+# (the wgrad kernel is off on GPUs by default until a GPU run checks the fix of its pipelining hazard,
+# see wgrad_kernel_on_gpu; tests/test_triton.py runs each config alone)
 WGRAD_CONFIGS = [_cfg(64, 128, 128, 3, 8), _cfg(64, 64, 128, 4, 4)]
 # the one config of the interpreter and of FASTNN_TRITON_AUTOTUNE=0 (tl.dot needs blocks >= 16)
 FIXED = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
@@ -421,10 +423,12 @@ def _split_m(m, n, k, device, force):
 
 def wgrad_kernel_on_gpu() -> bool:
     """Whether wgrad runs its Triton kernel on a GPU (under the interpreter it always does). Not by
-    default: on an H200 with Triton 3.6 (2026-12-04) the compiled kernel gave bf16 dW several ulps
-    off at GPT-2 XL's MLP shapes (8192 rows; which configs failed moved with the shape), while the
-    interpreter gives the same logic exact there. Until a GPU run shows it right, dW on a GPU is
-    torch's GEMM (wgrad_by_torch). FASTNN_TRITON_WGRAD=kernel runs the kernel, to investigate."""
+    default: on an H200 with Triton 3.6 (2026-12-04) the compiled kernel gave wrong bf16 dW for the
+    identity with a bias (fc2 of GPT-2 XL's MLP, 8192 x 6400 -> 1600: errors 17-53 where PyTorch's
+    was 1, with the 3-stage configs), while the interpreter computed the same logic exactly. The
+    cause, found later in the sm_90a TTGIR, was a pipelining hazard (see wgrad), fixed without a GPU
+    to check the fix: until a GPU run shows the kernel right, dW on a GPU is torch's GEMM
+    (wgrad_by_torch). FASTNN_TRITON_WGRAD=kernel runs the kernel (the GPU test of each config does)."""
     return os.environ.get("FASTNN_TRITON_WGRAD", "torch") == "kernel"
 
 
@@ -450,9 +454,21 @@ def wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db):
 
 
 def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity, force_split_m=None):
-    """(dW = (dY * D)^T @ X or None, db = column sums of dY * D or None); dy contiguous."""
+    """(dW = (dY * D)^T @ X or None, db = column sums of dY * D or None); dy contiguous.
+
+    Without a saved factor (SAVE_NOTHING: dZ = dY) db is torch's float32 column sum of dY, not the
+    kernel's: summing in the kernel the dY tile that its dot also reads from shared memory makes
+    Triton's pipeliner (3.6 and 3.9, sm_90a) give that tile's buffer one slot fewer than the
+    stages while the asynchronous wgmma still reads it, so the copy of a later tile can overwrite
+    the operand of the dot in flight. That is what gave wrong bfloat16 dW on an H200 at
+    8192 x 6400 -> 1600 with the 3-stage configs (2026-12-04); the TTGIR shows the short buffer
+    (tests/test_triton_compile.py checks it is gone). With a factor, dZ is formed in registers and
+    the dot reads it from there."""
     if not interpreting() and not wgrad_kernel_on_gpu():
         return wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db)
+    if need_db and save_mode == SAVE_NOTHING:
+        dw, _ = wgrad(dy, saved, save_mode, leaky, x, need_dw, False, wrap, force_split_m)
+        return dw, dy.sum(0, dtype=torch.float32).to(dy.dtype)
     M, N = dy.shape
     K = x.shape[1] if need_dw else 0  # x is an empty stand-in when dW is not asked for
     dw = torch.empty((N, K), dtype=dy.dtype, device=dy.device) if need_dw else None
