@@ -460,10 +460,10 @@ def wgrad(dy, saved, save_mode, leaky, x, need_dw, need_db, wrap=_identity, forc
     kernel's: summing in the kernel the dY tile that its dot also reads from shared memory makes
     Triton's pipeliner (3.6 and 3.9, sm_90a) give that tile's buffer one slot fewer than the
     stages while the asynchronous wgmma still reads it, so the copy of a later tile can overwrite
-    the operand of the dot in flight. That is what gave wrong bfloat16 dW on an H200 at
-    8192 x 6400 -> 1600 with the 3-stage configs (2026-12-04); the TTGIR shows the short buffer
-    (tests/test_triton_compile.py checks it is gone). With a factor, dZ is formed in registers and
-    the dot reads it from there."""
+    the operand of the dot in flight. That fits the wrong bfloat16 dW an H200 gave at
+    8192 x 6400 -> 1600 with the 3-stage configs (2026-12-04; not rerun on a GPU since); the TTGIR
+    shows the short buffer (tests/test_triton_compile.py checks it is gone). With a factor, dZ is
+    formed in registers and the dot reads it from there."""
     if not interpreting() and not wgrad_kernel_on_gpu():
         return wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db)
     if need_db and save_mode == SAVE_NOTHING:
