@@ -97,11 +97,14 @@ stage bench 110 "$out/bench.log" "$python" "$repo/benchmarks/fused_linear.py" --
 # The MLP block (issue 10's GPU goal) at the BERT-base and GPT-2-XL shapes with gelu and the
 # LLaMA-7B shape with swiglu: fastnn.mlp at each memory level beside eager and torch.compile
 # (default mode: max-autotune's compiles do not fit this budget).
-stage bench_mlp 130 "$out/bench_mlp.log" bash -c "\"$python\" \"$repo/benchmarks/fused_linear.py\" --device cuda --mode mlp \
-  --dtype bfloat16 --compile-modes default --shapes 8192x768x3072 8192x1600x6400 --activation gelu \
-  --out \"$out/gpu_mlp_gelu.json\"; rc=\$?; \"$python\" \"$repo/benchmarks/fused_linear.py\" --device cuda --mode mlp \
-  --dtype bfloat16 --compile-modes default --shapes 4096x4096x11008 --activation swiglu \
-  --out \"$out/gpu_mlp_swiglu.json\" || rc=1; exit \$rc" || failed+=(bench_mlp)
+# (one run per activation, each with its shapes; a failing one does not stop the other)
+stage bench_mlp 130 "$out/bench_mlp.log" env PY="$python" REPO="$repo" OUT_DIR="$out" bash -c 'rc=0
+  for spec in "gelu 8192x768x3072 8192x1600x6400" "swiglu 4096x4096x11008"; do
+    set -- $spec
+    "$PY" "$REPO/benchmarks/fused_linear.py" --device cuda --mode mlp --dtype bfloat16 --compile-modes default \
+      --activation "$1" --shapes "${@:2}" --out "$OUT_DIR/gpu_mlp_$1.json" || rc=1
+  done
+  exit $rc' || failed+=(bench_mlp)
 # Where the time goes: host time per call and each call's kernels, fastnn beside eager
 stage profile 60 "$out/profile.log" "$python" "$repo/benchmarks/profile_calls.py" --device cuda \
   --shapes bert-base 16x4096x11008 --dtype bfloat16 --activation gelu || failed+=(profile)
