@@ -426,8 +426,8 @@ def wgrad_kernel_on_gpu() -> bool:
     default: on an H200 with Triton 3.6 (2026-12-04) the compiled kernel gave wrong bf16 dW for the
     identity with a bias (fc2 of GPT-2 XL's MLP, 8192 x 6400 -> 1600: errors 17-53 where PyTorch's
     was 1, with the 3-stage configs), while the interpreter computed the same logic exactly. The
-    cause, found later in the sm_90a TTGIR, was a pipelining hazard (see wgrad), fixed without a GPU
-    to check the fix: until a GPU run shows the kernel right, dW on a GPU is torch's GEMM
+    likely cause, found later in the sm_90a TTGIR, is a pipelining hazard (see wgrad), fixed without
+    a GPU to check the fix: until a GPU run shows the kernel right, dW on a GPU is torch's GEMM
     (wgrad_by_torch). FASTNN_TRITON_WGRAD=kernel runs the kernel (the GPU test of each config does)."""
     return os.environ.get("FASTNN_TRITON_WGRAD", "torch") == "kernel"
 
