@@ -18,9 +18,9 @@ Memory levels (what backward keeps beyond the weights and x):
   "none":       fc1's saved tensor (the pre-activation, a 1-bit mask for relu / leaky_relu, two
                 pre-activations for a gated unit) and h;
   "activation": the pre-activation(s) only; backward forms h = act(z1) again. Where the backend
-                can rebuild h from its own saved tensor (cpu: the same native pass, so the same
-                bits) fc1 stays fused; elsewhere fc1 runs as a GEMM whose output z1 is kept and the
-                activation runs in PyTorch ops. relu and leaky_relu keep h and their 1-bit mask at
+                can rebuild h from its own saved tensor (cpu, and cuda but for gelu_tanh: the
+                forward's own pass over it, so the same bits) fc1 stays fused; elsewhere fc1 runs as
+                a GEMM whose output z1 is kept and the activation runs in PyTorch ops. relu and leaky_relu keep h and their 1-bit mask at
                 this level too: the mask cannot give h back, and h costs what z1 would.
 (fastnn.mlp's third level, "fc1", checkpoints the block and keeps x alone.)
 
@@ -54,7 +54,7 @@ class MlpFunction(torch.autograd.Function):
         # at the "activation" level: rebuild h from the backend's own saved tensor where it can,
         # else keep the GEMM output z1 and apply the activation in PyTorch ops
         rebuild = level == "activation" and (gated or act.saves == "preact")
-        native_rebuild = rebuild and be.rebuilds_hidden
+        native_rebuild = rebuild and be.rebuilds_hidden(act, gated)
         if rebuild and not native_rebuild:
             z = [be.linear_act_y(x, w, b, IDENTITY) for w, b in ((w1, b1), (wu, bu))[:1 + gated]]
             h = glu_composite(*z, act) if gated else act_composite(z[0], act)

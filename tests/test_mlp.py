@@ -126,19 +126,25 @@ def test_memory_levels(backend, activation):
     assert run["fc1"] == x_bytes, run
 
 
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_activation_level_rebuilds_the_same_bits(activation, dtype):
-    """On the cpu backend the "activation" level rebuilds h with the forward's own pass: every
-    gradient is bit for bit the "none" level's."""
+def test_activation_level_rebuilds_the_same_bits(backend, activation, dtype):
+    """On the cpu and cuda backends the "activation" level rebuilds h with the forward's own pass
+    over the kept pre-activation (not PyTorch ops on a plain GEMM's output): every gradient is bit
+    for bit the "none" level's."""
     gated = activation in fastnn.GATED
-    x = torch.randn(70, 24).to(dtype).requires_grad_()
-    w1, b1, w2, b2, wu, bu = _weights(24, 96, 20, dtype, gated)
+    device = "cuda" if backend == "cuda" else "cpu"
+    x = torch.randn(70, 24).to(dtype).to(device).requires_grad_()
+    w1, b1, w2, b2, wu, bu = (None if t is None else t.detach().to(device).requires_grad_()
+                              for t in _weights(24, 96, 20, dtype, gated))
     leaves = [t for t in (x, w1, b1, w2, b2, wu, bu) if t is not None]
-    dy = torch.randn(70, 20).to(dtype)
+    dy = torch.randn(70, 20).to(dtype).to(device)
+    assert fastnn.backends.BACKENDS[backend].rebuilds_hidden(
+        activations.get_gated(activation) if gated else activations.get(activation), gated)
     grads = {}
     for level in ("none", "activation"):
-        y = fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu, recompute=level, backend="cpu")
+        y = fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu, recompute=level, backend=backend)
         grads[level] = (y, *torch.autograd.grad(y, leaves, dy))
     for a, b in zip(grads["none"], grads["activation"]):
         assert torch.equal(a, b)

@@ -85,8 +85,10 @@ class Backend:
         backend has no such kernel: the block then runs fc2's dgrad and fc1's fused backward."""
         return None
 
-    # Whether act_hidden / glu_hidden rebuild the hidden activation from what the forward saved.
-    rebuilds_hidden = False
+    def rebuilds_hidden(self, act: Activation, gated: bool) -> bool:
+        """Whether act_hidden (gated: glu_hidden) rebuilds this unit's hidden activation from what
+        the forward saved, bit for bit the forward's (act: the gate's activation when gated)."""
+        return False
 
     def act_hidden(self, saved, bias, act: Activation):
         """h = act(z) again from linear_act_fwd's saved pre-activation, bit for bit the forward's."""

@@ -568,7 +568,8 @@ class CpuBackend(Backend):
         db = _rounded(dbias, dy.dtype) if need_db else None
         return dx, dw, db
 
-    rebuilds_hidden = True
+    def rebuilds_hidden(self, act, gated):
+        return True
 
     def act_hidden(self, saved, bias, act):
         # the forward's own pass over the kept product (see linear_act_fwd), so the same bits

@@ -394,6 +394,34 @@ class CudaBackend(Backend):
         _record("mlp_hidden_grad", dy.dtype, act.name, f"cuBLASLt {EPILOGUE_NAMES[epilogue]}")
         return dz
 
+    def rebuilds_hidden(self, act, gated):
+        # the forward's own kernel over the kept z (the epilogue kernel with no bias to add, the glu
+        # kernel), so the same bits; not gelu_tanh, whose forward may be cuBLASLt's GELU_AUX epilogue
+        return gated or act.name != "gelu_tanh"
+
+    def act_hidden(self, saved, bias, act):
+        # z was kept with its bias (backward_reads_bias is False): nothing to add
+        m, n = saved.shape
+        h = torch.empty((m, n), dtype=saved.dtype, device=saved.device)
+        if m and n:
+            _record("act_hidden", saved.dtype, act.name, "fastnn epilogue kernel")
+            with torch.cuda.device(saved.device):
+                call = _Call(saved)
+                call.C.bias_act_forward(call.device, call.stream, call.dtype, act.code, m, n, saved.data_ptr(),
+                                        saved.stride(0), 0, h.data_ptr(), n, 0, relu_aux_ld(n))
+        return h
+
+    def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act):
+        m, n = z_gate.shape
+        h = torch.empty((m, n), dtype=z_gate.dtype, device=z_gate.device)
+        if m and n:
+            _record("glu_hidden", z_gate.dtype, gate_act.name, "fastnn glu kernel")
+            with torch.cuda.device(z_gate.device):
+                call = _Call(z_gate)
+                call.C.glu_forward(call.device, call.stream, call.dtype, gate_act.code, m, n, z_gate.data_ptr(),
+                                   z_up.data_ptr(), h.data_ptr())
+        return h
+
     @staticmethod
     def _bias_grad_only(call, dy, act):
         m, n = dy.shape
