@@ -20,9 +20,14 @@ Memory levels (what backward keeps beyond the weights and x):
   "activation": the pre-activation(s) only; backward forms h = act(z1) again. Where the backend
                 can rebuild h from its own saved tensor (cpu, and cuda but for gelu_tanh: the
                 forward's own pass over it, so the same bits) fc1 stays fused; elsewhere fc1 runs as
-                a GEMM whose output z1 is kept and the activation runs in PyTorch ops. relu and leaky_relu keep h and their 1-bit mask at
-                this level too: the mask cannot give h back, and h costs what z1 would.
-(fastnn.mlp's third level, "fc1", checkpoints the block and keeps x alone.)
+                a GEMM whose output z1 is kept and the activation runs in PyTorch ops. relu and
+                leaky_relu keep h and their 1-bit mask at this level too: the mask cannot give h
+                back, and h costs what z1 would.
+  "fc1":        nothing but a copy of fc1's biases (so that backward runs fc1 as the forward did);
+                backward runs fc1 and its activation again by the forward's own call, so the same
+                bits, and not fc2's forward GEMM (which torch.utils.checkpoint would run again).
+                With dropout in training, fastnn.mlp checkpoints the block instead, for PyTorch's
+                random stream.
 
 Not here: dropout between the activation and fc2 in training (fastnn.mlp composes the ops there,
 to keep PyTorch's dropout and its random stream), torch.compile and tensor subclasses (the
@@ -68,14 +73,19 @@ class MlpFunction(torch.autograd.Function):
         y = be.linear_act_y(h, w2, b2, IDENTITY)
         ctx.be, ctx.act, ctx.gated = be, act, gated
         ctx.rebuild, ctx.native_rebuild = rebuild, native_rebuild
+        ctx.recompute_fc1 = level == "fc1"
         ctx.has_bias = (b1 is not None, bu is not None, b2 is not None)
         # h and z1 never leave this op, so backward may write into them (fastnn/autograd.py)
         ctx.private_saved = not saved_tensor_hooks_active()
-        # fc1's biases as fastnn/autograd.py keeps them (fc2's: its gradient is dY's column sums)
-        b1, b1_at_forward = keep_bias(b1, be.backward_reads_bias(x.dtype, act))
-        bu, bu_at_forward = keep_bias(bu, gated and be.backward_reads_bias(x.dtype, None))
+        # fc1's biases as fastnn/autograd.py keeps them (fc2's: its gradient is dY's column sums);
+        # the "fc1" level runs fc1 again in backward, so it keeps them as the forward saw them
+        b1, b1_at_forward = keep_bias(b1, ctx.recompute_fc1 or be.backward_reads_bias(x.dtype, act))
+        bu, bu_at_forward = keep_bias(bu, gated and (ctx.recompute_fc1 or be.backward_reads_bias(x.dtype, None)))
         ctx.biases_at_forward = (b1_at_forward, bu_at_forward)
-        ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
+        if ctx.recompute_fc1:
+            ctx.save_for_backward(x, w1, b1, wu, bu, w2, None)
+        else:
+            ctx.save_for_backward(x, w1, b1, wu, bu, w2, None if rebuild else h, *saved)
         return y
 
     @staticmethod
@@ -91,7 +101,14 @@ class MlpFunction(torch.autograd.Function):
         # what backward may write its gradients into: the saved h and z1 once autograd frees them,
         # h rebuilt here, fc2's dgrad dH once fc1's backward has read it
         freed = saved_may_be_overwritten(ctx)
-        if h is None:  # the "activation" level
+        if ctx.recompute_fc1:  # fc1 and its activation again, by the forward's own call: the same bits
+            if gated:
+                h, *saved = be.linear_glu_fwd(x, w1, wu, b1, bu, act, True)
+            else:
+                h, *saved = be.linear_act_fwd(x, w1, b1, act, True)
+            freed = True  # made here, read by nothing else
+            h_free = (h,)
+        elif h is None:  # the "activation" level
             if ctx.native_rebuild:
                 h = be.glu_hidden(*saved, b1, bu, act) if gated else be.act_hidden(saved[0], b1, act)
             else:

@@ -251,15 +251,17 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
                     Where the block runs as PyTorch's composite instead of fastnn's block op
                     (dropout in training, torch.compile, tensor subclasses, torch.func) this level
                     keeps what "none" keeps;
-      "fc1":        x only; backward runs fc1, the activation and the dropout again (the random
-                    state is replayed, so the masks are the forward's), as torch.utils.checkpoint does.
+      "fc1":        x only (and a copy of fc1's biases, as small as a row); backward runs fc1 and
+                    the activation again. With dropout in training (and under torch.compile,
+                    tensor subclasses) this is torch.utils.checkpoint of the block, which replays
+                    the random state, so the masks are the forward's.
     Eagerly and without dropout in training, the block is one autograd op (fastnn/block.py) on the
     backend: fc2 runs there too, and the hidden gradient goes straight into fc1's act' pass.
     """
     gated = activation in activations.GATED
     if ((gated or activation in activations.ACTIVATIONS) and (up_weight is not None) == gated
             and (up_bias is None or gated) and (dropout == 0.0 or (not training and 0.0 < dropout <= 1.0))
-            and recompute in ("none", "activation")
+            and recompute in RECOMPUTE_LEVELS
             and _plain_cpu_call(backend, x, (fc1_weight, up_weight) if gated else (fc1_weight,), (fc1_bias, up_bias))
             and _plain_cpu_params(x.dtype, fc1_weight.shape[0], (fc2_weight,), (fc2_bias,))):
         # (a plain eager CPU call, as linear_act's, screened once for the whole block; dropout that
@@ -307,9 +309,11 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
                             (fc1_bias, up_weight, up_bias, fc2_bias))
     drop = dropout > 0.0 and training
 
+    one_op = (not drop and _needs_grad(x, *params[1:]) and not ops.use_ops(x, *params[1:]) and not functorch_active()
+              and not torch.jit.is_tracing())
+
     def block(x: Tensor, level: str) -> Tensor:
-        if (not drop and _needs_grad(x, *params[1:]) and not ops.use_ops(x, *params[1:]) and not functorch_active()
-                and not torch.jit.is_tracing()):
+        if one_op:
             y = MlpFunction.apply(_rows(x), fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias,
                                   activation, name, level)
             return _unflatten(y, x.shape[:-1])
@@ -321,8 +325,9 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
             h = torch.nn.functional.dropout(h, dropout, True)
         return linear_act(h, fc2_weight, fc2_bias, "identity", backend=backend)
 
-    # (torch.func's transforms refuse checkpoint's saved-tensor hooks: there the block keeps what it uses)
-    if recompute == "fc1" and _needs_grad(x, *params[1:]) and not functorch_active():
+    # the one op keeps x alone itself; the composed ops need checkpoint (torch.func's transforms
+    # refuse its saved-tensor hooks: there the block keeps what it uses)
+    if recompute == "fc1" and not one_op and _needs_grad(x, *params[1:]) and not functorch_active():
         from torch.utils.checkpoint import checkpoint
 
         return checkpoint(block, x, "none", use_reentrant=False)

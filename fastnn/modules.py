@@ -113,8 +113,8 @@ class FusedMLP(nn.Module):
     unfused MLP. The exception is tensor parallelism's ColwiseParallel on fc1 (parallelize_module):
     its hooks only move data, so fc1 + activation stays fused on each rank's shard (dropin.ColwiseCall).
 
-    recompute=True keeps only the block input for backward and recomputes fc1 and the activation
-    there (activation checkpointing of the block). Per token that saves what the block would
+    recompute=True keeps only the block input (and a copy of fc1's bias) for backward and
+    recomputes fc1 and the activation there (activation checkpointing of the block). Per token that saves what the block would
     otherwise keep: the hidden activation fc2 reads (hidden_features elements), fc1's
     pre-activation (hidden_features elements, or hidden_features / 8 bytes for relu and leaky_relu;
     twice hidden_features elements for a gated unit) and the dropout mask (hidden_features bytes,

@@ -15,7 +15,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CASES = [("linear_act", "gelu", "none"), ("linear_act", "relu", "none"), ("linear_act", "silu", "none"),
          ("linear_act", "identity", "none"), ("linear_glu", "swiglu", "none"), ("linear_glu", "reglu", "none"),
          ("mlp", "gelu", "none"), ("mlp", "gelu", "activation"), ("mlp", "relu", "none"),
-         ("mlp", "swiglu", "none"), ("mlp", "swiglu", "activation")]
+         ("mlp", "swiglu", "none"), ("mlp", "swiglu", "activation"), ("mlp", "gelu", "fc1"), ("mlp", "swiglu", "fc1")]
 IDS = ["-".join(c) for c in CASES]
 
 

@@ -105,7 +105,7 @@ def _saved_bytes(fn, params):
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
 def test_memory_levels(backend, activation):
     """"none" keeps fc1's saved tensor and the hidden activation; "activation" the pre-activation(s)
-    alone (relu: its mask and h, as "none"); "fc1" keeps x alone."""
+    alone (relu: its mask and h, as "none"); "fc1" keeps x alone (and fc1's biases)."""
     gated = activation in fastnn.GATED
     m, k, hidden = 64, 32, 256
     x = torch.randn(m, k, requires_grad=True)
@@ -123,16 +123,17 @@ def test_memory_levels(backend, activation):
     fc1_saved += hidden * 4 * (reads(torch.float32, act) + (gated and reads(torch.float32, None)))
     assert run["none"] == x_bytes + fc1_saved + hidden_bytes, run
     assert run["activation"] == x_bytes + fc1_saved + (hidden_bytes if activation == "relu" else 0), run
-    assert run["fc1"] == x_bytes, run
+    # fc1: x, and a copy of fc1's biases (backward runs fc1 again with the forward's)
+    assert run["fc1"] == x_bytes + hidden * 4 * (1 + gated), run
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_activation_level_rebuilds_the_same_bits(backend, activation, dtype):
+def test_levels_give_the_same_bits(backend, activation, dtype):
     """On the cpu and cuda backends the "activation" level rebuilds h with the forward's own pass
-    over the kept pre-activation (not PyTorch ops on a plain GEMM's output): every gradient is bit
-    for bit the "none" level's."""
+    over the kept pre-activation (not PyTorch ops on a plain GEMM's output), and the "fc1" level
+    runs fc1 again by the forward's own call: every gradient is bit for bit the "none" level's."""
     gated = activation in fastnn.GATED
     device = "cuda" if backend == "cuda" else "cpu"
     x = torch.randn(70, 24).to(dtype).to(device).requires_grad_()
@@ -143,11 +144,12 @@ def test_activation_level_rebuilds_the_same_bits(backend, activation, dtype):
     assert fastnn.backends.BACKENDS[backend].rebuilds_hidden(
         activations.get_gated(activation) if gated else activations.get(activation), gated)
     grads = {}
-    for level in ("none", "activation"):
+    for level in LEVELS:
         y = fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu, recompute=level, backend=backend)
         grads[level] = (y, *torch.autograd.grad(y, leaves, dy))
-    for a, b in zip(grads["none"], grads["activation"]):
-        assert torch.equal(a, b)
+    for level in ("activation", "fc1"):
+        for a, b in zip(grads["none"], grads[level]):
+            assert torch.equal(a, b), level
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
