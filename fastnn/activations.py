@@ -24,6 +24,15 @@ class Activation:
     # What backward needs besides dY: "nothing" (identity), "mask" (the sign of z, 1 bit per
     # element: relu and leaky_relu) or "preact" (z itself, in the input dtype).
     saves: str
+    # Whether PyTorch's backward of this activation ends in threshold_backward (relu, squared_relu).
+    threshold: bool = False
+
+    def grad_times(self, dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """dY * act'(z) as PyTorch's backward forms it (grad_times in activations.h): through a
+        threshold it is exactly 0 where z <= 0 whatever dY is, where the product would give NaN
+        for an inf or NaN dY (a float16 overflow)."""
+        g = dy * self.grad(z)
+        return torch.where(z <= 0, torch.zeros_like(g), g) if self.threshold else g
 
 
 def _gelu_grad(z):
@@ -64,8 +73,8 @@ ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in [
         Activation("identity", 0, lambda z: z, torch.ones_like, "nothing"),
-        # relu'(NaN) = 0: the sign mask's z > 0 (torch's threshold_backward passes dY there)
-        Activation("relu", 1, F.relu, lambda z: (z > 0).to(z.dtype), "mask"),
+        # relu'(z) = 0 where z <= 0, else 1, NaN included: torch's threshold_backward
+        Activation("relu", 1, F.relu, lambda z: (~(z <= 0)).to(z.dtype), "mask", threshold=True),
         Activation("gelu", 2, F.gelu, _gelu_grad, "preact"),
         Activation("gelu_tanh", 3, lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_grad, "preact"),
         Activation("silu", 4, F.silu, _silu_grad, "preact"),
@@ -75,7 +84,8 @@ ACTIVATIONS: dict[str, Activation] = {
             "leaky_relu", 7, lambda z: F.leaky_relu(z, LEAKY_SLOPE),
             lambda z: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, LEAKY_SLOPE)), "mask",
         ),
-        Activation("squared_relu", 8, lambda z: torch.square(F.relu(z)), lambda z: 2 * F.relu(z), "preact"),
+        Activation("squared_relu", 8, lambda z: torch.square(F.relu(z)), lambda z: 2 * F.relu(z), "preact",
+                   threshold=True),
         Activation("quick_gelu", 9, _quick_gelu, _quick_gelu_grad, "preact"),
     ]
 }

@@ -173,14 +173,14 @@ def glu_composite(z_gate, z_up, gate_act):
 def act_dz(dy, z, act):
     """dZ = dY * act'(z), rounded to dY's dtype."""
     ct = compute_dtype(dy.dtype)
-    return (dy.to(ct) * act.grad(z.to(ct))).to(dy.dtype)
+    return act.grad_times(dy.to(ct), z.to(ct)).to(dy.dtype)
 
 
 def glu_dz(dy, z_gate, z_up, gate_act):
     """(dZ_gate, dZ_up) of act(z_gate) * z_up, rounded to dY's dtype."""
     ct = compute_dtype(dy.dtype)
     g, zg, zu = dy.to(ct), z_gate.to(ct), z_up.to(ct)
-    return (g * zu * gate_act.grad(zg)).to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
+    return gate_act.grad_times(g * zu, zg).to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
 
 
 def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):

@@ -108,17 +108,24 @@ def test_cpp_functor_special_values(act):
     assert_special_values(act, z, *native_eval(act, z))
 
 
-def test_pack_mask_bits_through_kernel():
-    """The relu sign mask: bit c % 8 of byte c / 8 is (z > 0), across tile edges and ragged tails."""
+@pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+def test_pack_mask_bits_through_kernel(name):
+    """The sign mask: bit c % 8 of byte c / 8 is whether dY passes unscaled, z > 0 (relu: NaN too,
+    as torch's threshold_backward; leaky_relu_backward scales dY at NaN), across tile edges and
+    ragged tails."""
     C = _native.cpu_module()
+    act = activations.get(name)
     for rows, cols in [(1, 1), (3, 7), (5, 9), (70, 513), (2, 1030)]:
         z = torch.randn(rows, cols)
+        z.view(-1)[::7] = 0.0
+        z.view(-1)[3::11] = float("nan")
         y = torch.empty_like(z)
         mask = torch.zeros(rows, (cols + 7) // 8, dtype=torch.uint8)
-        C.cpu_bias_act_forward(0, activations.get("relu").code, rows, cols, z.data_ptr(), 0, y.data_ptr(),
-                               mask.data_ptr(), 1)
+        C.cpu_bias_act_forward(0, act.code, rows, cols, z.data_ptr(), 0, y.data_ptr(), mask.data_ptr(), 1)
         bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        assert torch.equal(bits.reshape(rows, -1)[:, :cols].bool(), z > 0)
+        passes = ~(z <= 0) if name == "relu" else z > 0
+        assert torch.equal(passes, act.grad(z) == 1)
+        assert torch.equal(bits.reshape(rows, -1)[:, :cols].bool(), passes)
         assert torch.equal(bits.reshape(rows, -1)[:, cols:], torch.zeros_like(bits.reshape(rows, -1)[:, cols:]))
 
 

@@ -35,12 +35,12 @@ def test_relu_epilogue_judge(dtype):
     z = _exact_z(dtype)
     assert (z == 0).any() and torch.isnan(z).any()
     y = torch.relu(z).to(dtype)
-    mask = _mask_bytes(z > 0)
+    mask = _mask_bytes(~(z <= 0))  # relu'(NaN) = 1: torch's threshold_backward passes dY there
     assert cuda_backend.epilogue_agrees(relu, dtype, z, y, None)
     assert cuda_backend.epilogue_agrees(relu, dtype, z, y, mask)
     assert not cuda_backend.epilogue_agrees(relu, dtype, z, torch.nan_to_num(y, nan=0.0), None)  # fmax(NaN, 0)
     assert not cuda_backend.epilogue_agrees(relu, dtype, z, y, _mask_bytes(z >= 0))  # relu'(0) = 1
-    assert not cuda_backend.epilogue_agrees(relu, dtype, z, y, _mask_bytes(~(z <= 0)))  # relu'(NaN) = 1
+    assert not cuda_backend.epilogue_agrees(relu, dtype, z, y, _mask_bytes(z > 0))  # relu'(NaN) = 0
     off = y.clone()
     off[0, 0] += 1
     assert not cuda_backend.epilogue_agrees(relu, dtype, z, off, None)

@@ -205,25 +205,30 @@ def run(arch, quick=False):
     dtypes = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
               "fp32-tf32": (torch.float32, True)}
     acts = {"identity": (0, 0), "relu": (1, 1), "gelu": (2, 2), "gelu_tanh": (3, 2), "silu": (4, 2),
-            "sigmoid": (5, 2), "tanh": (6, 2), "leaky_relu": (7, 1), "squared_relu": (8, 2),
+            "sigmoid": (5, 2), "tanh": (6, 2), "leaky_relu": (7, 1), "squared_relu": (8, 3),
             "quick_gelu": (9, 2)}
-    classes = ["identity", "relu", "leaky_relu", "gelu"]  # one of each kind of saved tensor / epilogue
+    # one of each kind of saved tensor / epilogue (squared_relu: D applied through a threshold)
+    classes = ["identity", "relu", "leaky_relu", "gelu", "squared_relu"]
     shapes = {"train": (256, 768, 1024), "decode": (1, 4096, 1024), "odd": (33, 1000, 1000)}
     if quick:  # what CI compiles: each kernel, in 16-bit and in float32 (TF32, the widest tiles)
         dtypes = {"bf16": dtypes["bf16"], "fp32-tf32": dtypes["fp32-tf32"]}
-        acts = {a: acts[a] for a in ("relu", "gelu")}
+        acts = {a: acts[a] for a in ("relu", "gelu", "squared_relu")}  # (squared_relu: its backward, bf16)
         classes = list(acts)
         shapes = {"train": shapes["train"], "decode": shapes["decode"]}
     for dname, (dtype, tf32) in dtypes.items():
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for act_name, (code, save) in acts.items():
-            if dname != "bf16" and act_name not in classes:
+            if dname != "bf16" and (act_name not in classes or (quick and act_name == "squared_relu")):
                 continue
+            # (quick: squared_relu for its backward alone, forward stores D as gelu's does)
+            backward_only = quick and act_name == "squared_relu"
             for sname, (m, k, n) in shapes.items():
+                if backward_only and sname != "train":
+                    continue
                 x = torch.zeros(m, k, dtype=dtype)
                 w = torch.zeros(n, k, dtype=dtype)
                 b = torch.zeros(n, dtype=dtype)
-                for save_mode in sorted({0, save}):
+                for save_mode in sorted({0, save}) if not backward_only else ():
                     for bias in ((b, None) if save_mode == save else (b,)):
                         tma = [False] + ([True] if arch >= 90 and sname != "decode" else [])
                         for force_tma in tma:
@@ -234,7 +239,7 @@ def run(arch, quick=False):
                     continue
                 dy = torch.zeros(m, n, dtype=dtype)
                 saved = (torch.zeros(m, (n + 7) // 8, dtype=torch.uint8) if save == 1
-                         else torch.zeros(m, n, dtype=dtype) if save == 2 else dy.new_empty((0,)))
+                         else torch.zeros(m, n, dtype=dtype) if save >= 2 else dy.new_empty((0,)))
                 comp.variant = f"bwd {dname} {act_name} {sname}"
                 K.dgrad(dy, saved, save, act_name == "leaky_relu", w, wrap=comp)
                 if save and sname == "train":  # the MLP block's hidden gradient: act' as dgrad's epilogue
@@ -263,8 +268,9 @@ def run(arch, quick=False):
                 G.forward(x, wg, wu, b, b, 4, save, wrap=comp)
             dy = torch.zeros(m, n, dtype=dtype)
             a_, b_ = torch.zeros(m, n, dtype=dtype), torch.zeros(m, n, dtype=dtype)
-            comp.variant = f"glu bwd {dname} {sname}"
-            G.backward(dy, x, wg, wu, a_, b_, True, True, True, True, True, wrap=comp)
+            for threshold in (False, True):  # (True: reglu's gate)
+                comp.variant = f"glu bwd {dname} {sname} gate_threshold={threshold}"
+                G.backward(dy, x, wg, wu, a_, b_, True, True, True, True, True, gate_threshold=threshold, wrap=comp)
     torch.backends.cuda.matmul.allow_tf32 = False
     return comp
 

@@ -97,7 +97,7 @@ def act_fwd(z, ACT: tl.constexpr):
 def act_grad(z, ACT: tl.constexpr):
     """d act / dz for float32 z."""
     if ACT == RELU:
-        out = tl.where(z > 0, 1.0, 0.0)  # 0 at z == 0, as torch's threshold_backward
+        out = tl.where(z <= 0, 0.0, 1.0)  # torch's threshold_backward: 0 at z == 0, 1 at NaN
     elif ACT == GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
         out = cdf + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
@@ -122,6 +122,17 @@ def act_grad(z, ACT: tl.constexpr):
         out = s * (1.0 + z * sc * QUICK_GELU_SCALE)
     else:
         out = tl.full(z.shape, 1.0, tl.float32)
+    return out
+
+
+@triton.jit
+def mask_bit(z, ACT: tl.constexpr):
+    """The sign mask's bit (relu, leaky_relu; int32 0 / 1): whether dY passes unscaled. z > 0, and
+    for relu NaN too (torch's threshold_backward passes dY there; leaky_relu_backward scales it)."""
+    if ACT == RELU:
+        out = tl.where(z <= 0, 0, 1)
+    else:
+        out = tl.where(z > 0, 1, 0)
     return out
 
 

@@ -108,7 +108,7 @@ def prune_configs(configs, named_args, **kwargs):
     limit = shared_memory_limit(first.device) - 1024  # the compiler's own scratch (barriers, reductions)
     es = first.element_size()
     save = kwargs.get("SAVE", named_args.get("SAVE", 0))
-    saved_es = 0 if save == 0 else (es if save == 2 else 1)
+    saved_es = 0 if save == 0 else (1 if save == 1 else es)  # (2, 3: D in x's dtype)
 
     def need(kw, stages):
         bm, bn, bk = kw.get("BLOCK_M", 64), kw.get("BLOCK_N", 64), kw.get("BLOCK_K", 32)
@@ -194,10 +194,10 @@ def load_tile(ptr, offs_m, offs_n, M, N, stride_m):
 
 
 @triton.jit
-def store_sign_mask(mask_ptr, z, offs_m, pid_n, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Packs (z > 0) of a [BM, BN] tile into bytes: bit c % 8 of byte c // 8 of each row (the layout
-    of the CPU backend); columns past N hold zeros in z, so their bits are 0."""
-    bits = (z > 0).to(tl.int32)
+def store_sign_mask(mask_ptr, bits, offs_m, pid_n, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packs the int32 0 / 1 bits of a [BM, BN] tile (activations.mask_bit of z) into bytes: bit
+    c % 8 of byte c // 8 of each row (the layout of the CPU backend); columns past N hold zeros in
+    z, so their bits are 0."""
     bits = tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8))
     shifts = tl.arange(0, 8)
     packed = tl.sum(bits << shifts[None, None, :], axis=2)

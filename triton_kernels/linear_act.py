@@ -29,11 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import LEAKY_SLOPE, act_fwd, act_grad
+from .activations import LEAKY_SLOPE, act_fwd, act_grad, mask_bit
 from .common import (autotuning, capability, dot_precision, grouped_tile, interpreting, load_sign_mask,
                      load_tile, m_bucket, num_sms, pointers_real, store_sign_mask, store_tile, tuned)
 
-SAVE_NOTHING, SAVE_MASK, SAVE_DERIV = 0, 1, 2
+# What forward stores for backward: nothing, the sign mask (relu, leaky_relu), or D = act'(z); D of
+# an activation whose PyTorch backward ends in threshold_backward (squared_relu; reglu's gate
+# factor z_up * relu'(z_gate)) is SAVE_DERIV_THRESHOLD: backward's dZ is then exactly 0 where D is,
+# whatever dY (inf, NaN), as PyTorch's (the product would give NaN).
+SAVE_NOTHING, SAVE_MASK, SAVE_DERIV, SAVE_DERIV_THRESHOLD = 0, 1, 2, 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def fwd_epilogue(acc, offs_m, offs_n, pid_n, M, N, b_ptr, y_ptr, s_ptr, stride_y
         acc = acc + bias[None, :]
     store_tile(y_ptr, act_fwd(acc, ACT), offs_m, offs_n, M, N, stride_ym)
     if SAVE == 1:
-        store_sign_mask(s_ptr, acc, offs_m, pid_n, M, N, stride_sm, BLOCK_M, BLOCK_N)
+        store_sign_mask(s_ptr, mask_bit(acc, ACT), offs_m, pid_n, M, N, stride_sm, BLOCK_M, BLOCK_N)
     elif SAVE == 2:
         store_tile(s_ptr, act_grad(acc, ACT), offs_m, offs_n, M, N, stride_sm)
 
@@ -149,19 +153,23 @@ def splitk_epilogue_kernel(ws_ptr, b_ptr, y_ptr, s_ptr, M, N, SPLIT_K, stride_ym
 # backward
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def grad_factor(s_ptr, offs_m, offs_n, n_start, M, N, stride_sm, SAVE: tl.constexpr, LEAKY: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """D = act'(z) for a [BM, BN] tile (columns offs_n = n_start + arange(BN)), from what forward
-    stored (float32)."""
+def times_grad_factor(g, s_ptr, offs_m, offs_n, n_start, M, N, stride_sm, SAVE: tl.constexpr, LEAKY: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dZ = g * act'(z) for a float32 [BM, BN] tile g (columns offs_n = n_start + arange(BN)), from
+    what forward stored, as PyTorch's backward forms it: through the sign mask g or 0 (relu, whatever
+    g) or g times the slope; through a threshold factor 0 where it is 0; else the product."""
     if SAVE == 1:
         bits = load_sign_mask(s_ptr, offs_m, n_start, M, N, stride_sm, BLOCK_M, BLOCK_N)
         if LEAKY:
-            d = bits + (1.0 - bits) * LEAKY_SLOPE
+            dz = tl.where(bits != 0, g, g * LEAKY_SLOPE)
         else:
-            d = bits
+            dz = tl.where(bits != 0, g, 0.0)
     else:
         d = load_tile(s_ptr, offs_m, offs_n, M, N, stride_sm)
-    return d
+        dz = g * d
+        if SAVE == 3:
+            dz = tl.where(d == 0, 0.0, dz)
+    return dz
 
 
 @triton.jit
@@ -186,7 +194,7 @@ def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, e_ptr, dx_ptr,
                     mask=w_mask, other=0.0)
         dz = g
         if SAVE != 0:
-            dz = g * grad_factor(s_ptr, offs_m, offs_n, n0, M, N, stride_sm, SAVE, LEAKY, BLOCK_M, BLOCK_N)
+            dz = times_grad_factor(g, s_ptr, offs_m, offs_n, n0, M, N, stride_sm, SAVE, LEAKY, BLOCK_M, BLOCK_N)
         acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT)
         if DUAL:
             w2 = tl.load(w2_ptr + offs_n.to(tl.int64)[:, None] * stride_w2n + offs_k.to(tl.int64)[None, :] * stride_w2k,
@@ -194,7 +202,8 @@ def linear_act_dgrad_kernel(dy_ptr, s_ptr, w_ptr, s2_ptr, w2_ptr, e_ptr, dx_ptr,
             dz2 = g * load_tile(s2_ptr, offs_m, offs_n, M, N, stride_s2m)
             acc = tl.dot(dz2.to(w2.dtype), w2, acc, input_precision=DOT)
     if EPI != 0:
-        acc = acc * grad_factor(e_ptr, offs_m, offs_k, pid_k * BLOCK_K, M, K, stride_em, EPI, LEAKY, BLOCK_M, BLOCK_K)
+        acc = times_grad_factor(acc, e_ptr, offs_m, offs_k, pid_k * BLOCK_K, M, K, stride_em, EPI, LEAKY, BLOCK_M,
+                                BLOCK_K)
     store_tile(dx_ptr, acc, offs_m, offs_k, M, K, stride_dxm)
 
 
@@ -223,8 +232,8 @@ def linear_act_wgrad_kernel(dy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, M_PER
         offs_m = m0 + offs_m0
         dz = load_tile(dy_ptr, offs_m, offs_n, m_hi, N, stride_dym)
         if SAVE != 0:
-            dz = dz * grad_factor(s_ptr, offs_m, offs_n, pid_n * BLOCK_N, m_hi, N, stride_sm, SAVE, LEAKY, BLOCK_M,
-                                  BLOCK_N)
+            dz = times_grad_factor(dz, s_ptr, offs_m, offs_n, pid_n * BLOCK_N, m_hi, N, stride_sm, SAVE, LEAKY,
+                                   BLOCK_M, BLOCK_N)
         if COMPUTE_DB:
             if pid_k == 0:  # one program per column block sums the bias gradient; the others skip it
                 db += tl.sum(dz, axis=0)
@@ -333,6 +342,7 @@ def _split_k(m, n, k, device, force):
 
 def forward(x, w, b, act_code, save_mode, wrap=_identity, force_tma=None, force_split_k=None):
     """y = act(x @ w^T + b) for 2-D x; returns (y, saved) with saved per save_mode."""
+    save_mode = min(save_mode, SAVE_DERIV)  # D is stored alike for backward's two ways of applying it
     M, K = x.shape
     N = w.shape[0]
     b = b.contiguous() if b is not None else None
@@ -439,15 +449,17 @@ def wgrad_by_torch(dy, saved, save_mode, leaky, x, need_dw, need_db):
     if save_mode == SAVE_NOTHING:
         dz, db = dy, (dy.sum(0, dtype=torch.float32) if need_db else None)
     else:
+        g = dy.float()
         if save_mode == SAVE_MASK:
             shifts = torch.arange(8, dtype=torch.uint8, device=dy.device)
             nbytes = (N + 7) // 8
-            d = ((saved[:, :nbytes, None] >> shifts) & 1).reshape(M, nbytes * 8)[:, :N].float()
-            if leaky:
-                d = d + (1.0 - d) * LEAKY_SLOPE.value
-        else:
+            bits = ((saved[:, :nbytes, None] >> shifts) & 1).reshape(M, nbytes * 8)[:, :N].bool()
+            dz32 = torch.where(bits, g, g * LEAKY_SLOPE.value if leaky else torch.zeros_like(g))
+        else:  # (times_grad_factor's forms)
             d = saved[:, :N].float()
-        dz32 = dy.float() * d
+            dz32 = g * d
+            if save_mode == SAVE_DERIV_THRESHOLD:
+                dz32 = torch.where(d == 0, torch.zeros_like(dz32), dz32)
         dz, db = dz32.to(dy.dtype), (dz32.sum(0) if need_db else None)
     dw = torch.mm(dz.t(), x) if need_dw else None
     return dw, (db.to(dy.dtype) if need_db else None)

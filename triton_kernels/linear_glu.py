@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .activations import act_fwd, act_grad
 from .common import dot_precision, grouped_tile, m_bucket, store_tile, tuned
-from .linear_act import SAVE_DERIV, _cfg, _identity, dgrad, pick, wgrad
+from .linear_act import SAVE_DERIV, SAVE_DERIV_THRESHOLD, _cfg, _identity, dgrad, pick, wgrad
 
 
 @triton.jit
@@ -76,9 +76,13 @@ def forward(x, wg, wu, bg, bu, act_code, save, wrap=_identity):
     return y, a, b
 
 
-def backward(dy, x, wg, wu, a, b, need_dx, need_dwg, need_dwu, need_dbg, need_dbu, wrap=_identity):
-    """(dx, dWg, dWu, dbg, dbu), None where not needed; dy contiguous."""
-    dx = dgrad(dy, b, SAVE_DERIV, False, wg, saved2=a, w2=wu, wrap=wrap) if need_dx else None
-    dwg, dbg = wgrad(dy, b, SAVE_DERIV, False, x, need_dwg, need_dbg, wrap=wrap)
+def backward(dy, x, wg, wu, a, b, need_dx, need_dwg, need_dwu, need_dbg, need_dbu, gate_threshold=False,
+             wrap=_identity):
+    """(dx, dWg, dWu, dbg, dbu), None where not needed; dy contiguous. gate_threshold: the gate's
+    PyTorch backward ends in threshold_backward (reglu): dZ_gate is 0 where its factor B is, whatever
+    dY (where z_up is 0 and z_gate > 0 too, where PyTorch's would be dY * 0)."""
+    gate_mode = SAVE_DERIV_THRESHOLD if gate_threshold else SAVE_DERIV
+    dx = dgrad(dy, b, gate_mode, False, wg, saved2=a, w2=wu, wrap=wrap) if need_dx else None
+    dwg, dbg = wgrad(dy, b, gate_mode, False, x, need_dwg, need_dbg, wrap=wrap)
     dwu, dbu = wgrad(dy, a, SAVE_DERIV, False, x, need_dwu, need_dbu, wrap=wrap)
     return dx, dwg, dwu, dbg, dbu

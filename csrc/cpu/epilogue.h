@@ -1,7 +1,8 @@
 // The CPU backend's fused passes around a GEMM (the GEMM itself comes from torch in Python).
 // All buffers are dense row-major [rows, cols] in the element type `dtype`, except:
 //   bias          [cols] in dtype, or null
-//   sign mask     [rows, mask_row_bytes(cols)] uint8, bit (c % 8) of byte c / 8 is (z[c] > 0)
+//   sign mask     [rows, mask_row_bytes(cols)] uint8, bit (c % 8) of byte c / 8 is mask_bit(z[c])
+//                 (activations.h: z > 0, for relu NaN too)
 //   bias gradient [cols] float32 for the 16/32-bit types, float64 for float64, or null
 // Each function runs on `num_threads` threads (OpenMP) and is deterministic for a given input.
 #pragma once
@@ -31,7 +32,7 @@ void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t col
                                  int64_t ld_t, const void* bias, void* y, void* z, void* mask,
                                  int num_threads);
 
-// dz = dy * act'(z). `saved` is the sign mask (relu, leaky_relu), or the product acc of the
+// dz = dy * act'(z) (grad_times / grad_through_mask in activations.h: as torch's backward). `saved` is the sign mask (relu, leaky_relu), or the product acc of the
 // forward with z = acc + bias (bias may be null), or nothing (identity: dz is dy and is not
 // written; only dbias is computed). dbias, when not null, receives the column sums of the
 // unrounded dz.

@@ -117,12 +117,12 @@ inline void pack_flags(const uint8_t* flags, int64_t n_flags, uint8_t* out) {
   }
 }
 
-// The sign mask of n values (z > 0), packed into out; flags is scratch for at least n rounded up
-// to 8 bytes.
-template <typename C>
+// The sign mask of n values (mask_bit: z > 0, for relu NaN too), packed into out; flags is scratch
+// for at least n rounded up to 8 bytes.
+template <Act A, typename C>
 inline void store_sign_mask(const C* z, int64_t n, uint8_t* flags, uint8_t* out) {
   FASTNN_SIMD
-  for (int64_t i = 0; i < n; ++i) flags[i] = z[i] > C(0);
+  for (int64_t i = 0; i < n; ++i) flags[i] = mask_bit<A>(z[i]);
   const int64_t padded = (n + 7) & ~int64_t(7);
   for (int64_t i = n; i < padded; ++i) flags[i] = 0;
   pack_flags(flags, padded, out);
@@ -245,7 +245,7 @@ void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias,
       }
       to_compute(acc + o, v, n);  // the whole chunk is read before y (maybe acc) is written
       if (bias) add_bias(v, bc, n);
-      if (mask) store_sign_mask(v, n, flags, mask + r * mbytes + s / 8);
+      if (mask) store_sign_mask<A>(v, n, flags, mask + r * mbytes + s / 8);
       FASTNN_SIMD
       for (int64_t i = 0; i < n; ++i) v[i] = F::f(v[i]);
       store_chunk(stream, v, y + o, n);
@@ -305,7 +305,7 @@ void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, i
       const int64_t o = (r0 + i) * cols + c0;
       if (z) from_compute(row, z + o, n);
       if (bias) add_bias(row, b.data() + c0, n);
-      if (mask) store_sign_mask(row, n, flags, mask + (r0 + i) * mbytes + c0 / 8);
+      if (mask) store_sign_mask<A>(row, n, flags, mask + (r0 + i) * mbytes + c0 / 8);
       FASTNN_SIMD
       for (int64_t k = 0; k < n; ++k) row[k] = F::f(row[k]);
       from_compute(row, y + o, n);
@@ -345,7 +345,6 @@ void glu_forward_from_transposed_t(int64_t rows, int64_t cols, const T* gate_t, 
 template <typename T, Act A>
 void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, const T* bias,
                     T* dz, CT<T>* dbias, int num_threads) {
-  using F = Activation<A>;
   using C = CT<T>;
   using P = AccT<T>;
   constexpr Saved kind = saved_for(A);
@@ -373,7 +372,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
           if (!stream) out = dz + o;
         }
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) out[i] = load(d[i]) * F::df(load(zr[i]) + bc[i]);
+        for (int64_t i = 0; i < n; ++i) out[i] = grad_times<A>(load(d[i]), load(zr[i]) + bc[i]);
         if (out == g) {
           if (part) add_partial(part, g, n);
           store_chunk(stream, g, dz + o, n);
@@ -394,14 +393,13 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
       to_compute(dy + o, g, n);
       if (kind == Saved::kSignMask) {
         unpack_flags(static_cast<const uint8_t*>(saved) + r * mbytes + s / 8, (n + 7) & ~int64_t(7), flags);
-        const C neg = A == Act::kLeakyRelu ? C(kLeakySlope) : C(0);
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) g[i] *= flags[i] ? C(1) : neg;
+        for (int64_t i = 0; i < n; ++i) g[i] = grad_through_mask<A>(g[i], flags[i] != 0);
       } else if (kind == Saved::kPreact) {
         to_compute(static_cast<const T*>(saved) + o, zc, n);
         const C* bc = b.data() + s;
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) g[i] *= F::df(zc[i] + bc[i]);
+        for (int64_t i = 0; i < n; ++i) g[i] = grad_times<A>(g[i], zc[i] + bc[i]);
       }
       if (part) add_partial(part, g, n);
       if (kind != Saved::kNothing) store_chunk(stream, g, dz + o, n);
@@ -470,7 +468,7 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) {
           const C a = load(ag[i]) + bgc[i], u = load(au[i]) + buc[i], gi = load(d[i]);
-          zg[i] = gi * u * F::df(a);
+          zg[i] = grad_times<A>(gi * u, a);
           zu[i] = gi * F::f(a);
         }
       } else {
@@ -481,7 +479,7 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) {
           const C a = zg[i] + bgc[i], u = zu[i] + buc[i];
-          zg[i] = g[i] * u * F::df(a);
+          zg[i] = grad_times<A>(g[i] * u, a);
           zu[i] = g[i] * F::f(a);
         }
       }

@@ -82,7 +82,7 @@ __global__ void bias_act_mask_kernel(const T* acc, int64_t ld_acc, const T* bias
       const int64_t c = j * 8 + k;
       if (c < cols) {
         const float z = to_f<T>(acc[r * ld_acc + c]) + (bias ? to_f<T>(bias[c]) : 0.0f);
-        byte |= uint32_t(z > 0.0f) << k;
+        byte |= uint32_t(mask_bit<A>(z)) << k;
         y[r * ld_y + c] = from_f<T>(Activation<A>::f(z));
       }
     }
@@ -112,13 +112,13 @@ __global__ void act_backward_kernel(const T* dy, int64_t ld_dy, const T* z, int6
       float zv[VEC];
       load_f<T, VEC>(z + r * ld_z + c, zv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) g[k] *= Activation<A>::df(zv[k]);
+      for (int k = 0; k < VEC; ++k) g[k] = grad_times<A>(g[k], zv[k]);
     } else if (S == Source::kMask) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const int64_t ck = c + k;
         const bool on = (mask[r * mask_ld_bytes + (ck >> 3)] >> (ck & 7)) & 1;
-        g[k] *= on ? 1.0f : (A == Act::kLeakyRelu ? float(kLeakySlope) : 0.0f);
+        g[k] = grad_through_mask<A>(g[k], on);
       }
     }
 #pragma unroll
@@ -183,7 +183,7 @@ __global__ void glu_backward_kernel(const T* dy, const T* zg, const T* zu, T* dz
     load_f<T, VEC>(zu + o, u);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float dg = g[k] * u[k] * Activation<A>::df(a[k]);
+      const float dg = grad_times<A>(g[k] * u[k], a[k]);
       u[k] = g[k] * Activation<A>::f(a[k]);
       a[k] = dg;
       sg[k] += a[k];

@@ -150,7 +150,7 @@ def epilogue_trust() -> dict:
 def epilogue_agrees(act, dtype, z, y, aux) -> bool:
     """Whether an epilogue's output y (and its aux: the sign mask's bytes or the kept z) matches
     fastnn's definition of act on the exact pre-activation z (float64, NaN where the input was).
-    relu must be exact, NaN included (NaN propagates, relu'(0) = relu'(NaN) = 0 as act.grad says);
+    relu must be exact, NaN included (NaN propagates; relu'(0) = 0 and relu'(NaN) = 1, as act.grad says);
     gelu_tanh within the numerics rule against PyTorch's own gelu in the same dtype."""
     ref = act.fn(z)
     y = y.double().cpu()
@@ -215,10 +215,10 @@ def _probe(call, act, epilogue, dtype, device) -> bool:
 
 def dgrad_epilogue_agrees(act, dtype, dh, z, dz) -> bool:
     """Whether a dgrad epilogue's dZ = dH * act'(z) matches fastnn's definition on exact dH and z
-    (float64; z may hold NaN): relu exact (relu'(0) = relu'(NaN) = 0), gelu_tanh within the
+    (float64; z may hold NaN): relu exact (act.grad_times: 0 where z <= 0), gelu_tanh within the
     numerics rule against PyTorch's own gelu backward in the same dtype, NaN where the reference
     has one."""
-    ref = dh * act.grad(z)
+    ref = act.grad_times(dh, z)
     dz = dz.double().cpu()
     if not torch.equal(torch.isnan(dz), torch.isnan(ref)):
         return False

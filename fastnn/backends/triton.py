@@ -61,9 +61,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _save_mode(act, save):
+    """triton_kernels.linear_act's save mode (forward stores a threshold activation's D as any other)."""
     if not save or act.saves == "nothing":
         return 0
-    return 1 if act.saves == "mask" else 2
+    if act.saves == "mask":
+        return 1
+    return 3 if act.threshold else 2
 
 
 class TritonBackend(Backend):
@@ -101,7 +104,7 @@ class TritonBackend(Backend):
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
         with _device_of(dy):
             return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
-                                  need_dbg, need_dbu)
+                                  need_dbg, need_dbu, gate_threshold=gate_act.threshold)
 
     def hidden_grad(self, dy, w2, saved, act):
         # fc2's dgrad kernel, fc1's saved act' factor (or sign mask) multiplied in as the tile is stored
@@ -179,7 +182,8 @@ def register_ops():
                               activation: str, need_dx: bool, need_dwg: bool, need_dwu: bool, need_dbg: bool,
                               need_dbu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
-                               need_dbg, need_dbu, wrap=wrap_triton)
+                               need_dbg, need_dbu, gate_threshold=activations.get_gated(activation).threshold,
+                               wrap=wrap_triton)
         return tuple(or_nothing(g, dy) for g in grads)
 
     register_linear_act_autograd(

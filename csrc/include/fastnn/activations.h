@@ -259,14 +259,14 @@ template <>
 struct Activation<Act::kRelu> {
   // written so that NaN propagates, as torch.relu
   template <typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z; }
-  // derivative 0 at z == 0, as torch's threshold_backward, and at NaN (fastnn's definition, the
-  // sign mask's z > 0; torch's threshold_backward passes dY there)
-  template <typename T> static FASTNN_HD T df(T z) { return z > T(0) ? T(1) : T(0); }
+  // torch's threshold_backward: 0 where z <= 0 (z == 0 included), 1 elsewhere (NaN included)
+  template <typename T> static FASTNN_HD T df(T z) { return z <= T(0) ? T(0) : T(1); }
 };
 
 template <>
 struct Activation<Act::kLeakyRelu> {
   template <typename T> static FASTNN_HD T f(T z) { return z > T(0) ? z : T(kLeakySlope) * z; }
+  // torch's leaky_relu_backward: the slope where z <= 0 and at NaN
   template <typename T> static FASTNN_HD T df(T z) { return z > T(0) ? T(1) : T(kLeakySlope); }
 };
 
@@ -343,6 +343,39 @@ struct Activation<Act::kTanh> {
   template <typename T> static FASTNN_HD T f(T z) { return math::tanh(z); }
   template <typename T> static FASTNN_HD T df(T z) { return math::tanh_derivative(z); }
 };
+
+// dz = dy * f'(z) as PyTorch's backward forms it. relu's and squared_relu's gradients pass
+// through torch's threshold_backward, which gives exactly 0 where z <= 0 whatever dy is; a product
+// would give NaN there for an inf or NaN dy (fp16 overflow). The others are the product.
+template <Act A, typename T>
+FASTNN_HD T grad_times(T dy, T z) {
+  if constexpr (A == Act::kRelu || A == Act::kSquaredRelu) {
+    return z <= T(0) ? T(0) : dy * Activation<A>::df(z);
+  } else {
+    return dy * Activation<A>::df(z);
+  }
+}
+
+// The sign mask's bit (relu, leaky_relu): whether dy passes unscaled. z > 0, and for relu also NaN
+// (torch's threshold_backward passes dy there; leaky_relu_backward scales it).
+template <Act A, typename T>
+FASTNN_HD bool mask_bit(T z) {
+  if constexpr (A == Act::kRelu) {
+    return !(z <= T(0));
+  } else {
+    return z > T(0);
+  }
+}
+
+// dz from the sign mask's bit: dy where it passes, else 0 (relu, whatever dy) or the slope times dy.
+template <Act A, typename T>
+FASTNN_HD T grad_through_mask(T dy, bool passes) {
+  if constexpr (A == Act::kLeakyRelu) {
+    return passes ? dy : T(kLeakySlope) * dy;
+  } else {
+    return passes ? dy : T(0);
+  }
+}
 
 }  // inline namespace FASTNN_ISA_NS
 
