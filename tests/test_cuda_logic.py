@@ -140,6 +140,11 @@ def test_relu_dgrad_epilogue_judge(dtype):
     zero_passes = (dh * (z >= 0)).to(dtype)
     assert not torch.equal(zero_passes, (dh * (z > 0)).to(dtype))
     assert not cuda_backend.dgrad_epilogue_agrees(relu, dtype, dh, z, zero_passes)
+    # a row of dH that an inf in dY made NaN: dZ is 0 there where z <= 0 (torch's threshold_backward)
+    dh[9] = float("nan")
+    select = torch.where(z > 0, dh, 0.0)
+    assert cuda_backend.dgrad_epilogue_agrees(relu, dtype, dh, z, select.to(dtype))
+    assert not cuda_backend.dgrad_epilogue_agrees(relu, dtype, dh, z, (dh * (z > 0)).to(dtype))  # NaN * 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

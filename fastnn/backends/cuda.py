@@ -216,13 +216,15 @@ def _probe(call, act, epilogue, dtype, device) -> bool:
 def dgrad_epilogue_agrees(act, dtype, dh, z, dz) -> bool:
     """Whether a dgrad epilogue's dZ = dH * act'(z) matches fastnn's definition on exact dH and z
     (float64; z may hold NaN): relu exact (act.grad_times: 0 where z <= 0), gelu_tanh within the
-    numerics rule against PyTorch's own gelu backward in the same dtype, NaN where the reference
-    has one."""
+    numerics rule against PyTorch's own gelu backward in the same dtype; NaN and inf (dH and z
+    may hold them) where the reference has them."""
     ref = act.grad_times(dh, z)
     dz = dz.double().cpu()
-    if not torch.equal(torch.isnan(dz), torch.isnan(ref)):
+    if not torch.equal(torch.isnan(dz), torch.isnan(ref)) or not torch.equal(torch.isinf(dz), torch.isinf(ref)):
         return False
-    finite = ~torch.isnan(ref)
+    if not torch.equal(dz[torch.isinf(ref)], ref[torch.isinf(ref)]):
+        return False
+    finite = torch.isfinite(ref)
     if act.name == "relu":
         return torch.equal(dz[finite], ref.to(dtype).double()[finite])
     theirs = torch.ops.aten.gelu_backward(dh.to(dtype), z.to(dtype), approximate="tanh").double()
@@ -235,10 +237,12 @@ def dgrad_epilogue_agrees(act, dtype, dh, z, dz) -> bool:
 def _probe_dgrad(call, act, epilogue, dtype, device) -> bool:
     """Runs a dgrad epilogue (DRELU_BGRAD, DGELU_BGRAD) once on exact inputs: dH = dY @ W2 with
     multiples of 1/4 and K = 16, z multiples of 1/16 with zeros (and a NaN for gelu_tanh), laid
-    out as the forward keeps them."""
+    out as the forward keeps them; one row of dY is inf (a float16 overflow), which makes that row
+    of dH NaN: relu's dZ must be 0 there where z <= 0, as torch's threshold_backward gives."""
     m, k, n = 64, 16, 128
     gen = torch.Generator().manual_seed(0)
     dy = torch.randint(-2, 3, (m, k), generator=gen).double() / 4
+    dy[9] = float("inf")
     w2 = torch.randint(-2, 3, (k, n), generator=gen).double() / 4
     z = torch.randint(-40, 41, (m, n), generator=gen).double() / 16
     if act.name == "relu":
