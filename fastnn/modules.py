@@ -114,11 +114,11 @@ class FusedMLP(nn.Module):
     its hooks only move data, so fc1 + activation stays fused on each rank's shard (dropin.ColwiseCall).
 
     recompute=True keeps only the block input (and a copy of fc1's bias) for backward and
-    recomputes fc1 and the activation there (activation checkpointing of the block). Per token that saves what the block would
-    otherwise keep: the hidden activation fc2 reads (hidden_features elements), fc1's
-    pre-activation (hidden_features elements, or hidden_features / 8 bytes for relu and leaky_relu;
-    twice hidden_features elements for a gated unit) and the dropout mask (hidden_features bytes,
-    when dropout > 0). For bert-base (hidden 3072, bfloat16, gelu) that is 12 KiB per token.
+    recomputes fc1 and the activation there (activation checkpointing of the block). Per token
+    that saves what the block would otherwise keep: the hidden activation fc2 reads
+    (hidden_features elements), fc1's pre-activation (hidden_features elements, or
+    hidden_features / 8 bytes for relu and leaky_relu; twice hidden_features elements for a gated
+    unit) and the dropout mask (hidden_features bytes, when dropout > 0). For bert-base (hidden 3072, bfloat16, gelu) that is 12 KiB per token.
     recompute may also name a memory level of fastnn.mlp: "none" (= False), "activation" (keep
     fc1's pre-activation, form the hidden activation again in backward: 6 KiB per token for
     bert-base) or "fc1" (= True). The levels apply in training.
