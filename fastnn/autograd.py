@@ -154,13 +154,25 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=No
 
 # The activation around a kept pre-activation in PyTorch ops, computed in float32 (or float64) and
 # rounded once: the composites below, the torch backend's op-level methods and the block op's
-# "activation" level where the backend cannot rebuild h itself.
+# "activation" level where the backend cannot rebuild h itself. An activation that is one PyTorch op
+# (act.torch_backward) runs as that op and its backward kernel on the tensors themselves: they
+# compute 16-bit inputs in float32 and round once, in one pass.
 def compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def _backward_kernel(act, *tensors):
+    """act.torch_backward where it may serve: not in a graph that create_graph builds (PyTorch has
+    no derivative of silu_backward), where the float32 composite of act.grad is differentiable."""
+    if act.torch_backward is None or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    return act.torch_backward
+
+
 def act_composite(z, act):
     """act(z), rounded to z's dtype."""
+    if act.torch_backward is not None:
+        return act.fn(z)
     return act.fn(z.to(compute_dtype(z.dtype))).to(z.dtype)
 
 
@@ -172,6 +184,9 @@ def glu_composite(z_gate, z_up, gate_act):
 
 def act_dz(dy, z, act):
     """dZ = dY * act'(z), rounded to dY's dtype."""
+    kernel = _backward_kernel(act, dy, z)
+    if kernel is not None:
+        return kernel(dy, z.to(dy.dtype))
     ct = compute_dtype(dy.dtype)
     return act.grad_times(dy.to(ct), z.to(ct)).to(dy.dtype)
 
@@ -180,7 +195,9 @@ def glu_dz(dy, z_gate, z_up, gate_act):
     """(dZ_gate, dZ_up) of act(z_gate) * z_up, rounded to dY's dtype."""
     ct = compute_dtype(dy.dtype)
     g, zg, zu = dy.to(ct), z_gate.to(ct), z_up.to(ct)
-    return gate_act.grad_times(g * zu, zg).to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
+    backward = _backward_kernel(gate_act, dy, z_gate, z_up) or gate_act.grad_times
+    dz_gate = backward(g * zu, zg)
+    return dz_gate.to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
 
 
 def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):

@@ -160,3 +160,26 @@ def test_gelu_tail_flushes_before_subnormals():
     ref = reference_fn(act)(z.double())[kept]
     ulps = (out.double()[kept] - ref).abs() / (torch.finfo(torch.float32).eps * ref.abs())
     assert (ulps <= 8 + z.double()[kept] ** 2 / 2).all(), ulps.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", [a for a in ACTS if a.torch_backward is not None], ids=lambda a: a.name)
+def test_composite_backward_is_eager_autograd(act, dtype):
+    """The PyTorch-ops composite (the torch backend, the block's rebuild where a backend has none)
+    forms dZ with PyTorch's own backward kernel of a one-op activation: bit for bit eager autograd's,
+    NaN and inf included, in one pass; its forward is the op itself."""
+    from fastnn.autograd import act_composite, act_dz
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(64, 33, generator=gen) * 4).to(dtype)
+    z[0, :5] = torch.tensor(SPECIAL).to(dtype)
+    dy = torch.randn(64, 33, generator=gen).to(dtype)
+    dy[1] = float("inf")
+    dy[2, ::3] = float("nan")
+    leaf = z.clone().requires_grad_()
+    y = act.fn(leaf)
+    (ref,) = torch.autograd.grad(y, leaf, dy)
+    assert torch.equal(act_composite(z, act).isnan(), y.isnan())
+    assert torch.equal(torch.nan_to_num(act_composite(z, act)), torch.nan_to_num(y.detach()))
+    got = act_dz(dy, z, act)
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
