@@ -222,8 +222,8 @@ def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, n
             dz.sum(0) if need_db else None)
 
 
-def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
-    setup_context, backward = linear_act_autograd(fwd_call, bwd_call)
+def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call, bias_read) -> None:
+    setup_context, backward = linear_act_autograd(fwd_call, bwd_call, bias_read=bias_read)
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
@@ -291,6 +291,6 @@ def _composite_glu_backward(dy, x, gate_weight, up_weight, gate_bias, up_bias, a
     return grads
 
 
-def register_linear_glu_autograd(fwd_op: str, fwd_call, bwd_call) -> None:
-    setup_context, backward = linear_glu_autograd(fwd_call, bwd_call)
+def register_linear_glu_autograd(fwd_op: str, fwd_call, bwd_call, bias_read) -> None:
+    setup_context, backward = linear_glu_autograd(fwd_call, bwd_call, bias_read=bias_read)
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)

@@ -73,6 +73,7 @@ register_linear_act_autograd(
     # (an op never overwrites its inputs: `reuse` is for the eager twin alone)
     lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb, reuse: torch.ops.fastnn.linear_act_bwd(
         dy, x, w, b, saved, act, extra[0], ndx, ndw, ndb),
+    lambda dtype, act, extra: _backward_reads_bias(dtype, act, extra),
 )
 
 
@@ -159,6 +160,7 @@ register_linear_glu_autograd(
     lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.linear_glu_fwd(x, wg, wu, bg, bu, act, extra[0], save),
     lambda dy, x, wg, wu, bg, bu, zg, zu, act, extra, needs, reuse: torch.ops.fastnn.linear_glu_bwd(
         dy, x, wg, wu, bg, bu, zg, zu, act, extra[0], *needs),
+    lambda dtype, act, extra: _backward_reads_bias(dtype, act, extra),
 )
 
 

@@ -191,6 +191,7 @@ def register_ops():
         lambda x, w, b, act, extra, save: torch.ops.fastnn.triton_linear_act_fwd(x, w, b, act, save),
         lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb, reuse: torch.ops.fastnn.triton_linear_act_bwd(
             dy, x, w, b, saved, act, ndx, ndw, ndb),
+        lambda dtype, act, extra: False,  # (the Triton kernels never read the bias in backward)
     )
     flops.register(torch.ops.fastnn.triton_linear_act_fwd, torch.ops.fastnn.triton_linear_act_bwd,
                    torch.ops.fastnn.triton_linear_glu_fwd, torch.ops.fastnn.triton_linear_glu_bwd)
@@ -200,6 +201,7 @@ def register_ops():
                                                                                             save),
         lambda dy, x, wg, wu, bg, bu, a, b, act, extra, needs, reuse: torch.ops.fastnn.triton_linear_glu_bwd(
             dy, x, wg, wu, bg, bu, a, b, act, *needs),
+        lambda dtype, act, extra: False,
     )
 
 
