@@ -81,9 +81,9 @@ workers="${CHECK_JOBS:-8}"
 xdist=""
 "$python" -c "import xdist" 2>/dev/null && xdist="-n $workers"
 : >"$out/paths.txt"
-stage tests 150 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
+stage tests 180 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
   "$python" -m pytest -q $xdist -p no:cacheprovider -rsxX --durations=15 \
-  "$repo"/tests/test_{cuda,triton,linear_act,linear_glu,compile,errors,mlp}.py || failed+=(tests)
+  "$repo"/tests/test_{cuda,triton,linear_act,linear_glu,compile,errors,mlp,nonfinite_grads}.py || failed+=(tests)
 echo "cuda backend paths (tests): $(sort -u "$out/paths.txt" | grep -c .) lines in paths.txt" | tee -a "$summary"
 sed -E 's/^\[[^]]*\] //' "$out/paths.txt" | sort | uniq | grep probe | tee -a "$summary"
 # the expected failures and unexpected passes: an XPASS of test_each_tuned_config_alone is the GPU
