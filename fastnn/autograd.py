@@ -81,7 +81,11 @@ def keep_bias(bias, read_by_backward):
     backward reads it, else None; its BiasAtForward for the composite), (None, None) without one."""
     if bias is None:
         return None, None
-    return (bias.detach().clone() if read_by_backward else None), BiasAtForward(bias)
+    if not read_by_backward:
+        return None, BiasAtForward(bias)
+    # (under torch.compile an opaque copy: the partitioner would recompute a clone from the bias)
+    copy = torch.ops.fastnn.kept_copy(bias.detach()) if torch.compiler.is_compiling() else bias.detach().clone()
+    return copy, BiasAtForward(bias)
 
 
 def bias_for_composite(ctx, i, saved_bias, op):

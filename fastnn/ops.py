@@ -34,6 +34,19 @@ from .backends.base import or_nothing as _or_nothing
 # ---------------------------------------------------------------------------------------------
 # linear_act
 # ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastnn::kept_copy", mutates_args=())
+def kept_copy(t: Tensor) -> Tensor:
+    """A copy of t (a bias as the forward saw it, for backward) that torch.compile's partitioner
+    cannot recompute in backward from t itself, as it may a clone: backward then reads the copy even
+    where t changed in place in between (autograd.keep_bias)."""
+    return t.clone()
+
+
+@kept_copy.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
 @torch.library.custom_op("fastnn::linear_act_fwd", mutates_args=())
 def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str,
                    save: bool) -> tuple[Tensor, Tensor]:

@@ -128,15 +128,17 @@ def test_bias_made_in_inference_mode(op, dtype):
 
 
 @pytest.mark.parametrize("op,activation,dtype", [("linear_act", "gelu", torch.float32),
+                                                 ("linear_act", "gelu", torch.bfloat16),
                                                  ("linear_act", "relu", torch.bfloat16),
-                                                 ("linear_glu", "swiglu", torch.float32)],
-                         ids=["gelu-float32", "relu-bfloat16", "swiglu-float32"])
+                                                 ("linear_glu", "swiglu", torch.float32),
+                                                 ("linear_glu", "swiglu", torch.bfloat16)],
+                         ids=lambda v: v if isinstance(v, str) else str(v)[6:])
 def test_under_torch_compile(op, activation, dtype):
     """Under torch.compile (fastnn's torch.library ops) a bias changed in place between forward and
-    backward gives the forward's gradients too, as compiled F.linear does, where the backward does
-    not read the bias (the op keeps none). (Where it does, the cpu backend's 16-bit pre-activation
-    that lacks it, the op keeps a copy, but the compiler's partitioner may keep the bias itself
-    instead and autograd then stops at the change, naming it.)"""
+    backward gives the forward's gradients too, as compiled F.linear does: the op keeps no bias
+    where backward does not read it, and where it does (the cpu backend's 16-bit pre-activation
+    lacks it) an opaque copy (fastnn::kept_copy), which the compiler's partitioner cannot replace by
+    the bias itself as it would a clone."""
     torch._dynamo.reset()
     unchanged = _grads(op, activation, "none", dtype)
     params, biases, _ = _call(op, activation, "none", dtype)
