@@ -67,6 +67,10 @@ def register() -> bool:
                            [(dy, row), (x, rep), (gate_weight, col), (up_weight, col), (gate_bias, col),
                             (up_bias, col), (z_gate, row), (z_up, row)], len(rest))
 
+    def kept_copy(t):  # a bias's copy (autograd.keep_bias), placed as the bias
+        return [([col], [col]), ([rep], [rep])]
+
+    register_sharding(ops.kept_copy.default)(kept_copy)
     rules = {"linear_act_fwd": act_fwd, "linear_act_bwd": act_bwd, "linear_glu_fwd": glu_fwd,
              "linear_glu_bwd": glu_bwd}
     for name, rule in rules.items():
