@@ -51,8 +51,8 @@ def differentiable_backward_wanted() -> bool:
 # forward and backward (an optimizer step on it, a hook) and its gradients are those of the forward's
 # bias. fastnn's fused backwards mostly need no bias either: the pre-activation they keep has it.
 # Where one does (the cpu backend's 16-bit pre-activation lacks it, backward adds it again; a forward
-# run without `save` recomputes), the eager autograd.Functions keep a copy of it taken at forward
-# (a row of out_features elements), so backward sees the forward's bias as eager PyTorch's does, not
+# run without `save` recomputes), the autograd.Functions and the torch.library ops (torch.compile,
+# DTensor) keep a copy of it taken at forward (a row of out_features elements), so backward sees the forward's bias as eager PyTorch's does, not
 # autograd's "modified by an inplace operation" error, nor, after a change through .data, a silently
 # different one. The composite backward recomputes the pre-activation from the bias itself (its
 # gradients must reach it): it gets the bias as a BiasAtForward, which raises if it changed.
@@ -95,7 +95,7 @@ def bias_for_composite(ctx, i, saved_bias, op):
     return saved_bias if kept is None else kept.get(op)
 
 
-def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=None):
+def linear_act_autograd(fwd_call, bwd_call, *, bias_read, private_saved=False):
     """(setup_context, backward) for a linear_act forward whose inputs are
     (x, weight, bias, activation, *extra, save) and whose outputs are (y, saved), or with
     private_saved, y alone: setup_context(ctx, inputs, (y, saved)) is then called by the forward,
@@ -109,8 +109,8 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=No
     A forward run with save=False (fastnn's recompute mode, or a raw call of the op) keeps the
     inputs instead and recomputes `saved` in backward.
     bias_read(dtype, act, extra) says whether the backend's backward reads the bias (act an
-    Activation, None for a gated unit's up projection); with it the bias is kept as above. Without it
-    (the torch.library ops, which torch.compile traces) the bias itself is saved.
+    Activation, None for a gated unit's up projection): the bias is kept as keep_bias says, for the
+    eager Functions and the torch.library ops (torch.compile, DTensor) alike.
     """
 
     def setup_context(ctx, inputs, output):
@@ -124,11 +124,8 @@ def linear_act_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=No
         if not private_saved:
             ctx.mark_non_differentiable(output[1])
             ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` (a full y-sized fill)
-        ctx.biases_at_forward = ()
-        if bias_read is not None:
-            read = ctx.recompute or bias_read(x.dtype, activations.get(activation), ctx.extra)
-            bias, at_forward = keep_bias(bias, read)
-            ctx.biases_at_forward = (at_forward,)
+        bias, at_forward = keep_bias(bias, ctx.recompute or bias_read(x.dtype, activations.get(activation), ctx.extra))
+        ctx.biases_at_forward = (at_forward,)
         ctx.save_for_backward(x if keep_x else None, weight, bias, output[1])
 
     def backward(ctx, dy, _dsaved=None):
@@ -231,7 +228,7 @@ def register_linear_act_autograd(fwd_op: str, fwd_call, bwd_call, bias_read) -> 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
-def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=None):
+def linear_glu_autograd(fwd_call, bwd_call, *, bias_read, private_saved=False):
     """(setup_context, backward) for a linear_glu forward whose inputs are
     (x, gate_weight, up_weight, gate_bias, up_bias, activation, *extra, save), and whose outputs are
     (y, z_gate, z_up), or with private_saved y alone (as for linear_act_autograd).
@@ -253,12 +250,10 @@ def linear_glu_autograd(fwd_call, bwd_call, *, private_saved=False, bias_read=No
         if not private_saved:
             ctx.mark_non_differentiable(output[1], output[2])
             ctx.set_materialize_grads(False)
-        ctx.biases_at_forward = ()
-        if bias_read is not None:
-            gate_act = activations.get_gated(activation)
-            gate_bias, gate_at_forward = keep_bias(gate_bias, ctx.recompute or bias_read(x.dtype, gate_act, ctx.extra))
-            up_bias, up_at_forward = keep_bias(up_bias, ctx.recompute or bias_read(x.dtype, None, ctx.extra))
-            ctx.biases_at_forward = (gate_at_forward, up_at_forward)
+        gate_act = activations.get_gated(activation)
+        gate_bias, gate_at_forward = keep_bias(gate_bias, ctx.recompute or bias_read(x.dtype, gate_act, ctx.extra))
+        up_bias, up_at_forward = keep_bias(up_bias, ctx.recompute or bias_read(x.dtype, None, ctx.extra))
+        ctx.biases_at_forward = (gate_at_forward, up_at_forward)
         ctx.save_for_backward(x, gate_weight, up_weight, gate_bias, up_bias, output[1], output[2])
 
     def backward(ctx, dy, _dzg=None, _dzu=None):

@@ -32,7 +32,7 @@ from .backends.base import or_nothing as _or_nothing
 
 
 # ---------------------------------------------------------------------------------------------
-# linear_act
+# the bias as the forward saw it (fastnn/autograd.py, keep_bias)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastnn::kept_copy", mutates_args=())
 def kept_copy(t: Tensor) -> Tensor:
@@ -47,6 +47,9 @@ def _(t):
     return torch.empty_like(t)
 
 
+# ---------------------------------------------------------------------------------------------
+# linear_act
+# ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastnn::linear_act_fwd", mutates_args=())
 def linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str,
                    save: bool) -> tuple[Tensor, Tensor]:
