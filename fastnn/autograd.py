@@ -156,8 +156,9 @@ def linear_act_autograd(fwd_call, bwd_call, *, bias_read, private_saved=False):
 # The activation around a kept pre-activation in PyTorch ops, computed in float32 (or float64) and
 # rounded once: the composites below, the torch backend's op-level methods and the block op's
 # "activation" level where the backend cannot rebuild h itself. An activation that is one PyTorch op
-# (act.torch_backward) runs as that op and its backward kernel on the tensors themselves: they
-# compute 16-bit inputs in float32 and round once, in one pass.
+# (act.torch_backward) runs as that op and its backward kernel on the tensors themselves, as eager
+# PyTorch runs it, bit for bit: each computes 16-bit inputs in float32 and rounds once, in one pass
+# (a gated unit's product then rounds once more, as eager's act(z_gate) * z_up does).
 def compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
@@ -179,6 +180,8 @@ def act_composite(z, act):
 
 def glu_composite(z_gate, z_up, gate_act):
     """act(z_gate) * z_up, rounded to their dtype."""
+    if gate_act.torch_backward is not None:
+        return gate_act.fn(z_gate) * z_up
     ct = compute_dtype(z_gate.dtype)
     return (gate_act.fn(z_gate.to(ct)) * z_up.to(ct)).to(z_gate.dtype)
 
@@ -194,11 +197,12 @@ def act_dz(dy, z, act):
 
 def glu_dz(dy, z_gate, z_up, gate_act):
     """(dZ_gate, dZ_up) of act(z_gate) * z_up, rounded to dY's dtype."""
+    kernel = _backward_kernel(gate_act, dy, z_gate, z_up)
+    if kernel is not None:  # eager autograd's own sequence
+        return kernel(dy * z_up, z_gate), dy * gate_act.fn(z_gate)
     ct = compute_dtype(dy.dtype)
     g, zg, zu = dy.to(ct), z_gate.to(ct), z_up.to(ct)
-    backward = _backward_kernel(gate_act, dy, z_gate, z_up) or gate_act.grad_times
-    dz_gate = backward(g * zu, zg)
-    return dz_gate.to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
+    return gate_act.grad_times(g * zu, zg).to(dy.dtype), (g * gate_act.fn(zg)).to(dy.dtype)
 
 
 def _composite_act_backward(dy, x, weight, bias, activation, need_dx, need_dw, need_db):

@@ -183,3 +183,23 @@ def test_composite_backward_is_eager_autograd(act, dtype):
     got = act_dz(dy, z, act)
     assert torch.equal(got.isnan(), ref.isnan())
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gated", list(fastnn.GATED), ids=str)
+def test_gated_composite_is_eager_autograd(gated, dtype):
+    """The gated unit's composite with a one-op gate: act(z_gate) * z_up and its two gradients as
+    eager PyTorch computes them, bit for bit, NaN and inf included."""
+    from fastnn.autograd import glu_composite, glu_dz
+    act = activations.get_gated(gated)
+    assert act.torch_backward is not None
+    gen = torch.Generator().manual_seed(0)
+    zg, zu, dy = ((torch.randn(40, 33, generator=gen) * 3).to(dtype) for _ in range(3))
+    zg[0, :5] = torch.tensor(SPECIAL).to(dtype)
+    dy[1] = float("inf")
+    g, u = zg.clone().requires_grad_(), zu.clone().requires_grad_()
+    y = act.fn(g) * u
+    ref = torch.autograd.grad(y, (g, u), dy)
+    for got, want in zip((glu_composite(zg, zu, act), *glu_dz(dy, zg, zu, act)), (y.detach(), *ref)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
