@@ -118,7 +118,8 @@ class FusedMLP(nn.Module):
     that saves what the block would otherwise keep: the hidden activation fc2 reads
     (hidden_features elements), fc1's pre-activation (hidden_features elements, or
     hidden_features / 8 bytes for relu and leaky_relu; twice hidden_features elements for a gated
-    unit) and the dropout mask (hidden_features bytes, when dropout > 0). For bert-base (hidden 3072, bfloat16, gelu) that is 12 KiB per token.
+    unit) and the dropout mask (hidden_features bytes, when dropout > 0). For bert-base (hidden
+    3072, bfloat16, gelu) that is 12 KiB per token.
     recompute may also name a memory level of fastnn.mlp: "none" (= False), "activation" (keep
     fc1's pre-activation, form the hidden activation again in backward: 6 KiB per token for
     bert-base) or "fc1" (= True). The levels apply in training.

@@ -145,7 +145,8 @@ def test_under_torch_compile(op, activation, dtype):
     if op == "linear_act":
         y = torch.compile(lambda x, w, b: fastnn.linear_act(x, w, b, activation, backend="cpu"))(*params)
     else:
-        y = torch.compile(lambda x, w, wu, b, bu: fastnn.linear_glu(x, w, wu, b, bu, activation, backend="cpu"))(*params)
+        y = torch.compile(
+            lambda x, w, wu, b, bu: fastnn.linear_glu(x, w, wu, b, bu, activation, backend="cpu"))(*params)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         for b in biases:

@@ -32,9 +32,10 @@ void act_forward_from_transposed(DType dtype, Act act, int64_t rows, int64_t col
                                  int64_t ld_t, const void* bias, void* y, void* z, void* mask,
                                  int num_threads);
 
-// dz = dy * act'(z) (grad_times / grad_through_mask in activations.h: as torch's backward). `saved` is the sign mask (relu, leaky_relu), or the product acc of the
-// forward with z = acc + bias (bias may be null), or nothing (identity: dz is dy and is not
-// written; only dbias is computed). dbias, when not null, receives the column sums of the
+// dz = dy * act'(z), as torch's backward forms it (grad_times / grad_through_mask in
+// activations.h). `saved` is the sign mask (relu, leaky_relu), or the product acc of the forward
+// with z = acc + bias (bias may be null), or nothing (identity: dz is dy and is not written; only
+// dbias is computed). dbias, when not null, receives the column sums of the
 // unrounded dz.
 void act_backward(DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
                   const void* saved, const void* bias, void* dz, void* dbias, int num_threads);
