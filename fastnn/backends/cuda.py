@@ -115,6 +115,20 @@ class _Call:
                               b.data_ptr(), ldb, trans_b, d.data_ptr(), ldd, accumulate, epilogue, _ptr(bias),
                               _ptr(bias_grad), _ptr(aux), aux_ld, self.ws.data_ptr(), self.ws.numel())
 
+    def act_from_z(self, act, z, ld_z, y, mask=None):
+        """y [m, n] = act(z) by fastnn's epilogue kernel, z kept with its bias (row stride ld_z); the
+        sign mask into `mask` where given. The forward's pass and the MLP block's rebuild of h both
+        run it, so they give the same bits."""
+        m, n = y.shape
+        self.C.bias_act_forward(self.device, self.stream, self.dtype, act.code, m, n, z.data_ptr(), ld_z, 0,
+                                y.data_ptr(), n, _ptr(mask), relu_aux_ld(n))
+
+    def glu_from_z(self, gate_act, z_gate, z_up, y):
+        """y [m, n] = act(z_gate) * z_up by fastnn's glu kernel (forward and rebuild alike)."""
+        m, n = y.shape
+        self.C.glu_forward(self.device, self.stream, self.dtype, gate_act.code, m, n, z_gate.data_ptr(),
+                           z_up.data_ptr(), y.data_ptr())
+
     def linear(self, x, w, out, ld_out, bias=None, epilogue=None, aux=None, aux_ld=0):
         """out[:, :N] = x @ w^T (+ bias, epilogue); True when done (the plain GEMM always is)."""
         m, k = x.shape
@@ -320,8 +334,7 @@ class CudaBackend(Backend):
             call.linear(x, weight, z, ld_z, bias=bias)
             mask = saved if saves == "mask" else None
             if act.name != "identity" or z is not y:
-                call.C.bias_act_forward(call.device, call.stream, call.dtype, act.code, m, n, z.data_ptr(), ld_z, 0,
-                                        y.data_ptr(), n, _ptr(mask), relu_aux_ld(n))
+                call.act_from_z(act, z, ld_z, y, mask)
         return y, saved
 
     @staticmethod
@@ -410,9 +423,7 @@ class CudaBackend(Backend):
         if m and n:
             _record("act_hidden", saved.dtype, act.name, "fastnn epilogue kernel")
             with torch.cuda.device(saved.device):
-                call = _Call(saved)
-                call.C.bias_act_forward(call.device, call.stream, call.dtype, act.code, m, n, saved.data_ptr(),
-                                        saved.stride(0), 0, h.data_ptr(), n, 0, relu_aux_ld(n))
+                _Call(saved).act_from_z(act, saved, saved.stride(0), h)
         return h
 
     def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act):
@@ -421,9 +432,7 @@ class CudaBackend(Backend):
         if m and n:
             _record("glu_hidden", z_gate.dtype, gate_act.name, "fastnn glu kernel")
             with torch.cuda.device(z_gate.device):
-                call = _Call(z_gate)
-                call.C.glu_forward(call.device, call.stream, call.dtype, gate_act.code, m, n, z_gate.data_ptr(),
-                                   z_up.data_ptr(), h.data_ptr())
+                _Call(z_gate).glu_from_z(gate_act, z_gate, z_up, h)
         return h
 
     @staticmethod
@@ -482,8 +491,7 @@ class CudaBackend(Backend):
                 call = _Call(x)
                 call.linear(x, gate_weight, z_gate, n, bias=gate_bias)
                 call.linear(x, up_weight, z_up, n, bias=up_bias)
-                call.C.glu_forward(call.device, call.stream, call.dtype, gate_act.code, m, n, z_gate.data_ptr(),
-                                   z_up.data_ptr(), y.data_ptr())
+                call.glu_from_z(gate_act, z_gate, z_up, y)
         if not save:
             return y, empty_like_nothing(x), empty_like_nothing(x)
         return y, z_gate, z_up
