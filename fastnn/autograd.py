@@ -83,9 +83,12 @@ def keep_bias(bias, read_by_backward):
         return None, None
     if not read_by_backward:
         return None, BiasAtForward(bias)
-    # (under torch.compile an opaque copy: the partitioner would recompute a clone from the bias)
-    copy = torch.ops.fastnn.kept_copy(bias.detach()) if torch.compiler.is_compiling() else bias.detach().clone()
-    return copy, BiasAtForward(bias)
+    # Traced (torch.compile's fake and functional tensors) or a subclass (DTensor): an opaque copy, since
+    # the partitioner would recompute a clone from the bias. Told by the tensor's type, not by
+    # torch.compiler.is_compiling(), which torch 2.11 reads False while AOTAutograd traces this.
+    if type(bias) is torch.Tensor or type(bias) is torch.nn.Parameter:
+        return bias.detach().clone(), BiasAtForward(bias)
+    return torch.ops.fastnn.kept_copy(bias.detach()), BiasAtForward(bias)
 
 
 def bias_for_composite(ctx, i, saved_bias, op):
