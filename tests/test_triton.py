@@ -167,6 +167,30 @@ def test_backend_errors():
         _act(x, w, b, "gelu")
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="checks the interpreter")
+def test_interpreter_fault_is_named(monkeypatch):
+    """Where Triton's interpreter cannot run the kernels (3.6's beside numpy 2.4: triton-lang/triton#9171)
+    the backend says so, not each kernel with an InterpreterError: here the probe launch made to fail."""
+    from fastnn.triton_kernels import common
+    assert common.interpreter_fault() is None  # this interpreter runs them
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(common, "_loop_to_tensor_bound", Refusing())
+    common.interpreter_fault.cache_clear()
+    try:
+        x, w, b = make_inputs((4, 8), 8, torch.float32, DEVICE, requires_grad=False)
+        with pytest.raises(fastnn.BackendUnavailableError, match="interpreter cannot run its kernels.*numpy < 2.4"):
+            _act(x, w, b, "gelu")
+    finally:
+        monkeypatch.undo()
+        common.interpreter_fault.cache_clear()
+
+
 def test_autotune_key_separates_kernel_variants():
     """A tuned choice is reused only for the same compiled variant: every constexpr argument but the
     tile shape is in the key (one choice shared by gelu-with-derivative and identity would pick a

@@ -4,14 +4,45 @@ Launch configuration: on a GPU each kernel is autotuned over a small pruned set 
 on (M bucket, N, K); under the interpreter (TRITON_INTERPRET=1) or with FASTNN_TRITON_AUTOTUNE=0 a
 single deterministic config is used.
 """
+import functools
 import os
+from typing import Optional
 
+import numpy
 import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from ..backends.base import interpreting, tf32_allowed  # noqa: F401  (interpreting: used by the kernels)
+
+
+@triton.jit
+def _loop_to_tensor_bound(out_ptr, n):
+    """Counts to n + program_id: a loop whose bound is a tensor, as the kernels' row and split ranges."""
+    total = 0
+    for _ in range(0, n + tl.program_id(0)):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_fault() -> Optional[str]:
+    """Why Triton's interpreter cannot run fastnn's kernels here, or None (and None when not
+    interpreting). Triton 3.6's interpreter turns a loop's tensor bound into an int by int() of a
+    one-element array, which numpy 2.4 refuses (triton-lang/triton#9171): every kernel then stops
+    with an InterpreterError naming neither. One tiny interpreted launch, on the first call, tells."""
+    if not interpreting():
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_to_tensor_bound[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 -- any failure here is the reason to report
+        return (f"Triton {triton.__version__}'s interpreter cannot run its kernels beside numpy {numpy.__version__} "
+                f"({type(exc).__name__}: {exc}); numpy < 2.4 or a newer Triton runs them (triton-lang/triton#9171)")
+    if out.item() != 3:
+        return f"Triton {triton.__version__}'s interpreter counted a loop to {out.item()}, not 3"
+    return None
 
 
 def autotuning() -> bool:

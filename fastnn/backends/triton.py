@@ -53,7 +53,7 @@ if IMPORT_ERROR is None:
 
         from ..triton_kernels import linear_act as K_act
         from ..triton_kernels import linear_glu as K_glu
-        from ..triton_kernels.common import pointers_real
+        from ..triton_kernels.common import interpreter_fault, pointers_real
     except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
         IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -81,6 +81,9 @@ class TritonBackend(Backend):
         elif x.device.type == "cpu":
             if not interpreting():
                 return "it needs a CUDA device (or TRITON_INTERPRET=1 set before importing fastnn, for CPU tensors)"
+            fault = interpreter_fault()
+            if fault is not None:
+                return fault
         else:
             return f"it runs on CUDA tensors; these are on {x.device}"
         if x.dtype not in _DTYPES:
