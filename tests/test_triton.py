@@ -153,6 +153,21 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(torch.ops.fastnn.triton_linear_glu_fwd.default, (*inputs, "swiglu", True), **kw)
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="the interpreter's ops; on a GPU see test_compile_fullgraph_triton")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_compile_under_the_interpreter(grad):
+    """torch.compile of the triton backend on CPU tensors runs the interpreter's kernels: its ops are
+    opaque there (as triton_ops, Inductor inlined their bodies, whose launches the interpreter's
+    shape-only wrapper drops while tracing, and ran uninitialised outputs: NaN)."""
+    import torch._inductor.config as inductor_config
+    torch._dynamo.reset()
+    x, w, b = make_inputs((5, 16), 24, torch.float32, DEVICE, requires_grad=grad)
+    f = torch.compile(lambda x, w, b: _act(x, w, b, "gelu") * 2, fullgraph=True)
+    with inductor_config.patch(force_disable_caches=True):  # (a cached graph of older code would be reused)
+        check_against_reference(f, lambda x, w, b: torch_linear_act(x, w, b, "gelu") * 2, [x, w, b],
+                                what="compile")
+
+
 @pytest.mark.gpu
 def test_compile_fullgraph_triton():
     torch._dynamo.reset()
@@ -170,7 +185,8 @@ def test_backend_errors():
 @pytest.mark.skipif(not INTERPRETER, reason="checks the interpreter")
 def test_interpreter_fault_is_named(monkeypatch):
     """Where Triton's interpreter cannot run the kernels (3.6's beside numpy 2.4: triton-lang/triton#9171)
-    the backend says so, not each kernel with an InterpreterError: here the probe launch made to fail."""
+    the probe says why, and the backend reports it as the reason it cannot serve (not each kernel
+    with an InterpreterError): here the probe's launch made to fail."""
     from fastnn.triton_kernels import common
     assert common.interpreter_fault() is None  # this interpreter runs them
 
@@ -181,14 +197,12 @@ def test_interpreter_fault_is_named(monkeypatch):
             return launch
 
     monkeypatch.setattr(common, "_loop_to_tensor_bound", Refusing())
-    common.interpreter_fault.cache_clear()
-    try:
-        x, w, b = make_inputs((4, 8), 8, torch.float32, DEVICE, requires_grad=False)
-        with pytest.raises(fastnn.BackendUnavailableError, match="interpreter cannot run its kernels.*numpy < 2.4"):
-            _act(x, w, b, "gelu")
-    finally:
-        monkeypatch.undo()
-        common.interpreter_fault.cache_clear()
+    fault = common.interpreter_fault()
+    assert "interpreter cannot run its kernels" in fault and "numpy < 2.4" in fault
+    monkeypatch.setattr(triton_backend, "IMPORT_ERROR", fault)
+    x, w, b = make_inputs((4, 8), 8, torch.float32, DEVICE, requires_grad=False)
+    with pytest.raises(fastnn.BackendUnavailableError, match="interpreter cannot run its kernels.*numpy < 2.4"):
+        _act(x, w, b, "gelu")
 
 
 def test_autotune_key_separates_kernel_variants():

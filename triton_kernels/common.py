@@ -4,7 +4,6 @@ Launch configuration: on a GPU each kernel is autotuned over a small pruned set 
 on (M bucket, N, K); under the interpreter (TRITON_INTERPRET=1) or with FASTNN_TRITON_AUTOTUNE=0 a
 single deterministic config is used.
 """
-import functools
 import os
 from typing import Optional
 
@@ -26,12 +25,12 @@ def _loop_to_tensor_bound(out_ptr, n):
     tl.store(out_ptr, total)
 
 
-@functools.lru_cache(maxsize=None)
 def interpreter_fault() -> Optional[str]:
     """Why Triton's interpreter cannot run fastnn's kernels here, or None (and None when not
     interpreting). Triton 3.6's interpreter turns a loop's tensor bound into an int by int() of a
     one-element array, which numpy 2.4 refuses (triton-lang/triton#9171): every kernel then stops
-    with an InterpreterError naming neither. One tiny interpreted launch, on the first call, tells."""
+    with an InterpreterError naming neither. One tiny interpreted launch tells (the triton backend
+    makes it once, when imported)."""
     if not interpreting():
         return None
     out = torch.zeros(1, dtype=torch.int32)

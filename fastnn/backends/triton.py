@@ -54,6 +54,9 @@ if IMPORT_ERROR is None:
         from ..triton_kernels import linear_act as K_act
         from ..triton_kernels import linear_glu as K_glu
         from ..triton_kernels.common import interpreter_fault, pointers_real
+
+        # (checked here, at import: inside a torch.compile trace the probe's launch could not run)
+        IMPORT_ERROR = interpreter_fault()
     except Exception as exc:  # noqa: BLE001 -- any failure means: no triton backend here
         IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -81,9 +84,6 @@ class TritonBackend(Backend):
         elif x.device.type == "cpu":
             if not interpreting():
                 return "it needs a CUDA device (or TRITON_INTERPRET=1 set before importing fastnn, for CPU tensors)"
-            fault = interpreter_fault()
-            if fault is not None:
-                return fault
         else:
             return f"it runs on CUDA tensors; these are on {x.device}"
         if x.dtype not in _DTYPES:
@@ -159,13 +159,27 @@ def register_ops():
     def wrap_triton(kernel):
         return _ShapesOnly(kernel) if interpreting() else _wrap_triton(kernel)
 
-    @triton_op("fastnn::triton_linear_act_fwd", mutates_args=())
+    def op(name):
+        """triton_op on a GPU, so that torch.compile sees the kernels; under the interpreter an opaque
+        custom op whose fake kernel is its own body (shapes only, _ShapesOnly), as triton_op's is.
+        (A compiled graph inlines a triton_op's body, whose launches _ShapesOnly drops while it
+        traces: it ran uninitialised outputs, NaN, where an opaque op runs the interpreter.)"""
+        if not interpreting():
+            return triton_op(name, mutates_args=())
+
+        def define(fn):
+            defined = torch.library.custom_op(name, mutates_args=())(fn)
+            defined.register_fake(fn)
+            return defined
+        return define
+
+    @op("fastnn::triton_linear_act_fwd")
     def triton_linear_act_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                               save: bool) -> tuple[Tensor, Tensor]:
         act = activations.get(activation)
         return K_act.forward(x, weight, bias, act.code, _save_mode(act, save), wrap=wrap_triton)
 
-    @triton_op("fastnn::triton_linear_act_bwd", mutates_args=())
+    @op("fastnn::triton_linear_act_bwd")
     def triton_linear_act_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
                               activation: str, need_dx: bool, need_dw: bool,
                               need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,13 +187,13 @@ def register_ops():
         dx, dw, db = _act_bwd(dy, x, weight, saved, act, need_dx, need_dw, need_db, wrap_triton)
         return or_nothing(dx, dy), or_nothing(dw, dy), or_nothing(db, dy)
 
-    @triton_op("fastnn::triton_linear_glu_fwd", mutates_args=())
+    @op("fastnn::triton_linear_glu_fwd")
     def triton_linear_glu_fwd(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Optional[Tensor],
                               up_bias: Optional[Tensor], activation: str, save: bool) -> tuple[Tensor, Tensor, Tensor]:
         act = activations.get_gated(activation)
         return K_glu.forward(x, gate_weight, up_weight, gate_bias, up_bias, act.code, save, wrap=wrap_triton)
 
-    @triton_op("fastnn::triton_linear_glu_bwd", mutates_args=())
+    @op("fastnn::triton_linear_glu_bwd")
     def triton_linear_glu_bwd(dy: Tensor, x: Tensor, gate_weight: Tensor, up_weight: Tensor,
                               gate_bias: Optional[Tensor], up_bias: Optional[Tensor], a: Tensor, b: Tensor,
                               activation: str, need_dx: bool, need_dwg: bool, need_dwu: bool, need_dbg: bool,
