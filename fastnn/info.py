@@ -3,7 +3,6 @@ backend `auto` picks for each device and dtype."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 
@@ -122,39 +121,12 @@ def _cpu_16bit_gemm() -> dict:
     return {str(dt).replace("torch.", ""): route(dt) for dt in (torch.bfloat16, torch.float16)}
 
 
-_BALLOON_DEVICES = "/sys/bus/virtio/drivers/virtio_balloon"
-_VIRTIO_BALLOON_F_REPORTING = 5
-
-
-def free_page_reporting(devices=_BALLOON_DEVICES) -> bool:
-    """Whether a virtio balloon here negotiated free page reporting: the guest hands free blocks
-    (2 MiB and up on x86) back to its host, so a huge page made of one faults on the host as well
-    on first touch (record 2026-12-05-cpu-amd-epyc-zen4-hugepages-first-touch.txt)."""
-    try:
-        names = [n for n in os.listdir(devices) if n.startswith("virtio")]
-    except OSError:
-        return False
-    for name in names:
-        try:
-            with open(os.path.join(devices, name, "features")) as f:
-                bits = f.read().strip()  # one character per feature bit, bit 0 first
-        except OSError:
-            continue
-        if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
-            return True
-    return False
-
-
 def _cpu_huge_pages() -> str:
     """Whether the cpu backend's large buffers ask for transparent huge pages here."""
     from .backends import cpu as cpu_backend
 
     if cpu_backend._madvise() is not None:
-        said = "asked for (madvise) on buffers of 4 MiB and up"
-        if free_page_reporting():
-            said += ("; this VM reports free pages to its host, so a huge page's first touch may fault on the "
-                     "host too (slower than 4 KiB pages where it does; FASTNN_CPU_HUGEPAGES=0 turns the advice off)")
-        return said
+        return "asked for (madvise) on buffers of 4 MiB and up"
     return cpu_backend.huge_pages_off_reason() or "not asked for: libc's madvise could not be loaded"
 
 

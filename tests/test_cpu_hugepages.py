@@ -1,7 +1,7 @@
 """The cpu backend's large buffers are advised to transparent huge pages where Linux gives them on
 request (fastnn/backends/cpu.py, `_empty`): the 2 MiB-aligned part of each, never anything outside
-it, not small buffers, not with FASTNN_CPU_HUGEPAGES=0; and a fused call's large outputs come from
-such memory."""
+it, not small buffers, not with FASTNN_CPU_HUGEPAGES=0, not by default in a VM that reports free
+pages to its host (=1 asks there too); and a fused call's large outputs come from such memory."""
 import pytest
 import torch
 
@@ -66,18 +66,64 @@ def test_switched_off(monkeypatch):
         cpu._madvise.cache_clear()
 
 
-needs_madvise = pytest.mark.skipif(cpu._madvise() is None,
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+needs_madvise = pytest.mark.skipif("[madvise]" not in _thp_mode(),
                                    reason="transparent huge pages are not in madvise mode here (or not Linux)")
 
 
+@pytest.fixture
+def asked(monkeypatch):
+    """The advice on wherever Linux takes it (FASTNN_CPU_HUGEPAGES=1: in a reporting VM too)."""
+    monkeypatch.setenv("FASTNN_CPU_HUGEPAGES", "1")
+    cpu._madvise.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu._madvise.cache_clear()
+
+
+def test_free_page_reporting_read_from_the_balloon_features(tmp_path):
+    """The feature string of each virtio balloon, one character per bit, bit 5 free page reporting."""
+    assert not cpu.free_page_reporting(str(tmp_path / "absent"))
+    dev = tmp_path / "virtio0"
+    dev.mkdir()
+    (dev / "features").write_text("0110010100000000\n")  # bits 1, 2, 5, 7
+    assert cpu.free_page_reporting(str(tmp_path))
+    (dev / "features").write_text("0110000100000000\n")
+    assert not cpu.free_page_reporting(str(tmp_path))
+
+
 @needs_madvise
-def test_kernel_sees_the_advice():
+@pytest.mark.parametrize("reporting", [True, False])
+def test_not_asked_by_default_in_a_reporting_vm(monkeypatch, reporting):
+    monkeypatch.setattr(cpu, "free_page_reporting", lambda: reporting)
+    monkeypatch.delenv("FASTNN_CPU_HUGEPAGES", raising=False)
+    cpu._madvise.cache_clear()
+    try:
+        reason = cpu.huge_pages_off_reason()
+        assert (reason is not None and "free page reporting" in reason) if reporting else reason is None
+        monkeypatch.setenv("FASTNN_CPU_HUGEPAGES", "1")
+        assert cpu.huge_pages_off_reason() is None
+        assert cpu._madvise() is not None
+    finally:
+        monkeypatch.undo()
+        cpu._madvise.cache_clear()
+
+
+@needs_madvise
+def test_kernel_sees_the_advice(asked):
     t = cpu._empty((40 * MIB // 4,), torch.float32, CPU)  # past malloc's mmap threshold: a mapping of its own
     assert "hg" in _vm_flags(_aligned_inside(t))
 
 
 @needs_madvise
-def test_fused_call_outputs_are_advised():
+def test_fused_call_outputs_are_advised(asked):
     x = torch.randn(16, 256)
     w = torch.randn(65536, 256, requires_grad=True)  # dW: 64 MiB, y: 4 MiB
     y = fastnn.linear_act(x, w, None, "relu")

@@ -40,16 +40,3 @@ def test_info_says_whether_huge_pages_are_asked_for(monkeypatch):
     monkeypatch.setenv("FASTNN_CPU_HUGEPAGES", "1")
     assert info.collect()["cpu_huge_pages"].startswith("not asked for")
 
-
-def test_free_page_reporting_read_from_the_balloon_features(tmp_path, monkeypatch):
-    """The feature string of each virtio balloon, one character per bit, bit 5 free page reporting."""
-    assert not info.free_page_reporting(str(tmp_path / "absent"))
-    dev = tmp_path / "virtio0"
-    dev.mkdir()
-    (dev / "features").write_text("0110010100000000\n")  # bits 1, 2, 5, 7
-    assert info.free_page_reporting(str(tmp_path))
-    (dev / "features").write_text("0110000100000000\n")
-    assert not info.free_page_reporting(str(tmp_path))
-    monkeypatch.setattr(cpu_backend, "_madvise", lambda: print)
-    monkeypatch.setattr(info, "free_page_reporting", lambda: True)
-    assert "reports free pages to its host" in info.collect()["cpu_huge_pages"]

@@ -43,8 +43,9 @@ What this backend does for speed that eager PyTorch does not:
   (wgrad_from_copy);
 - the large buffers it allocates itself (products, outputs, gradients: `_empty`) ask Linux for
   transparent huge pages, where the kernel gives them on request ("madvise" mode, the common
-  default): a fresh 90 MB buffer then takes 45 page faults instead of 22 000.
-FASTNN_CPU_HUGEPAGES=0 turns that off.
+  default): a fresh 90 MB buffer then takes 45 page faults instead of 22 000; not in a VM that
+  hands free memory back to its host (huge_pages_off_reason).
+FASTNN_CPU_HUGEPAGES=0 turns that off, =1 asks in such a VM too.
 """
 from __future__ import annotations
 
@@ -216,11 +217,41 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
+_BALLOON_DEVICES = "/sys/bus/virtio/drivers/virtio_balloon"
+_VIRTIO_BALLOON_F_REPORTING = 5
+
+
+def free_page_reporting(devices=_BALLOON_DEVICES) -> bool:
+    """Whether a virtio balloon here negotiated free page reporting: the guest hands free blocks of
+    2 MiB and up back to its host, and a huge page is such a block, so its first touch faults on the
+    host too once reported. Measured in such a VM (AMD EPYC Zen 4, record
+    2026-12-05-cpu-amd-epyc-zen4-hugepages-first-touch.txt): a fresh advised 64 MB buffer took
+    67-83 ms cold and 4-10 ms warm, against 13-16 ms in 4 KiB pages; in the benchmark's default set
+    the advice gave 1.32-1.74x eager at 8192 x 256 -> 1024 but spread the 4096 x 1024 -> 4096 rows
+    below eager (IQRs from 0.89x, one median 0.89x), where without it every row was 1.00-1.26x with
+    IQRs from 0.99x (record 2026-12-05-...-hugepages-default-set-ab.txt)."""
+    try:
+        names = [n for n in os.listdir(devices) if n.startswith("virtio")]
+    except OSError:
+        return False
+    for name in names:
+        try:
+            with open(os.path.join(devices, name, "features")) as f:
+                bits = f.read().strip()  # one character per feature bit, bit 0 first
+        except OSError:
+            continue
+        if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
 def huge_pages_off_reason():
-    """Why the large buffers do not ask for huge pages here, or None where they may: Linux with
+    """Why the large buffers do not ask for huge pages here, or None where they do: Linux with
     transparent huge pages in "madvise" mode ("always" gives them to every large mapping already,
-    "never" to none)."""
-    if os.environ.get("FASTNN_CPU_HUGEPAGES", "1").strip() == "0":
+    "never" to none), outside a VM that reports free pages to its host (free_page_reporting) unless
+    FASTNN_CPU_HUGEPAGES=1 asks anyway."""
+    setting = os.environ.get("FASTNN_CPU_HUGEPAGES", "").strip()
+    if setting == "0":
         return "off (FASTNN_CPU_HUGEPAGES=0)"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -229,6 +260,10 @@ def huge_pages_off_reason():
         return "not asked for: no transparent huge pages here"
     if "[madvise]" not in mode:
         return f"not asked for: transparent huge pages here are {mode}"
+    if setting != "1" and free_page_reporting():
+        return ("not asked for: this VM hands free 2 MiB blocks back to its host (virtio-balloon free page "
+                "reporting), so a huge page's first touch often faults on the host too "
+                "(FASTNN_CPU_HUGEPAGES=1 asks anyway)")
     return None
 
 
