@@ -54,8 +54,9 @@ def differentiable_backward_wanted() -> bool:
 # run without `save` recomputes), the autograd.Functions and the torch.library ops (torch.compile,
 # DTensor) keep a copy of it taken at forward (a row of out_features elements), so backward sees
 # the forward's bias as eager PyTorch's does, not autograd's "modified by an inplace operation"
-# error, nor, after a change through .data, a silently different one. The composite backward recomputes the pre-activation from the bias itself (its
-# gradients must reach it): it gets the bias as a BiasAtForward, which raises if it changed.
+# error, nor, after a change through .data, a silently different one. The composite backward
+# recomputes the pre-activation from the bias itself (its gradients must reach it): it gets the
+# bias as a BiasAtForward, which raises if it changed.
 class BiasAtForward:
     """A bias as the forward saw it, for the composite backward: the tensor and its version counter."""
 

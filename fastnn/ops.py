@@ -47,6 +47,11 @@ def _(t):
     return torch.empty_like(t)
 
 
+def _backward_reads_bias(dtype, act, extra):
+    """Whether the backend (extra[0]) reads the bias in backward: autograd.keep_bias then keeps a copy."""
+    return BACKENDS[extra[0]].backward_reads_bias(dtype, act)
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_act
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +94,7 @@ register_linear_act_autograd(
     # (an op never overwrites its inputs: `reuse` is for the eager twin alone)
     lambda dy, x, w, b, saved, act, extra, ndx, ndw, ndb, reuse: torch.ops.fastnn.linear_act_bwd(
         dy, x, w, b, saved, act, extra[0], ndx, ndw, ndb),
-    lambda dtype, act, extra: _backward_reads_bias(dtype, act, extra),
+    _backward_reads_bias,
 )
 
 
@@ -100,10 +105,6 @@ def _eager_act_fwd(x, weight, bias, activation, extra, save):
 def _eager_act_bwd(dy, x, weight, bias, saved, activation, extra, need_dx, need_dw, need_db, reuse):
     return BACKENDS[extra[0]].linear_act_bwd(dy, x, weight, bias, saved, activations.get(activation),
                                              need_dx, need_dw, need_db, reuse=reuse)
-
-
-def _backward_reads_bias(dtype, act, extra):
-    return BACKENDS[extra[0]].backward_reads_bias(dtype, act)
 
 
 _act_setup, _act_backward = linear_act_autograd(_eager_act_fwd, _eager_act_bwd, private_saved=True,
@@ -176,7 +177,7 @@ register_linear_glu_autograd(
     lambda x, wg, wu, bg, bu, act, extra, save: torch.ops.fastnn.linear_glu_fwd(x, wg, wu, bg, bu, act, extra[0], save),
     lambda dy, x, wg, wu, bg, bu, zg, zu, act, extra, needs, reuse: torch.ops.fastnn.linear_glu_bwd(
         dy, x, wg, wu, bg, bu, zg, zu, act, extra[0], *needs),
-    lambda dtype, act, extra: _backward_reads_bias(dtype, act, extra),
+    _backward_reads_bias,
 )
 
 
