@@ -11,17 +11,21 @@ One kind of hook is known to commute with the fusion: tensor parallelism's Colwi
 `FusedCall` is what fastnn.fuse installs on a module instance in place of one of its methods
 (forward, or _ff_block / ff_chunk where the model's own forward calls those): the module keeps
 its class, children, parameters, hooks and train/eval state, so everything around it sees the
-module it had. `fastnn.unfuse` takes it away again. Beside it goes a `ReplicateForDataParallel`,
-so that nn.DataParallel's replicas of the module get fused calls of their own.
+module it had. `fastnn.unfuse` takes it away again. Beside it go a `ReplicateForDataParallel`,
+so that nn.DataParallel's replicas of the module get fused calls of their own, and an
+`UnfuseForScripting`, so that torch.jit.script compiles the module's own class.
 """
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 
 import torch
 import torch.nn.modules.module as _torch_module
 from torch import Tensor, nn
+
+log = logging.getLogger("fastnn")
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
@@ -213,17 +217,26 @@ class FusedCall:
         return call
 
 
-class ReplicateForDataParallel:
-    """`module._replicate_for_data_parallel`, installed beside fused calls. nn.DataParallel (through
-    torch.nn.parallel.replicate) makes each replica from a copy of the module's __dict__, fused
-    calls included, and those would run the original module, whose parameters are on the first
-    device, for every replica. This gives each replica fused calls of its own. The replica's
-    children, parameters and buffers are set by replicate afterwards; the fused calls read them
-    at each call."""
+class _BesideFusedCalls:
+    """A method of torch's protocol for modules (`name`), installed on a module beside its fused
+    calls; an instance-level override that was there is kept and called."""
+    name = None
 
     def __init__(self, module: nn.Module, original=None):
         self.module = module
-        self.original = original  # an instance-level override that was there: kept and called (as FusedCall's)
+        self.original = original
+
+    def for_replica(self, replica: nn.Module):
+        return type(self)(replica, self.original)
+
+
+class ReplicateForDataParallel(_BesideFusedCalls):
+    """`module._replicate_for_data_parallel`. nn.DataParallel (through torch.nn.parallel.replicate)
+    makes each replica from a copy of the module's __dict__, fused calls included, and those would
+    run the original module, whose parameters are on the first device, for every replica. This
+    gives each replica fused calls of its own. The replica's children, parameters and buffers are
+    set by replicate afterwards; the fused calls read them at each call."""
+    name = "_replicate_for_data_parallel"
 
     def __call__(self):
         if self.original is not None:
@@ -231,19 +244,33 @@ class ReplicateForDataParallel:
         else:
             replica = type(self.module)._replicate_for_data_parallel(self.module)
         for name, value in list(replica.__dict__.items()):
-            if isinstance(value, FusedCall):
+            if isinstance(value, (FusedCall, _BesideFusedCalls)):
                 replica.__dict__[name] = value.for_replica(replica)
-            elif isinstance(value, ReplicateForDataParallel):
-                replica.__dict__[name] = ReplicateForDataParallel(replica, value.original)
         return replica
+
+
+class UnfuseForScripting(_BesideFusedCalls):
+    """`module.__prepare_scriptable__`, which torch.jit.script calls on every module before it
+    compiles their classes' methods. A FusedCall is no method TorchScript can compile (it would
+    stop with "'FusedCall' object has no attribute '__globals__'"), so this takes fastnn's calls off
+    the module: the scripted module is torch's own, unfused, and so is the eager one from then on
+    (TorchScript offers no step after compiling to put them back; fastnn.fuse fuses it again)."""
+    name = "__prepare_scriptable__"
+
+    def __call__(self):
+        uninstall(self.module)
+        log.info("torch.jit.script: %s runs unfused from now on (TorchScript compiles its class's own methods; "
+                 "fastnn.fuse fuses it again)", type(self.module).__name__)
+        return self.original() if self.original is not None else self.module
 
 
 def install(module: nn.Module, method: str, fused, parts: dict, detail: str) -> FusedCall:
     call = FusedCall(module, method, fused, parts, detail)
     module.__dict__[method] = call
-    original = module.__dict__.get("_replicate_for_data_parallel")
-    if not isinstance(original, ReplicateForDataParallel):
-        module.__dict__["_replicate_for_data_parallel"] = ReplicateForDataParallel(module, original)
+    for beside in (ReplicateForDataParallel, UnfuseForScripting):
+        original = module.__dict__.get(beside.name)
+        if not isinstance(original, beside):
+            module.__dict__[beside.name] = beside(module, original)
     return call
 
 
@@ -256,7 +283,7 @@ def uninstall(module: nn.Module) -> int:
     how many there were."""
     removed = 0
     for name, value in list(module.__dict__.items()):
-        if isinstance(value, (FusedCall, ReplicateForDataParallel)):
+        if isinstance(value, (FusedCall, _BesideFusedCalls)):
             if value.original is not None:
                 module.__dict__[name] = value.original
             else:

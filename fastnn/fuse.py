@@ -6,7 +6,8 @@ model's own forward calls for its feed-forward block) on each matching module in
 state_dict keys, hooks and train/eval state, so the fused model is the same model to the code
 around it. At each call the fused method checks that the parts are still plain (no LoRA or other
 wrapper, no hooks, no offloading, inputs F.linear takes as they are); otherwise the module's own
-method runs, unfused. fastnn.unfuse(model) removes what fuse installed.
+method runs, unfused. fastnn.unfuse(model) removes what fuse installed, and so does torch.jit.script,
+which compiles the classes' own methods (dropin.UnfuseForScripting).
 
 Patterns (by structure: the children a module has, so a module with more parts is left alone):
   * nn.Sequential (and subclasses that keep its forward, e.g. torchvision's MLP): each nn.Linear
@@ -439,8 +440,7 @@ def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
 
 
 def unfuse(model: nn.Module) -> nn.Module:
-    """Remove what fastnn.fuse installed (e.g. before torch.jit.script, which compiles class
-    methods only); returns the model."""
+    """Remove what fastnn.fuse installed; returns the model."""
     for module in model.modules():
         dropin.uninstall(module)
     return model

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnn
-from fastnn.dropin import FusedCall, ReplicateForDataParallel
+from fastnn.dropin import FusedCall, ReplicateForDataParallel, UnfuseForScripting
 from fused_calls import fused_calls  # noqa: F401  (fixture)
 
 
@@ -141,8 +141,49 @@ def test_fuse_root_twice_unfuse_pickle(fused_calls):
         _assert_same(reference, clone, x)
     assert fused_calls["linear_act"] == 3
     fastnn.unfuse(layer)
-    assert "_ff_block" not in layer.__dict__ and "_replicate_for_data_parallel" not in layer.__dict__
+    assert not {"_ff_block", "_replicate_for_data_parallel", "__prepare_scriptable__"} & set(layer.__dict__)
     torch.jit.script(layer)  # torch's own layer again
+
+
+class _Block(nn.Module):
+    """A model around fused parts: a Sequential, a TransformerEncoderLayer, and a module with a
+    __prepare_scriptable__ of its own on the instance."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True,
+                                                activation="relu")
+        self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh())
+        self.prepared = []
+        self.head.__prepare_scriptable__ = lambda: self.prepared.append(1) or self.head
+
+    def forward(self, x):
+        return self.head(self.layer(self.mlp(x)))
+
+
+def test_torch_jit_script_of_a_fused_model(fused_calls):
+    """torch.jit.script compiles classes' own methods: a fused model scripts to torch's unfused one
+    (fastnn's calls come off each module before TorchScript compiles it; an instance's own
+    __prepare_scriptable__ still runs), and the eager model keeps giving the same results; fuse
+    fuses it again."""
+    model = _Block().eval()
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    assert isinstance(model.head.__dict__["__prepare_scriptable__"], UnfuseForScripting)
+    x = torch.randn(3, 5, 16)
+    scripted = torch.jit.script(model)
+    assert model.prepared == [1] and not isinstance(model.head.__dict__["__prepare_scriptable__"], UnfuseForScripting)
+    assert not any(isinstance(v, (FusedCall, UnfuseForScripting)) for m in model.modules() for v in m.__dict__.values())
+    fused_calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), reference(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(x), reference(x), atol=1e-6, rtol=1e-6)
+    assert not fused_calls
+    fastnn.fuse(model)
+    # (with grad: under no_grad the encoder layer takes torch's native fast path, which fuses nothing)
+    torch.testing.assert_close(model(x), reference(x), atol=2e-5, rtol=2e-5)
+    assert fused_calls["linear_act"] == 3
 
 
 def test_encoder_layer_eval_dropout_and_hooks(fused_calls):

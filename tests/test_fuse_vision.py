@@ -58,6 +58,21 @@ def test_timm_mlp(act_layer, fused, fused_calls):
 
 
 @need_timm
+def test_timm_vit_torch_jit_script(fused_calls):
+    """timm's own test (test_model_forward_torchscript) scripts its models: a fused one scripts to
+    torch's unfused model, with the same outputs."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5,
+                              depth=2).eval()
+    reference = copy.deepcopy(model)
+    fastnn.fuse(model)
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), reference(x))
+        torch.testing.assert_close(model(x), reference(x))
+
+
+@need_timm
 @pytest.mark.parametrize("gate_last", [True, False])
 @pytest.mark.parametrize("act_layer", [nn.SiLU, nn.GELU])
 def test_timm_glu_mlp(gate_last, act_layer, fused_calls):
