@@ -16,7 +16,8 @@ Patterns (by structure: the children a module has, so a module with more parts i
   * Hugging Face transformers, see _FAMILIES below (BERT-family intermediates, GPT-2, GPT-NeoX,
     Falcon, DistilBERT, T5, CLIP/SigLIP-style MLPs, LLaMA-style gated MLPs, Phi-3's gate_up_proj);
   * timm's Mlp, GluMlp (one fc1 whose halves are value and gate) and SwiGLU, by their exact class
-    names from timm (their children's names are too common to match on structure alone);
+    names from timm (their children's names are too common to match on structure alone), with
+    torch's activation modules or timm's own;
   * OPT, BART and Whisper layers, whose own forward runs activation_fn(fc1(x)) (_LAYER_FFN).
 """
 from __future__ import annotations
@@ -57,14 +58,22 @@ _HF_ACTIVATIONS = {
     "FastGELUActivation": "gelu_tanh", "SiLUActivation": "silu", "ReLUSquaredActivation": "squared_relu",
     "LinearActivation": "identity", "QuickGELUActivation": "quick_gelu",
 }
+# timm's own activation classes (timm.layers.activations), which its get_act_layer gives for the
+# names "gelu", "gelu_tanh", "quick_gelu", "sigmoid" and "tanh" (ConvNeXt, MaxViT, CoAtNet, GCViT, ...);
+# each forward is the one PyTorch op (or quick_gelu's z * sigmoid(1.702 z)); an inplace=True one
+# only overwrites fc1's output, which nothing else sees
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "Sigmoid": "sigmoid",
+                     "Tanh": "tanh"}
 
 
 def _activation_name(act) -> Optional[str]:
-    """fastnn's name for a torch or Hugging Face activation; None if fastnn has none."""
+    """fastnn's name for a torch, Hugging Face or timm activation; None if fastnn has none."""
     name = activation_name(act)
     if name is not None or isinstance(act, str):
         return name
     cls = type(act)
+    if cls.__module__ == "timm.layers.activations":
+        return _TIMM_ACTIVATIONS.get(cls.__name__)
     if not cls.__module__.startswith("transformers"):
         return None
     if cls.__name__ == "GELUActivation":  # wraps F.gelu (exact) or its Python form

@@ -58,6 +58,30 @@ def test_timm_mlp(act_layer, fused, fused_calls):
 
 
 @need_timm
+@pytest.mark.parametrize("act_name,fastnn_name", [("gelu", "gelu"), ("gelu_tanh", "gelu_tanh"),
+                                                  ("quick_gelu", "quick_gelu"), ("sigmoid", "sigmoid"),
+                                                  ("tanh", "tanh")])
+def test_timm_mlp_timm_activations(act_name, fastnn_name, fused_calls):
+    """timm's own activation classes, which get_act_layer gives for these names (ConvNeXt, MaxViT,
+    CoAtNet and GCViT ask for "gelu" or "gelu_tanh" by name)."""
+    from timm.layers import Mlp, get_act_layer
+
+    act_layer = get_act_layer(act_name)
+    assert act_layer.__module__ == "timm.layers.activations"  # (not torch's class)
+    report = _check(Mlp(24, 96, 20, act_layer=act_layer), torch.randn(3, 7, 24), fused_calls)
+    assert f"fc1 + {fastnn_name} fused" in report[0].detail
+
+
+@need_timm
+@pytest.mark.parametrize("name", ["test_convnext", "test_maxvit"])
+def test_timm_models_with_timm_activations(name, fused_calls):
+    model = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    report = _check(model, x, fused_calls, atol=1e-4)
+    assert sum(r.fused for r in report) >= 2
+
+
+@need_timm
 def test_timm_vit_torch_jit_script(fused_calls):
     """timm's own test (test_model_forward_torchscript) scripts its models: a fused one scripts to
     torch's unfused model, with the same outputs."""
