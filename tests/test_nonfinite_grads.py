@@ -5,8 +5,8 @@ NaN for an inf dY, and turn a GradScaler step PyTorch takes into a skipped one) 
 z is NaN; leaky_relu scales dY there; the others multiply.
 
 The inputs make each pre-activation column one value: x = 1 (K = 1) and W = 0, so z[:, j] = b[j],
-with b holding negatives, 0, NaN and positives; dY holds inf, -inf and NaN in some rows and small
-integers elsewhere."""
+with b holding negatives, 0, NaN, positives and saturating magnitudes; dY holds inf, -inf and NaN
+in some rows and small integers elsewhere."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ CASES = [pytest.param(b, dev, dt, id=f"{b}-{str(dt)[6:]}") for b, dev, dts in BA
 CASES += [pytest.param(b, dev, dt, id=f"{b}-gpu-{str(dt)[6:]}", marks=pytest.mark.gpu)
           for b, dev, dts in GPU_BACKENDS for dt in dts]
 
-BIAS = [-1.0, 0.0, float("nan"), 2.0, -3.0, 0.5, -0.0, 1.0]
+# (the last six saturate sigmoid, tanh and the GELUs: act' rounds to 0, to 1 or to a tiny value there, so an
+# inf dY gives NaN, inf or a signed inf position by position, as eager's)
+BIAS = [-1.0, 0.0, float("nan"), 2.0, -3.0, 0.5, -0.0, 1.0, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4]
 ROWS = 7
 
 
@@ -60,7 +62,9 @@ def _assert_same(what, got, ref, dtype):
 
 
 EAGER = {"relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, activations.LEAKY_SLOPE),
-         "squared_relu": lambda z: torch.square(F.relu(z)), "gelu": F.gelu, "silu": F.silu}
+         "squared_relu": lambda z: torch.square(F.relu(z)), "gelu": F.gelu, "silu": F.silu,
+         "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+         "quick_gelu": lambda z: z * torch.sigmoid(activations.QUICK_GELU_SCALE * z)}
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
@@ -80,7 +84,7 @@ def test_linear_glu(backend, device, dtype, activation):
     n = len(BIAS)
     # z_up: no 0 where z_gate > 0 (Triton's reglu gives dZ_gate 0 there, where PyTorch's is dY * 0:
     # see triton_kernels/linear_glu.py, backward)
-    up = [2.0, -1.0, 1.0, 0.5, 3.0, -2.0, 1.0, 0.5]
+    up = [2.0, -1.0, 1.0, 0.5, 3.0, -2.0, 1.0, 0.5, 1.0, -1.0, 2.0, 0.5, -3.0, 1.0]
     x, wg, wu, bg, bu = _leaves(device, dtype, ((ROWS, 1), 1.0), ((n, 1), 0.0), ((n, 1), 0.0), ((n,), BIAS),
                                 ((n,), up))
     dy = _dy(n, dtype, device)
