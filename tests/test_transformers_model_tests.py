@@ -3,9 +3,10 @@ padding equivalence, determinism, attention masks, hidden states and attentions,
 chunking, resized embeddings, training, gradient checkpointing in both modes, ...) and, for the
 causal LMs, its training mixin (a tiny model overfits a fixed batch in 300 steps and then generates
 it) run on tiny
-BERT, LLaMA, GPT-2 and OPT models that fastnn.fuse fused as they were built. These cover the four
-ways fuse installs itself: a BERT-family intermediate, a LLaMA gated MLP, GPT-2's Conv1D MLP and an
-OPT layer's own forward.
+BERT, LLaMA, GPT-2, OPT, DistilBERT, GPT-NeoX and Phi-3 models that fastnn.fuse fused as they were
+built. These cover the ways fuse installs itself: a BERT-family intermediate, a LLaMA gated MLP,
+GPT-2's Conv1D MLP, an OPT layer's own forward, DistilBERT's ff_chunk, GPT-NeoX's dense_h_to_4h and
+Phi-3's gate_up_proj halves.
 
 The mixin is transformers' tests/test_modeling_common.py, taken from the source distribution of the
 installed version (pip download, cached in the temp folder: the wheel has no tests). The
@@ -136,6 +137,27 @@ def _opt(t):
                                   max_position_embeddings=64, activation_function="relu", pad_token_id=1)
 
 
+def _distilbert(t):
+    return transformers.DistilBertConfig(vocab_size=t.vocab_size, dim=t.hidden_size, n_layers=t.num_hidden_layers,
+                                         n_heads=t.num_attention_heads, hidden_dim=t.intermediate_size,
+                                         activation="gelu", max_position_embeddings=64, pad_token_id=0)
+
+
+def _gpt_neox(t):
+    return transformers.GPTNeoXConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                      num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                                      intermediate_size=t.intermediate_size, hidden_act="gelu",
+                                      max_position_embeddings=64, pad_token_id=0,
+                                      rotary_pct=0.5)  # (of head_dim 8: the default 0.25's 2 divides by 0 in rope scaling)
+
+
+def _phi3(t):
+    return transformers.Phi3Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                   num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                                   num_key_value_heads=2, intermediate_size=t.intermediate_size, hidden_act="silu",
+                                   max_position_embeddings=64, pad_token_id=0, original_max_position_embeddings=64)
+
+
 _fused_ops_run = {}  # test class -> Counter of the fused ops its models ran
 
 
@@ -189,6 +211,21 @@ class TestGpt2(FusedModelTest, Generative, Training, unittest.TestCase):
 class TestOpt(FusedModelTest, Generative, Training, unittest.TestCase):
     all_model_classes = (T.OPTForCausalLM, T.OPTForSequenceClassification)
     config = _opt
+
+
+class TestDistilBert(FusedModelTest, unittest.TestCase):
+    all_model_classes = (T.DistilBertModel, T.DistilBertForMaskedLM, T.DistilBertForSequenceClassification)
+    config = _distilbert
+
+
+class TestGptNeox(FusedModelTest, Generative, unittest.TestCase):
+    all_model_classes = (T.GPTNeoXModel, T.GPTNeoXForCausalLM)
+    config = _gpt_neox
+
+
+class TestPhi3(FusedModelTest, Generative, unittest.TestCase):
+    all_model_classes = (T.Phi3Model, T.Phi3ForCausalLM)
+    config = _phi3
 
 
 def test_models_ran_fused():
