@@ -14,6 +14,15 @@ from .dropin import fusable_input, plain_callable, plain_module, projection_call
 from .functional import RECOMPUTE_LEVELS, linear_act, linear_glu, mlp
 
 
+def _not_scriptable(module: nn.Module):
+    """`__prepare_scriptable__` of fastnn's own modules, which torch.jit.script calls first: their
+    forward calls fastnn's ops, which TorchScript cannot compile, and its own error says nothing of
+    that ("Compiled functions can't take variable number of arguments ...")."""
+    raise TypeError(f"torch.jit.script cannot compile fastnn.{type(module).__name__}: its forward calls fastnn's "
+                    "fused ops, which TorchScript does not know. torch.jit.trace, torch.export and torch.compile "
+                    "take it; a model of torch's own modules that fastnn.fuse fused scripts (unfused).")
+
+
 class FusedLinear(nn.Linear):
     """nn.Linear followed by an activation, in one fused op: y = act(x @ W^T + b).
 
@@ -43,6 +52,8 @@ class FusedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return linear_act(x, self.weight, self.bias, self.activation, backend=self.backend)
 
+    __prepare_scriptable__ = _not_scriptable
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
 
@@ -70,6 +81,8 @@ class GatedLinear(nn.Module):
         if y is NotImplemented:
             y = activations.get_gated(self.activation).fn(self.gate_proj(x)) * self.up_proj(x)
         return y
+
+    __prepare_scriptable__ = _not_scriptable
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
@@ -184,6 +197,8 @@ class FusedMLP(nn.Module):
         if self._level() == "fc1" and torch.is_grad_enabled() and self.training:
             return checkpoint(self._block, x, use_reentrant=False)
         return self._block(x)
+
+    __prepare_scriptable__ = _not_scriptable
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, recompute={self.recompute}"

@@ -152,3 +152,15 @@ def test_triton_is_left_unimported_where_it_cannot_run(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("make,name", [(lambda: fastnn.FusedLinear(4, 8, activation="gelu"), "FusedLinear"),
+                                       (lambda: fastnn.GatedLinear(4, 8, activation="swiglu"), "GatedLinear"),
+                                       (lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), fastnn.FusedMLP(4, 8)),
+                                        "FusedMLP")], ids=["FusedLinear", "GatedLinear", "FusedMLP-inside-a-model"])
+def test_torch_jit_script_of_fastnn_modules_says_why(make, name):
+    """TorchScript cannot compile fastnn's ops: scripting one of fastnn's own modules (alone or inside a
+    model) is a TypeError naming the module and what takes it, not TorchScript's error about
+    variable arguments."""
+    with pytest.raises(TypeError, match=f"torch.jit.script cannot compile fastnn.{name}: .*torch.jit.trace"):
+        torch.jit.script(make())
