@@ -130,6 +130,19 @@ def _cpu_huge_pages() -> str:
     return cpu_backend.huge_pages_off_reason() or "not asked for: libc's madvise could not be loaded"
 
 
+def _cpu_buffer_cache() -> str:
+    """Whether the cpu backend keeps its large buffers to hand out again (BufferCache)."""
+    from .backends import cpu as cpu_backend
+
+    cache = cpu_backend.BUFFER_CACHE
+    if cache._free is None:
+        return "off: this torch does not count a storage's references as the cache needs"
+    if cache.limit_bytes <= 0:
+        return "off (FASTNN_CPU_BUFFER_CACHE_MB=0)"
+    return (f"on: buffers of 1 MiB and up, kept once free up to {cache.limit_bytes / (1 << 20):g} MiB "
+            "(FASTNN_CPU_BUFFER_CACHE_MB)")
+
+
 def collect() -> dict:
     native = {"cpu": None, "cuda": None}
     if _native._C is not None:
@@ -151,6 +164,7 @@ def collect() -> dict:
         "auto_picks_for_gelu": _auto_choices(devices),
         "cpu_16bit_gemm": _cpu_16bit_gemm(),
         "cpu_huge_pages": _cpu_huge_pages(),
+        "cpu_buffer_cache": _cpu_buffer_cache(),
         "cuda_paths": _cuda_paths(),
         "activations": list(activations.ACTIVATIONS),
         "gated_activations": list(activations.GATED),
@@ -184,6 +198,7 @@ def main(argv=None) -> int:
         print(f"  {name:7s} " + "; ".join(f"{dev}: {why}" for dev, why in per_dev.items()))
     print("cpu backend, 16-bit GEMMs: " + "; ".join(f"{dt}: {how}" for dt, how in info["cpu_16bit_gemm"].items()))
     print(f"cpu backend, huge pages: {info['cpu_huge_pages']}")
+    print(f"cpu backend, buffer cache: {info['cpu_buffer_cache']}")
     print("auto picks (linear_act, gelu):")
     for key, name in info["auto_picks_for_gelu"].items():
         print(f"  {key:18s} -> {name}")

@@ -17,6 +17,7 @@ def test_info_runs_and_reports(tmp_path):
     assert "auto picks" in out and "cpu/float32" in out
     assert "cpu backend, 16-bit GEMMs: bfloat16: " in out
     assert "cpu backend, huge pages: " in out
+    assert "cpu backend, buffer cache: " in out
     data = info.collect()
     assert data["auto_picks_for_gelu"]["cpu/float32"] == "cpu"
     assert data["native"]["cpu"]["cpu_isa_active"] in ("baseline", "avx2", "avx512", "avx512bf16")
