@@ -287,10 +287,12 @@ class BufferCache:
 
     A training step allocates buffers of the same sizes step after step (products, hidden states,
     gradients), and a fresh buffer past malloc's mmap threshold costs a page fault per 4 KiB on its
-    first write, in the GEMM or pass that writes it: a training loop of the BERT-base MLP block
-    (2048 x 768 -> 3072 -> 768, gelu, fastnn.mlp forward+backward) took 32.8-36.7 ms per step in
-    bfloat16 with its buffers kept, 36.1-46.5 without (float32 164.6-169.5 / 165.0-191.8), Xeon with
-    AMX, 2 threads, a process each.
+    first write, in the GEMM or pass that writes it. Gelu forward+backward against eager, the
+    benchmark's rows without / with the cache (Xeon with AMX, 2 threads, two runs each): 8192 x 256
+    -> 1024 bfloat16 1.14-1.35x / 1.57-1.76x, float32 1.20-1.22x / 1.55-1.56x; 4096 x 1024 -> 4096
+    bfloat16 1.17-1.19x / 1.68-1.77x, float32 1.07-1.09x / 1.12-1.17x. A training loop of the
+    BERT-base MLP block (2048 x 768 -> 3072 -> 768, fastnn.mlp) took 32.8-36.7 ms a step in bfloat16
+    with the cache, 36.1-46.5 without.
 
     A buffer is free when the cache holds the only reference to its storage (views, autograd's
     saved tensors, .grad, numpy arrays all count), checked and claimed under a lock, so nothing is
@@ -300,12 +302,15 @@ class BufferCache:
     (FASTNN_CPU_BUFFER_CACHE_MB, read at import, default 1024; 0 turns the cache off) are let go;
     `clear()` lets go of every free one."""
 
-    MIN_BYTES = 1 << 20  # (smaller buffers come from malloc's own free lists)
+    # Smaller buffers are left to malloc, whose free lists give back the chunk freed last, likely
+    # still in the caches: with them kept too, 256 x 768 -> 3072 gelu forward+backward in bfloat16
+    # (1.5 MiB buffers) ran 0.91-0.99x eager against 1.02-1.03x without (Xeon with AMX, 2 threads).
+    MIN_BYTES = 4 << 20
 
     def __init__(self, limit_bytes):
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
-        self._held = {}  # bytes -> flat uint8 tensors on the buffers' storages, longest-held first
+        self._held = {}  # bytes -> flat uint8 tensors on the buffers' storages, the one handed out last last
         self._free = _free_test()
 
     def _on(self, nbytes):
@@ -318,7 +323,10 @@ class BufferCache:
             return None
         with self._lock:
             same_size = self._held.get(nbytes, [])
-            for i, flat in enumerate(same_size):
+            # the one handed out last first, as malloc gives the chunk freed last: its lines are the
+            # likeliest to be in the caches still
+            for i in range(len(same_size) - 1, -1, -1):
+                flat = same_size[i]
                 # (a storage resized since holds other bytes: not to be handed out as this size)
                 if self._free(flat) and flat.untyped_storage().nbytes() == nbytes:
                     same_size.append(same_size.pop(i))
