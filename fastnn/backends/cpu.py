@@ -49,7 +49,6 @@ FASTNN_CPU_HUGEPAGES=0 turns that off, =1 asks in such a VM too.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -303,17 +302,10 @@ class BufferCache:
     (FASTNN_CPU_BUFFER_CACHE_MB, read at import, default 1024; 0 turns the cache off) are let go;
     `clear()` lets go of every free one."""
 
-    # Which buffers. Small ones are left to malloc, whose free lists give back the chunk freed last,
-    # likely still in the caches: kept too, 256 x 768 -> 3072 gelu forward+backward in bfloat16
-    # (1.5 MiB buffers) ran 0.91-0.99x eager against 1.02-1.03x without. From 4 MiB those a training
-    # step makes (forward with saved tensors, backward: `training_buffers`), which it frees together;
-    # from 32 MiB (glibc's largest mmap threshold: malloc maps and unmaps such a buffer every time)
-    # every one. Not an inference call's output of 4-32 MiB: freed alone, malloc hands it back from
-    # its free list warmer than the cache's copy, left cold by other calls in between (bfloat16
-    # 8192 x 256 -> 1024 gelu forward beside eager's calls 3.74-3.81 ms kept, 2.98-3.14 not; alone
-    # 2.94 and 3.06). (Xeon with AMX, 2 threads.)
+    # Smaller buffers are left to malloc, whose free lists give back the chunk freed last, likely
+    # still in the caches: with them kept too, 256 x 768 -> 3072 gelu forward+backward in bfloat16
+    # (1.5 MiB buffers) ran 0.91-0.99x eager against 1.02-1.03x without (Xeon with AMX, 2 threads).
     MIN_BYTES = 4 << 20
-    ALWAYS_FROM = 32 << 20
 
     def __init__(self, limit_bytes):
         self.limit_bytes = limit_bytes
@@ -322,9 +314,7 @@ class BufferCache:
         self._free = _free_test()
 
     def _on(self, nbytes):
-        if self._free is None or self.limit_bytes <= 0 or nbytes < self.MIN_BYTES:
-            return False
-        return nbytes >= self.ALWAYS_FROM or getattr(_TRAINING, "on", False)
+        return self._free is not None and self.limit_bytes > 0 and nbytes >= self.MIN_BYTES
 
     def take(self, shape, dtype):
         """A free buffer of shape and dtype's size as a new tensor, or None."""
@@ -374,21 +364,6 @@ class BufferCache:
         with self._lock:
             sizes = [(size, self._free(flat)) for size, flats in self._held.items() for flat in flats]
         return sum(n for n, _ in sizes), sum(n for n, free in sizes if free)
-
-
-_TRAINING = threading.local()
-
-
-@contextlib.contextmanager
-def training_buffers(on=True):
-    """Within: the buffers `_empty` makes belong to a training step (BufferCache keeps them from
-    MIN_BYTES on), in this thread."""
-    before = getattr(_TRAINING, "on", False)
-    _TRAINING.on = on or before
-    try:
-        yield
-    finally:
-        _TRAINING.on = before
 
 
 def _numel(shape):
@@ -670,15 +645,6 @@ def _bias_grad_buffer(dtype, cols, device):
     return torch.empty(cols, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
 
 
-def _for_training(method):
-    """A backend method that runs only in a training step: its buffers are training_buffers."""
-    @functools.wraps(method)
-    def in_training(*args, **kwargs):
-        with training_buffers():
-            return method(*args, **kwargs)
-    return in_training
-
-
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -697,8 +663,7 @@ class CpuBackend(Backend):
         return (act is None or act.saves == "preact") and not _fold_bias(dtype, act)
 
     def linear_act_fwd(self, x, weight, bias, act, save):
-        with training_buffers(save):
-            y, kept = self._linear_act(x, weight, bias, act, act.saves if save else "nothing")
+        y, kept = self._linear_act(x, weight, bias, act, act.saves if save else "nothing")
         return y, (empty_like_nothing(x) if kept is None else kept)
 
     # The common inference calls (no gradient) of linear_act and linear_glu in one frame each, what
@@ -757,7 +722,6 @@ class CpuBackend(Backend):
                                    _ptr(mask), _native.num_threads())
         return product, mask
 
-    @_for_training
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
         C = _native.cpu_module()
         dy = dy.contiguous()
@@ -786,7 +750,6 @@ class CpuBackend(Backend):
     def rebuilds_hidden(self, act, gated):
         return True
 
-    @_for_training
     def act_hidden(self, saved, bias, act):
         # the forward's own pass over the kept product (see linear_act_fwd), so the same bits
         rows, cols = saved.shape
@@ -797,7 +760,6 @@ class CpuBackend(Backend):
                                                   _native.num_threads())
         return h
 
-    @_for_training
     def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act):
         rows, cols = z_gate.shape
         gate_bias, up_bias = _bias_to_add(gate_bias, z_gate.dtype, gate_act), _bias_to_add(up_bias, z_gate.dtype, None)
@@ -808,8 +770,7 @@ class CpuBackend(Backend):
         return h
 
     def linear_glu_fwd(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save):
-        with training_buffers(save):
-            y, z_gate, z_up = self._linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save)
+        y, z_gate, z_up = self._linear_glu(x, gate_weight, up_weight, gate_bias, up_bias, gate_act, save)
         if not save:
             return y, empty_like_nothing(x), empty_like_nothing(x)
         return y, z_gate, z_up
@@ -862,7 +823,6 @@ class CpuBackend(Backend):
                           p_up.data_ptr(), _ptr(gate_bias), _ptr(up_bias), y.data_ptr(), _native.num_threads())
         return (y, p_gate, p_up) if save else (y, None, None)  # backward adds the biases again
 
-    @_for_training
     def linear_glu_bwd(self, dy, x, gate_weight, up_weight, gate_bias, up_bias, z_gate, z_up, gate_act,
                        need_dx, need_dwg, need_dwu, need_dbg, need_dbu, reuse=()):
         C = _native.cpu_module()
