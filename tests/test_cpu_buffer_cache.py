@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(cpu.BUFFER_CACHE._free is None,
                                 reason="this torch has no storage use count: the cache is off")
 
 MIB = 1 << 20
-SHAPE = (1024, 1024)  # 4 MiB in float32
+SHAPE = (8192, 1024)  # 32 MiB in float32
 
 
 @pytest.fixture
@@ -34,11 +34,11 @@ def test_a_dropped_buffer_goes_out_again_as_a_new_tensor_of_any_shape_and_dtype(
     ptr = t.data_ptr()
     t.fill_(1.0)
     del t
-    u = _fresh((2048, 1024), torch.bfloat16)  # the same bytes
+    u = _fresh((16384, 1024), torch.bfloat16)  # the same bytes
     assert u.data_ptr() == ptr
-    assert u._base is None and u.is_contiguous() and u.shape == (2048, 1024) and u.dtype == torch.bfloat16
+    assert u._base is None and u.is_contiguous() and u.shape == (16384, 1024) and u.dtype == torch.bfloat16
     assert u.untyped_storage().nbytes() == u.numel() * u.element_size()
-    v = _fresh((2048, 1024))  # other bytes: a buffer of its own
+    v = _fresh((16384, 1024))  # other bytes: a buffer of its own
     assert v.data_ptr() != ptr
 
 
@@ -86,22 +86,22 @@ def test_a_buffer_is_not_handed_out_while_anything_holds_it(cache, holder):
 
 
 def test_small_buffers_are_left_to_malloc(cache):
-    t = _fresh((1023, 1024))
+    t = _fresh((8191, 1024))
     assert cache.held_bytes() == (0, 0)
     del t
 
 
 def test_free_buffers_past_the_limit_are_let_go(cache):
-    cache.limit_bytes = 10 * MIB
-    bufs = [_fresh((1024, 1024 * (i + 1))) for i in range(4)]  # 4, 8, 12, 16 MiB
-    assert cache.held_bytes() == (40 * MIB, 0)
+    cache.limit_bytes = 100 * MIB
+    bufs = [_fresh((1024, 1024 * (32 + 8 * i))) for i in range(4)]  # 128, 160, 192, 224 MiB
+    assert cache.held_bytes() == (704 * MIB, 0)
     del bufs
-    assert cache.held_bytes() == (40 * MIB, 40 * MIB)
-    keep = _fresh((1024, 512 * 11))  # 22 MiB, new: the oldest free ones go until at most 10 MiB are free
+    assert cache.held_bytes() == (704 * MIB, 704 * MIB)
+    keep = _fresh((1024, 1024 * 36))  # 144 MiB, new: the oldest free ones go until at most 100 MiB are free
     held, free = cache.held_bytes()
-    assert free <= 10 * MIB and held == free + 22 * MIB
+    assert free <= 100 * MIB and held == free + 144 * MIB
     cache.clear()
-    assert cache.held_bytes() == (22 * MIB, 0)
+    assert cache.held_bytes() == (144 * MIB, 0)
     del keep
 
 
@@ -114,7 +114,7 @@ def test_a_limit_of_zero_turns_the_cache_off(cache):
 
 def _train(steps, dtype, activation):
     torch.manual_seed(0)
-    x = torch.randn(2048, 256).to(dtype).requires_grad_()
+    x = torch.randn(16384, 256).to(dtype).requires_grad_()
     w1 = (torch.randn(1024, 256) * 0.05).to(dtype).requires_grad_()
     b1 = (torch.randn(1024) * 0.1).to(dtype).requires_grad_()
     w2 = (torch.randn(256, 1024) * 0.05).to(dtype).requires_grad_()
@@ -151,8 +151,8 @@ def test_a_training_loop_gives_the_same_bits_and_later_steps_touch_no_earlier_re
 def test_threads_never_share_a_buffer(cache):
     """Threads allocating and freeing buffers of one size at once: each result is its own."""
     torch.manual_seed(0)
-    x = torch.randn(1024, 256)
-    w = torch.randn(1024, 256) * 0.05
+    x = torch.randn(8192, 64)  # the output: 32 MiB
+    w = torch.randn(1024, 64) * 0.05
     expected = torch.nn.functional.gelu(x @ w.t())
     bad = []
 
@@ -168,4 +168,4 @@ def test_threads_never_share_a_buffer(cache):
     for t in threads:
         t.join()
     assert not bad
-    assert cache.held_bytes()[0] % (4 * MIB) == 0
+    assert cache.held_bytes()[0] % (32 * MIB) == 0 and cache.held_bytes()[0] > 0

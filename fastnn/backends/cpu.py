@@ -287,12 +287,11 @@ class BufferCache:
 
     A training step allocates buffers of the same sizes step after step (products, hidden states,
     gradients), and a fresh buffer past malloc's mmap threshold costs a page fault per 4 KiB on its
-    first write, in the GEMM or pass that writes it. Gelu forward+backward against eager, the
-    benchmark's rows without / with the cache (Xeon with AMX, 2 threads, two runs each): 8192 x 256
-    -> 1024 bfloat16 1.14-1.35x / 1.57-1.76x, float32 1.20-1.22x / 1.55-1.56x; 4096 x 1024 -> 4096
-    bfloat16 1.17-1.19x / 1.68-1.77x, float32 1.07-1.09x / 1.12-1.17x. A training loop of the
-    BERT-base MLP block (2048 x 768 -> 3072 -> 768, fastnn.mlp) took 32.8-36.7 ms a step in bfloat16
-    with the cache, 36.1-46.5 without.
+    first write, in the GEMM or pass that writes it. Gelu, the benchmark's rows without / with the
+    cache (Xeon with AMX, 2 threads, two runs each, buffers of 32-64 MiB kept): 4096 x 1024 -> 4096
+    bfloat16 forward 28.4-30.7 / 19.0-19.1 ms, forward+backward 76.5-86.4 / 55.8-58.0; float32
+    forward 100.7-101.2 / 87.5-91.1; 8192 x 256 -> 1024 float32 forward 19.7-20.5 / 13.3-13.8,
+    forward+backward 54.7-55.4 / 43.1-45.6.
 
     A buffer is free when the cache holds the only reference to its storage (views, autograd's
     saved tensors, .grad, numpy arrays all count), checked and claimed under a lock, so nothing is
@@ -302,10 +301,14 @@ class BufferCache:
     (FASTNN_CPU_BUFFER_CACHE_MB, read at import, default 1024; 0 turns the cache off) are let go;
     `clear()` lets go of every free one."""
 
-    # Smaller buffers are left to malloc, whose free lists give back the chunk freed last, likely
-    # still in the caches: with them kept too, 256 x 768 -> 3072 gelu forward+backward in bfloat16
-    # (1.5 MiB buffers) ran 0.91-0.99x eager against 1.02-1.03x without (Xeon with AMX, 2 threads).
-    MIN_BYTES = 4 << 20
+    # 32 MiB and up: glibc's largest mmap threshold, past which malloc maps and unmaps a buffer every
+    # time. Smaller ones are left to malloc, whose free lists hand back the chunk freed last, likely
+    # warmer than the cache's copy, left cold by the other calls between two of fastnn's: kept from
+    # 4 MiB, 8192 x 256 -> 1024 bfloat16 gelu (16 MiB buffers) took 3.74-3.81 ms forward beside
+    # eager's calls against 2.98-3.14 not kept, forward+backward in the benchmark 14.6-15.3 ms against
+    # 11.2-11.9; kept from 1 MiB, 256 x 768 -> 3072 bfloat16 forward+backward ran 0.91-0.99x eager
+    # against 1.02-1.03x (Xeon with AMX, 2 threads).
+    MIN_BYTES = 32 << 20
 
     def __init__(self, limit_bytes):
         self.limit_bytes = limit_bytes
