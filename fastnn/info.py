@@ -135,7 +135,7 @@ def _cpu_buffer_cache() -> str:
     from .backends import cpu as cpu_backend
 
     cache = cpu_backend.BUFFER_CACHE
-    if cache._free is None:
+    if cache._alone is None:
         return "off: this torch does not count a storage's references as the cache needs"
     if cache.limit_bytes <= 0:
         return "off (FASTNN_CPU_BUFFER_CACHE_MB=0)"

@@ -10,7 +10,7 @@ import torch
 import fastnn
 from fastnn.backends import cpu
 
-pytestmark = pytest.mark.skipif(cpu.BUFFER_CACHE._free is None,
+pytestmark = pytest.mark.skipif(cpu.BUFFER_CACHE._alone is None,
                                 reason="this torch has no storage use count: the cache is off")
 
 MIB = 1 << 20
@@ -78,7 +78,8 @@ def test_a_buffer_is_not_handed_out_while_anything_holds_it(cache, holder):
         assert (w.grad == 3.0).all()
     elif holder == "grad":
         assert (kept.grad == 3.0).all()
-    elif holder == "shared memory":
+    elif holder == "shared memory":  # never handed out; let go once nothing else holds it
+        assert cache.held_bytes() == (32 * MIB, 0)  # u alone
         return
     else:
         del kept  # now free: it goes out again

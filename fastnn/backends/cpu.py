@@ -287,11 +287,13 @@ class BufferCache:
 
     A training step allocates buffers of the same sizes step after step (products, hidden states,
     gradients), and a fresh buffer past malloc's mmap threshold costs a page fault per 4 KiB on its
-    first write, in the GEMM or pass that writes it. Gelu, the benchmark's rows without / with the
-    cache (Xeon with AMX, 2 threads, two runs each, buffers of 32-64 MiB kept): 4096 x 1024 -> 4096
-    bfloat16 forward 28.4-30.7 / 19.0-19.1 ms, forward+backward 76.5-86.4 / 55.8-58.0; float32
-    forward 100.7-101.2 / 87.5-91.1; 8192 x 256 -> 1024 float32 forward 19.7-20.5 / 13.3-13.8,
-    forward+backward 54.7-55.4 / 43.1-45.6.
+    first write, in the GEMM or pass that writes it. Gelu, fastnn's own times in the benchmark
+    without / with the cache (Xeon with AMX, 2 threads, two runs each, record
+    2026-12-05-...-buffer-cache-default-set-ab-at-b053fe5.txt): 8192 x 256 -> 1024 float32 forward
+    20.3-21.4 / 13.5-14.3 ms, forward+backward 57.3-58.2 / 43.9-46.8; 4096 x 1024 -> 4096 bfloat16
+    forward+backward 85.9-90.8 / 59.7-61.6, float32 forward 102.7-108.0 / 86.8-93.1; but bfloat16
+    forward 15.9-16.9 / 19.5-20.3 (28.4-30.7 / 19.0-19.1 in an earlier pair: that VM's first-touch
+    cost swings from run to run, and a page the kernel has just zeroed is warm).
 
     A buffer is free when the cache holds the only reference to its storage (views, autograd's
     saved tensors, .grad, numpy arrays all count), checked and claimed under a lock, so nothing is
@@ -314,10 +316,14 @@ class BufferCache:
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
         self._held = {}  # bytes -> flat uint8 tensors on the buffers' storages, the one handed out last last
-        self._free = _free_test()
+        self._alone = _alone_test()
 
     def _on(self, nbytes):
-        return self._free is not None and self.limit_bytes > 0 and nbytes >= self.MIN_BYTES
+        return self._alone is not None and self.limit_bytes > 0 and nbytes >= self.MIN_BYTES
+
+    def _free(self, flat):
+        # (a storage shared with another process, share_memory_, is left to that protocol)
+        return self._alone(flat) and not flat.untyped_storage().is_shared()
 
     def take(self, shape, dtype):
         """A free buffer of shape and dtype's size as a new tensor, or None."""
@@ -343,12 +349,15 @@ class BufferCache:
         if not self._on(nbytes):
             return
         with self._lock:
-            flat = torch.empty(0, dtype=torch.uint8, device="cpu").set_(t.untyped_storage())
-            self._held.setdefault(nbytes, []).append(flat)
-            free = [(flat, size) for size, flats in self._held.items() for flat in flats if self._free(flat)]
+            self._held.setdefault(nbytes, []).append(
+                torch.empty(0, dtype=torch.uint8, device="cpu").set_(t.untyped_storage()))
+            alone = [(flat, size) for size, flats in self._held.items() for flat in flats if self._alone(flat)]
+            # shared ones nothing here holds any more go; then free ones past the limit, sizes in the
+            # order first made, each size's longest-held first
+            let_go = {id(flat) for flat, _ in alone if flat.untyped_storage().is_shared()}
+            free = [(flat, size) for flat, size in alone if id(flat) not in let_go]
             free_bytes = sum(size for _, size in free)
-            let_go = set()
-            for flat, size in free:  # (sizes in the order first made, each size's longest-held first)
+            for flat, size in free:
                 if free_bytes <= self.limit_bytes:
                     break
                 let_go.add(id(flat))
@@ -376,38 +385,37 @@ def _numel(shape):
     return n
 
 
-def _free_test():
+def _alone_test():
     """A test of whether a tensor is all that holds its storage, from torch's count of the
     storage's references (torch._C._storage_Use_Count) and Python's of the storage object's, as a
     lone tensor shows them: torch keeps one Python object per storage, which counts once in the
     storage's references, so a Python reference to it is a holder too. Checked here against a view,
     a second storage object and a numpy array; None where any check fails (nothing is then
-    cached). A storage shared with another process (share_memory_) is never free: it is left to
-    that protocol."""
+    cached)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:
         return None
 
     def references(t):
         storage = t.untyped_storage()
-        return use_count(storage._cdata), sys.getrefcount(storage), storage.is_shared()
+        return use_count(storage._cdata), sys.getrefcount(storage)
 
     try:
         t = torch.empty(4)  # in the cache's place
         lone = references(t)
 
-        def free(t):
+        def alone(t):
             return references(t) == lone
 
-        seen = [free(t)]
+        seen = [alone(t)]
         for make in (lambda: t[1:], t.untyped_storage, t.numpy):
             other = make()
-            seen.append(free(t))
+            seen.append(alone(t))
             del other
-            seen.append(free(t))
+            seen.append(alone(t))
     except (AttributeError, RuntimeError, TypeError):
         return None
-    return free if seen == [True, False, True, False, True, False, True] else None
+    return alone if seen == [True, False, True, False, True, False, True] else None
 
 
 def _cache_limit_bytes():
@@ -421,11 +429,11 @@ BUFFER_CACHE = BufferCache(_cache_limit_bytes())
 
 
 def _empty(shape, dtype, device):
-    """A free buffer of BUFFER_CACHE, else torch.empty kept there, with the 2 MiB-aligned part of a
-    large CPU buffer advised to huge pages before anything touches it. A fresh buffer past malloc's mmap threshold costs a page fault per 4 KiB on
-    its first write: bfloat16 dW of 16x4096 -> 11008 (90 MB) took 61 ms in torch.mm, 30 ms with huge
-    pages (Xeon with AMX, 2 threads); eager PyTorch pays the 4 KiB faults. The advice changes no
-    value; a failed call leaves the buffer as it was."""
+    """A free buffer of BUFFER_CACHE, else torch.empty (kept there), with the 2 MiB-aligned part of
+    a large CPU buffer advised to huge pages before anything touches it. A fresh buffer past malloc's
+    mmap threshold costs a page fault per 4 KiB on its first write: bfloat16 dW of 16x4096 -> 11008
+    (90 MB) took 61 ms in torch.mm, 30 ms with huge pages (Xeon with AMX, 2 threads); eager PyTorch
+    pays the 4 KiB faults. The advice changes no value; a failed call leaves the buffer as it was."""
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:
         t = BUFFER_CACHE.take(shape, dtype)
