@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 import threading
@@ -327,7 +328,7 @@ class BufferCache:
 
     def take(self, shape, dtype):
         """A free buffer of shape and dtype's size as a new tensor, or None."""
-        nbytes = dtype.itemsize * _numel(shape)
+        nbytes = dtype.itemsize * math.prod(shape)
         if not self._on(nbytes):
             return None
         with self._lock:
@@ -376,13 +377,6 @@ class BufferCache:
         with self._lock:
             sizes = [(size, self._free(flat)) for size, flats in self._held.items() for flat in flats]
         return sum(n for n, _ in sizes), sum(n for n, free in sizes if free)
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _alone_test():
