@@ -84,16 +84,17 @@ def _activation_name(act) -> Optional[str]:
 _GATED_BY_GATE = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
 
 
-def _linear_class(proj) -> type:
+def _linear_class(proj) -> Optional[type]:
     """The projection class fastnn reads weights from directly: nn.Linear, or transformers'
-    Conv1D (weights (in, out)) and FalconLinear (nn.Linear's math). A wrapper (PEFT's LoRA keeps
-    the original as base_layer) is looked through, so that the fused path comes back once the
-    wrapper is merged away; while it is there, the module runs unfused."""
+    Conv1D (weights (in, out)) and FalconLinear (nn.Linear's math); None for any other (a 1x1
+    Conv2d, as in timm's conv-MLP ConvNeXts, or a subclass of nn.Linear with its own forward). A
+    wrapper (PEFT's LoRA keeps the original as base_layer) is looked through, so that the fused
+    path comes back once the wrapper is merged away; while it is there, the module runs unfused."""
     proj = getattr(proj, "base_layer", proj)
     cls = type(proj)
     if cls is nn.Linear or (cls.__module__.startswith("transformers") and cls.__name__ in ("Conv1D", "FalconLinear")):
         return cls
-    return nn.Linear
+    return None
 
 
 # ---- what the families do after their activation (the rest of the replaced method) --------------
@@ -388,7 +389,14 @@ def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
                                       "has no fastnn equivalent"))
             return
         first = getattr(module, fam.linear or fam.gate or fam.gate_up)
-        parts = {"family": fam, "act": act, "name": name, "linear_cls": _linear_class(first)}
+        linear_cls = _linear_class(first)
+        if linear_cls is None:
+            # (installed, the method would only ever run the module's own: it is no Linear to wrap away)
+            proj = getattr(first, "base_layer", first)
+            records.append(FuseRecord(path, kind, False, f"{fam.name}: {fam.linear or fam.gate or fam.gate_up} is a "
+                                      f"{type(proj).__name__}, not a Linear fastnn reads its weights from"))
+            return
+        parts = {"family": fam, "act": act, "name": name, "linear_cls": linear_cls}
         detail = f"{fam.name}: {fam.linear or fam.gate_up or fam.gate + ' + ' + fam.up} + {name} fused"
         if fam.method != "forward":
             detail += f" (in {fam.method})"

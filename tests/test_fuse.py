@@ -431,6 +431,37 @@ def test_unknown_hf_activation_left_with_reason():
     assert [r.fused for r in report] == [False] and "has no fastnn equivalent" in report[0].detail, report
 
 
+class _ScaledLinear(nn.Linear):
+    """A projection that is no plain nn.Linear (its own forward), as a 1x1 Conv2d fc1 is (timm's
+    conv-MLP ConvNeXts): fastnn does not read its weights."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_projection_fastnn_cannot_read_is_left_with_reason(fused_calls):
+    """A family module whose projection fastnn cannot read is reported as left (it was reported
+    fused, with a method installed that could only ever run the module's own), and runs as it was."""
+    cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, hidden_act="gelu")
+    torch.manual_seed(0)
+    model = transformers.CLIPTextModel(cfg).eval()
+    mlp = model.encoder.layers[0].mlp
+    odd = _ScaledLinear(32, 64)
+    odd.load_state_dict(mlp.fc1.state_dict())
+    mlp.fc1 = odd
+    reference = copy.deepcopy(model)
+    report = fastnn.fuse(model).fastnn_fuse_report
+    left = [r for r in report if r.path.endswith("layers.0.mlp")]
+    assert len(left) == 1 and not left[0].fused and "fc1 is a _ScaledLinear, not a Linear" in left[0].detail, report
+    assert not any(r.fused for r in report), report
+    assert not fastnn.dropin.installed(mlp, "forward")
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, reference(ids).last_hidden_state)
+    assert sum(fused_calls.values()) == 0
+
+
 def _opt():
     cfg = transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                  num_attention_heads=2, word_embed_proj_dim=32)
