@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations, dropin
-from .functional import linear_act, linear_glu
+from .functional import linear_act, linear_glu, mlp
 from .modules import TransformerEncoderLayer, activation_name, fused_ff_block, fused_linear_act, fused_linear_glu
 
 log = logging.getLogger("fastnn")
@@ -134,6 +134,14 @@ def _rest_t5(m, h):
     return m.wo(h)
 
 
+def _after_dropout(m, y):
+    return m.dropout(y)
+
+
+def _after_timm(m, y):
+    return m.drop2(y)
+
+
 @dataclass(frozen=True)
 class _Family:
     """A feed-forward block: the exact children it has, the method fuse replaces, where its
@@ -148,6 +156,11 @@ class _Family:
     up: str = ""
     gate_up: str = ""    # ...or one projection with the gate's rows first
     transposed: bool = False
+    # the whole block as one fastnn.mlp op: the projection after the activation, the children
+    # between them (dropout, an identity norm) and what the method does with its output
+    down: str = ""
+    between: tuple = ()
+    after: Optional[Callable] = None
     class_suffix: str = ""
     library: str = ""    # only this library's classes named exactly class_suffix (their children are common names)
 
@@ -168,27 +181,31 @@ _FAMILIES = [
             frozenset({"dense", "intermediate_act_fn"}), "intermediate_act_fn", _rest_none, linear="dense",
             class_suffix="Intermediate"),
     _Family("GPT-2 MLP (Conv1D weights read transposed)", frozenset({"c_fc", "c_proj", "act", "dropout"}), "act",
-            _rest_gpt2, linear="c_fc", transposed=True),
+            _rest_gpt2, linear="c_fc", transposed=True, down="c_proj", after=_after_dropout),
     _Family("GPT-NeoX / Falcon MLP", frozenset({"dense_h_to_4h", "dense_4h_to_h", "act"}), "act", _rest_neox,
-            linear="dense_h_to_4h"),
+            linear="dense_h_to_4h", down="dense_4h_to_h"),
     _Family("DistilBERT FFN (ff_chunk)", frozenset({"lin1", "lin2", "activation", "dropout"}), "activation",
-            _rest_distilbert, method="ff_chunk", linear="lin1"),
-    _Family("T5 DenseActDense", frozenset({"wi", "wo", "dropout", "act"}), "act", _rest_t5, linear="wi"),
+            _rest_distilbert, method="ff_chunk", linear="lin1", down="lin2", after=_after_dropout),
+    _Family("T5 DenseActDense", frozenset({"wi", "wo", "dropout", "act"}), "act", _rest_t5, linear="wi", down="wo",
+            between=("dropout",)),
     _Family("CLIP / SigLIP-style MLP", frozenset({"fc1", "fc2", "activation_fn"}), "activation_fn", _rest_fc2,
-            linear="fc1"),
+            linear="fc1", down="fc2"),
     _Family("LLaMA-style gated MLP (LLaMA, Mistral, Qwen2/3, Gemma, ...)",
             frozenset({"gate_proj", "up_proj", "down_proj", "act_fn"}), "act_fn", _rest_down, gate="gate_proj",
-            up="up_proj"),
+            up="up_proj", down="down_proj"),
     _Family("Phi-3 gated MLP (gate_up_proj)", frozenset({"gate_up_proj", "down_proj", "activation_fn"}),
-            "activation_fn", _rest_down, gate_up="gate_up_proj"),
+            "activation_fn", _rest_down, gate_up="gate_up_proj", down="down_proj"),
     _Family("T5 DenseGatedActDense", frozenset({"wi_0", "wi_1", "wo", "dropout", "act"}), "act", _rest_t5,
-            gate="wi_0", up="wi_1"),
+            gate="wi_0", up="wi_1", down="wo", between=("dropout",)),
     _Family("timm Mlp (ViT, MLP-Mixer, ...)", frozenset({"fc1", "act", "drop1", "norm", "fc2", "drop2"}), "act",
-            _rest_timm, linear="fc1", class_suffix="Mlp", library="timm"),
+            _rest_timm, linear="fc1", class_suffix="Mlp", library="timm", down="fc2", between=("drop1", "norm"),
+            after=_after_timm),
     _Family("timm GluMlp (one fc1, halves gate and value)", frozenset({"fc1", "act", "drop1", "norm", "fc2", "drop2"}),
-            "act", _rest_timm, gate_up="fc1", class_suffix="GluMlp", library="timm"),
+            "act", _rest_timm, gate_up="fc1", class_suffix="GluMlp", library="timm", down="fc2",
+            between=("drop1", "norm"), after=_after_timm),
     _Family("timm SwiGLU", frozenset({"fc1_g", "fc1_x", "act", "drop1", "norm", "fc2", "drop2"}), "act", _rest_timm,
-            gate="fc1_g", up="fc1_x", class_suffix="SwiGLU", library="timm"),
+            gate="fc1_g", up="fc1_x", class_suffix="SwiGLU", library="timm", down="fc2", between=("drop1", "norm"),
+            after=_after_timm),
 ]
 
 
@@ -209,23 +226,80 @@ def _fused_family(call, *args, **kwargs):
         return NotImplemented  # replaced since fuse by another activation (a DataParallel replica's copy is the same)
     if not dropin.plain_callable(act):
         return NotImplemented
+    if fam.down:
+        y = _fused_block(x, m, fam, parts)
+        if y is not NotImplemented:
+            return y if fam.after is None else fam.after(m, y)
     if fam.linear:
         h = fused_linear_act(x, getattr(m, fam.linear), parts["linear_cls"], act, parts["name"], fam.transposed)
     elif fam.gate:
         h = fused_linear_glu(x, getattr(m, fam.gate), getattr(m, fam.up), parts["linear_cls"], parts["name"])
     else:
         proj = getattr(m, fam.gate_up)
-        if not dropin.plain_module(proj, parts["linear_cls"]) or not dropin.fusable_input(x, proj.weight) \
-                or getattr(m, "chunk_dim", -1) != -1 or proj.weight.shape[0] % 2:
+        if not dropin.plain_module(proj, parts["linear_cls"]) or not dropin.fusable_input(x, proj.weight):
             return NotImplemented
-        gate_w, up_w = proj.weight.chunk(2, dim=0)
-        gate_b, up_b = (None, None) if proj.bias is None else proj.bias.chunk(2)
-        if getattr(m, "gate_last", False):  # timm's GluMlp: value first, gate second
-            gate_w, up_w, gate_b, up_b = up_w, gate_w, up_b, gate_b
-        h = linear_glu(x, gate_w, up_w, gate_b, up_b, parts["name"])
+        halves = _gate_up_halves(m, proj)
+        if halves is None:
+            return NotImplemented
+        h = linear_glu(x, *halves, parts["name"])
     if h is NotImplemented:
         return h
     return fam.rest(m, h)
+
+
+def _gate_up_halves(m, proj):
+    """(gate weight, up weight, gate bias, up bias) of one projection whose output rows are the two
+    halves, as the family module's forward splits them; None where it splits otherwise."""
+    if getattr(m, "chunk_dim", -1) != -1 or proj.weight.dim() != 2 or proj.weight.shape[0] % 2:
+        return None
+    gate_w, up_w = proj.weight.chunk(2, dim=0)
+    gate_b, up_b = (None, None) if proj.bias is None else proj.bias.chunk(2)
+    if getattr(m, "gate_last", False):  # timm's GluMlp: value first, gate second
+        return up_w, gate_w, up_b, gate_b
+    return gate_w, up_w, gate_b, up_b
+
+
+def _fused_block(x, m, fam: _Family, parts):
+    """The family module's block, act(fc1(x)) through `fam.down`, as one fastnn.mlp op (its backward
+    takes fc2's gradient straight into fc1's, and on the cpu backend reads dW's factors as it lays
+    them out); NotImplemented unless every projection is plain (no wrapper, hook or tensor-parallel
+    plan: those keep the fc1 + activation op and run `down` as it is), the children between are
+    an identity or a dropout (at most one active: fastnn.mlp then applies F.dropout as nn.Dropout
+    does, same random stream), and all weights share x's dtype and device (T5 can keep wo in
+    float32: its forward casts, which the module's own path keeps doing)."""
+    dropout = 0.0
+    for name in fam.between:
+        mod = getattr(m, name)
+        if type(mod) is nn.Dropout and dropin.plain_module(mod, nn.Dropout):
+            if mod.training and mod.p > 0:
+                if dropout:
+                    return NotImplemented
+                dropout = mod.p
+        elif not (type(mod) is nn.Identity and dropin.plain_module(mod, nn.Identity)):
+            return NotImplemented
+    cls = parts["linear_cls"]
+    projections = [getattr(m, n) for n in (fam.linear, fam.gate, fam.up, fam.gate_up, fam.down) if n]
+    if not all(dropin.plain_module(p, cls) for p in projections):
+        return NotImplemented
+    weight = (lambda p: p.weight.t()) if fam.transposed else (lambda p: p.weight)
+    if fam.gate_up:
+        halves = _gate_up_halves(m, projections[0])
+        if halves is None:
+            return NotImplemented
+        w1, wu, b1, bu = halves
+    elif fam.gate:
+        w1, wu, b1, bu = weight(projections[0]), weight(projections[1]), projections[0].bias, projections[1].bias
+    else:
+        w1, wu, b1, bu = weight(projections[0]), None, projections[0].bias, None
+    down = projections[-1]
+    w2, b2 = weight(down), down.bias
+    first = (w1,) if wu is None else (w1, wu)
+    if not (dropin.fusable_input(x, *first) and (wu is None or wu.shape == w1.shape)
+            and isinstance(w2, torch.Tensor) and w2.dim() == 2 and w2.shape[1] == w1.shape[0]
+            and all(isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.device == x.device
+                    for t in (w2, b1, bu, b2) if t is not None)):
+        return NotImplemented
+    return mlp(x, w1, b1, w2, b2, parts["name"], up_weight=wu, up_bias=bu, dropout=dropout, training=dropout > 0)
 
 
 def _fused_encoder_layer(call, *args, **kwargs):
@@ -398,6 +472,8 @@ def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
             return
         parts = {"family": fam, "act": act, "name": name, "linear_cls": linear_cls}
         detail = f"{fam.name}: {fam.linear or fam.gate_up or fam.gate + ' + ' + fam.up} + {name} fused"
+        if fam.down:
+            detail += f", with {fam.down} as one block (fastnn.mlp) while it is plain"
         if fam.method != "forward":
             detail += f" (in {fam.method})"
         dropin.install(module, fam.method, _fused_family, parts, detail)

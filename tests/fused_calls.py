@@ -32,6 +32,7 @@ def counting_replacements(calls):
         return original_mlp(x, *args, **kwargs)
 
     replacements.append((modules, "mlp", counted_mlp))
+    replacements.append((fuse_module, "mlp", counted_mlp))
     return replacements
 
 
