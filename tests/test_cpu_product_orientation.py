@@ -129,8 +129,17 @@ def test_orientation_choice(monkeypatch):
             assert cpu_backend.product_transposed(limit, dtype, fold_bias=False) is amx
             assert not cpu_backend.product_transposed(limit, dtype, fold_bias=True)
             assert not cpu_backend.product_transposed(limit + 1, dtype, fold_bias=False)
+        # a column-major weight (transformers' Conv1D read transposed) keeps the direct orientation;
+        # a row-major one, a one-row one and a row-major view of a wider matrix do not decide it
+        column_major = torch.empty(768, 3072, dtype=torch.bfloat16).t()
+        assert not cpu_backend.product_transposed(16, torch.bfloat16, False, (column_major,))
+        assert not cpu_backend.product_transposed(16, torch.bfloat16, False, (column_major.t().t(), column_major))
+        for weight in (column_major.contiguous(), torch.empty(1, 768, dtype=torch.bfloat16),
+                       torch.empty(3072, 1024, dtype=torch.bfloat16)[:, :768]):
+            assert cpu_backend.product_transposed(16, torch.bfloat16, False, (weight,)) is amx
     monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", "transposed")
     assert cpu_backend.product_transposed(10**6, torch.float16, fold_bias=False)
+    assert cpu_backend.product_transposed(16, torch.bfloat16, False, (torch.empty(8, 4).t(),))
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS, indirect=True)

@@ -134,7 +134,13 @@ def _has_amx() -> bool:
         return False
 
 
-def product_transposed(rows, dtype, fold_bias) -> bool:
+def _column_major(weight) -> bool:
+    """Whether a 2-D weight (out, in) is stored column by column: the transposed view of an (in, out)
+    matrix, as transformers' Conv1D weights (GPT-2) are read."""
+    return weight.dim() == 2 and weight.shape[0] > 1 and weight.stride(0) == 1 and weight.stride(1) >= weight.shape[0]
+
+
+def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
     """Whether the forward GEMMs multiply in the transposed orientation (see above): for float32
     GEMMs (which 16-bit inputs get too where torch's own 16-bit GEMM is the slow loop) on CPUs
     other than Intel's, and for 16-bit GEMMs on CPUs with AMX, where oneDNN multiplies W x^T faster
@@ -144,11 +150,14 @@ def product_transposed(rows, dtype, fold_bias) -> bool:
     activations' sign follows. On Intel's CPUs MKL's float32 GEMM gains nothing from the transposed
     orientation that the pass from Z^T does not give back (Xeon with AMX, gelu forward, paired:
     0.92-0.95x of the direct orientation at 64, 128, 512 rows and 256 x 3072 -> 768, 1.00x at 256 x
-    768 -> 3072). FASTNN_CPU_PRODUCT=direct|transposed, read at import, overrides the choice (tests
-    run both)."""
+    768 -> 3072). Nor for a column-major weight (weights: the call's; _column_major): x W^T is then a
+    product of two row-major matrices, which oneDNN runs faster than W x^T with W column-major
+    (bfloat16, Xeon with AMX, 2 threads, a 3072 x 768 Conv1D weight read transposed: identity at
+    256 rows 0.68 against 0.92 ms, at 16 rows 0.32 against 0.38; gelu_tanh 0.72 / 0.94, 0.33 / 0.39).
+    FASTNN_CPU_PRODUCT=direct|transposed, read at import, overrides the choice (tests run both)."""
     if PRODUCT_OVERRIDE is not None:
         return PRODUCT_OVERRIDE == "transposed"
-    if rows > TRANSPOSED_PRODUCT_MAX_ROWS:
+    if rows > TRANSPOSED_PRODUCT_MAX_ROWS or any(_column_major(w) for w in weights):
         return False
     if dtype == torch.float32 or gemm_in_float32(dtype):
         return not _intel_cpu()
@@ -681,7 +690,7 @@ class CpuBackend(Backend):
     # kernels where the pass adds the bias (Z^T = W x^T, then the pass writes y).
     def linear_act_y(self, x, weight, bias, act):
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
-        if dtype in _FLOAT and not product_transposed(rows, dtype, True):
+        if dtype in _FLOAT and not product_transposed(rows, dtype, True, (weight,)):
             add = _bias_to_add(bias, dtype, act)
             z = _product_with_bias(x, weight, None if add is not None else bias)
             if act.name != "identity":
@@ -689,7 +698,7 @@ class CpuBackend(Backend):
                                                           z.data_ptr(), _ptr(add), z.data_ptr(), 0,
                                                           _native.num_threads())
             return z
-        if dtype in _HALF and not _fold_bias(dtype, act) and product_transposed(rows, dtype, False):
+        if dtype in _HALF and not _fold_bias(dtype, act) and product_transposed(rows, dtype, False, (weight,)):
             z_t = _product_transposed(x, weight)
             y = _empty((rows, cols), dtype, x.device)
             bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
@@ -705,7 +714,7 @@ class CpuBackend(Backend):
         rows, cols = x.shape[0], weight.shape[0]
         code = _native.DTYPE_CODES[x.dtype]
         fold = _fold_bias(x.dtype, act)
-        if product_transposed(rows, x.dtype, fold):
+        if product_transposed(rows, x.dtype, fold, (weight,)):
             # Z^T, then one pass: y, and the product or Z's mask, row-major
             product_t, bias = _gemm_transposed(x, weight, bias, fold)
             y = _empty((rows, cols), x.dtype, x.device)
@@ -783,7 +792,7 @@ class CpuBackend(Backend):
     def linear_glu_y(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act):
         # (the one-frame calls of linear_act_y's comment)
         dtype, rows, cols = x.dtype, x.shape[0], gate_weight.shape[0]
-        if dtype in _FLOAT and not product_transposed(rows, dtype, True):
+        if dtype in _FLOAT and not product_transposed(rows, dtype, True, (gate_weight, up_weight)):
             add_gate, add_up = _bias_to_add(gate_bias, dtype, gate_act), _bias_to_add(up_bias, dtype, None)
             p_gate = _product_with_bias(x, gate_weight, None if add_gate is not None else gate_bias)
             p_up = _product_with_bias(x, up_weight, None if add_up is not None else up_bias)
@@ -791,7 +800,8 @@ class CpuBackend(Backend):
                                                  p_gate.data_ptr(), p_up.data_ptr(), _ptr(add_gate), _ptr(add_up),
                                                  p_gate.data_ptr(), _native.num_threads())
             return p_gate
-        if dtype in _HALF and not _fold_bias(dtype, gate_act) and product_transposed(rows, dtype, False):
+        if dtype in _HALF and not _fold_bias(dtype, gate_act) and product_transposed(rows, dtype, False,
+                                                                                   (gate_weight, up_weight)):
             p_gate, p_up = _product_transposed(x, gate_weight), _product_transposed(x, up_weight)
             y = _empty((rows, cols), dtype, x.device)
             # (held: the pass reads them by pointer)
@@ -808,7 +818,7 @@ class CpuBackend(Backend):
         C = _native.cpu_module()
         rows, cols = x.shape[0], gate_weight.shape[0]
         fold_gate, fold_up = _fold_bias(x.dtype, gate_act), _fold_bias(x.dtype, None)
-        if product_transposed(rows, x.dtype, fold_gate):
+        if product_transposed(rows, x.dtype, fold_gate, (gate_weight, up_weight)):
             # as linear_act_fwd: both products transposed (the gate's bias decides, as its sign does)
             p_gate, gate_bias = _gemm_transposed(x, gate_weight, gate_bias, fold_gate)
             p_up, up_bias = _gemm_transposed(x, up_weight, up_bias, fold_up)
