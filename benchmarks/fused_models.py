@@ -121,8 +121,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown module(s) {unknown}; known: {', '.join(modules)}")
     env = bench.environment(torch.device("cpu"))
-    print(f"fastnn {env['fastnn']} ({env['git_commit']}) on {env['device']} ({env['cpu_threads']} threads); "
-          f"torch {env['torch']}; {env['date']}")
+    print(f"fastnn {env['fastnn']} ({env['git_commit']}) on {env['device']}; torch {env['torch']}; {env['date']}")
     ok = True
     for key in args.modules:
         label, make = modules[key]
