@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import activations, dropin
-from .functional import linear_act, linear_glu, mlp
+from .functional import RECOMPUTE_LEVELS, linear_act, linear_glu, mlp
 from .modules import TransformerEncoderLayer, activation_name, fused_ff_block, fused_linear_act, fused_linear_glu
 
 log = logging.getLogger("fastnn")
@@ -299,7 +299,9 @@ def _fused_block(x, m, fam: _Family, parts):
             and all(isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.device == x.device
                     for t in (w2, b1, bu, b2) if t is not None)):
         return NotImplemented
-    return mlp(x, w1, b1, w2, b2, parts["name"], up_weight=wu, up_bias=bu, dropout=dropout, training=dropout > 0)
+    recompute = parts.get("recompute", "none") if m.training else "none"
+    return mlp(x, w1, b1, w2, b2, parts["name"], up_weight=wu, up_bias=bu, dropout=dropout, training=dropout > 0,
+               recompute=recompute)
 
 
 def _fused_encoder_layer(call, *args, **kwargs):
@@ -431,7 +433,7 @@ def _fused_sequential(call, *args, **kwargs):
     return x
 
 
-def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
+def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord], recompute: str) -> None:
     kind = type(module).__name__
     if isinstance(module, TransformerEncoderLayer):
         return  # fastnn's own layer: fused by its class
@@ -455,6 +457,7 @@ def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
         if not fam.matches(module):
             continue
         if dropin.installed(module, fam.method):
+            module.__dict__[fam.method].parts["recompute"] = recompute  # (fusing again sets the level)
             return
         act = getattr(module, fam.act)
         name = _family_activation_name(fam, act)
@@ -470,10 +473,12 @@ def _fuse_one(path: str, module: nn.Module, records: List[FuseRecord]) -> None:
             records.append(FuseRecord(path, kind, False, f"{fam.name}: {fam.linear or fam.gate or fam.gate_up} is a "
                                       f"{type(proj).__name__}, not a Linear fastnn reads its weights from"))
             return
-        parts = {"family": fam, "act": act, "name": name, "linear_cls": linear_cls}
+        parts = {"family": fam, "act": act, "name": name, "linear_cls": linear_cls, "recompute": recompute}
         detail = f"{fam.name}: {fam.linear or fam.gate_up or fam.gate + ' + ' + fam.up} + {name} fused"
         if fam.down:
             detail += f", with {fam.down} as one block (fastnn.mlp) while it is plain"
+            if recompute != "none":
+                detail += f", recompute={recompute!r} in training"
         if fam.method != "forward":
             detail += f" (in {fam.method})"
         dropin.install(module, fam.method, _fused_family, parts, detail)
@@ -513,15 +518,22 @@ def _fuse_sequential(path: str, seq: nn.Sequential, records: List[FuseRecord]) -
         dropin.install(seq, "forward", _fused_sequential, {}, f"{pairs} Linear + activation pair(s)")
 
 
-def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
+def fuse(model: nn.Module, verbose: bool = False, recompute: str = "none") -> nn.Module:
     """Fuse, in place, the Linear + activation patterns fastnn knows; returns the model.
 
     What was fused and what was left alone (and why) is logged (logger "fastnn"), printed with
     verbose=True, and kept as a list of FuseRecord in `model.fastnn_fuse_report`. Fusing twice
-    changes nothing more."""
+    changes nothing more, but for the level below.
+    recompute: the memory level (fastnn.mlp's) of the blocks that run as one fastnn.mlp op, in
+    training: "none" keeps what the unfused block keeps, "activation" forms the hidden activation
+    again in backward from fc1's pre-activation, "fc1" keeps only the block's input and runs fc1
+    and its activation again in backward. Outputs and gradients do not depend on the level (within
+    the numerics rule)."""
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"fastnn.fuse: unknown recompute level {recompute!r}; valid: {', '.join(RECOMPUTE_LEVELS)}")
     records: List[FuseRecord] = []
     for path, module in model.named_modules():
-        _fuse_one(path, module, records)
+        _fuse_one(path, module, records, recompute)
     model.fastnn_fuse_report = records
     for r in records:
         log.info("%s", r)

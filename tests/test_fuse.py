@@ -348,6 +348,51 @@ def test_hugging_face_family(name, fused_calls):
                                        reference.generate(inputs["input_ids"], **kw), rtol=0, atol=0)
 
 
+def _saved_bytes(model, inputs):
+    """Bytes of the tensors autograd keeps for backward in one training forward, parameters aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["gpt-neox", "llama", "t5"])
+def test_fuse_recompute_levels(name, fused_calls):
+    """fuse(model, recompute=level): the same logits and gradients as the unfused model in training
+    (T5's dropout between its projections included, seeded alike), less kept for backward at each
+    level (with dropout running, fastnn.mlp's "activation" keeps what "none" does), the block op
+    running; fusing again sets the level; an unknown level is an error."""
+    _, reference, _ = _fused_and_reference(name)
+    inputs = _inputs(name)
+    kept = {}
+    for level in ("none", "activation", "fc1"):
+        model = fastnn.fuse(copy.deepcopy(reference), recompute=level)
+        blocks = [r for r in model.fastnn_fuse_report if r.fused]
+        assert all((f"recompute={level!r}" in r.detail) == (level != "none") for r in blocks), blocks
+        model.train()
+        reference.train()
+        _assert_same_seeded(reference, model, inputs)
+        kept[level] = _saved_bytes(model, inputs)
+    if name == "t5":  # dropout runs between its projections: "activation" keeps what "none" keeps there
+        assert kept["fc1"] < kept["activation"] == kept["none"], kept
+    else:
+        assert kept["fc1"] < kept["activation"] < kept["none"], kept
+    assert fused_calls["mlp"] > 0
+    model = fastnn.fuse(copy.deepcopy(reference), recompute="fc1")
+    fastnn.fuse(model)  # again, at the default level
+    assert _saved_bytes(model.train(), inputs) == kept["none"]
+    with pytest.raises(ValueError, match="unknown recompute level 'all'"):
+        fastnn.fuse(model, recompute="all")
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("name", [n for n in FAMILIES if FAMILIES[n][0]().supports_gradient_checkpointing])
 def test_hugging_face_gradient_checkpointing(name, reentrant, fused_calls):
