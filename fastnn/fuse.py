@@ -282,6 +282,8 @@ def _fused_block(x, m, fam: _Family, parts):
     if not all(dropin.plain_module(p, cls) for p in projections):
         return NotImplemented
     weight = (lambda p: p.weight.t()) if fam.transposed else (lambda p: p.weight)
+    if not dropin.fusable_input(x, weight(projections[0])):
+        return NotImplemented  # (before any arithmetic on the weights: torch.fx traces them as proxies)
     if fam.gate_up:
         halves = _gate_up_halves(m, projections[0])
         if halves is None:

@@ -348,6 +348,28 @@ def test_hugging_face_family(name, fused_calls):
                                        reference.generate(inputs["input_ids"], **kw), rtol=0, atol=0)
 
 
+def test_torch_fx_symbolic_trace_of_fused_blocks():
+    """torch.fx.symbolic_trace (timm's feature extraction runs it) of a model with fused MLP blocks
+    as submodules: the fused method sees proxies, not tensors, and hands the block back to its own
+    forward, which FX traces as it would unfused (the block op once did arithmetic on the proxied
+    weights first: a TraceError on Phi-3's gate_up_proj and timm's GluMlp)."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    torch.manual_seed(0)
+    heads = dict(num_attention_heads=2, num_key_value_heads=2)
+    model = nn.Sequential(Phi3MLP(transformers.Phi3Config(hidden_size=16, intermediate_size=24, **heads)),
+                          LlamaMLP(transformers.LlamaConfig(hidden_size=16, intermediate_size=24, **heads)),
+                          GPT2MLP(24, transformers.GPT2Config(n_embd=16, n_head=2))).eval()
+    reference = copy.deepcopy(model)
+    assert sum(r.fused for r in fastnn.fuse(model).fastnn_fuse_report) == 3
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), reference(x))
+
+
 def _saved_bytes(model, inputs):
     """Bytes of the tensors autograd keeps for backward in one training forward, parameters aside."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
