@@ -176,7 +176,9 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
 # act' pass itself, each block while in the caches, measured no faster (0.96-1.07x of the separate
 # transpose) and was dropped. MKL's float32 GEMM gained nothing from the copy (2048 x 768 -> 3072,
 # 256 x 768 -> 3072) or lost (8192 x 256 -> 1024: 1.06x), nor did float16 on that Xeon (no AMX-FP16:
-# the GEMM alone 43.6 ms either way at 2048 x 768 -> 3072).
+# the GEMM alone 43.6 ms either way at 2048 x 768 -> 3072). Nor bfloat16 on oneDNN's AVX512-BF16 kernels
+# without AMX (AMD EPYC Zen 5): the GEMMs alone run 5% faster from the copies there, but the BERT-base
+# MLP block ran 0.99x (gelu) and 0.90x (swiglu) as fast with them (paired, 2 threads).
 WGRAD_COPY_MIN_IN_FEATURES = 512
 WGRAD_OVERRIDE = _env_choice("FASTNN_CPU_WGRAD", ("view", "copy"))
 
