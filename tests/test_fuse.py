@@ -13,6 +13,8 @@ import fastnn
 from fastnn.dropin import FusedCall, ReplicateForDataParallel, UnfuseForScripting
 from fused_calls import fused_calls  # noqa: F401  (fixture)
 
+fuse_module = importlib.import_module("fastnn.fuse")  # (fastnn.fuse is the function)
+
 
 def _outputs_and_grads(model, *inputs, **kwargs):
     model.zero_grad(set_to_none=True)
@@ -346,6 +348,73 @@ def test_hugging_face_family(name, fused_calls):
         with torch.no_grad():
             torch.testing.assert_close(model.generate(inputs["input_ids"], **kw),
                                        reference.generate(inputs["input_ids"], **kw), rtol=0, atol=0)
+
+
+def _down_projection(module):
+    """The projection after the activation of a block fuse runs as one op (its family's `down`)."""
+    fam = next(f for f in fuse_module._FAMILIES if f.down and f.matches(module))
+    return getattr(module, fam.down)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_FAMILIES))
+def test_hooked_projection_after_the_activation(name, fused_calls):
+    """Hooks on the projection after the activation (fc2, c_proj, down_proj, wo, lin2): the block
+    cannot run as one op then; fc1 and its activation stay fused, the projection runs as itself, its
+    hooks fire once per call and what they change counts, in train and eval mode; without the hooks
+    the whole block is one op again."""
+    model, reference, fused = _fused_and_reference(name)
+    op = FAMILIES[name][1]
+    seen = {"model": 0, "reference": 0}
+    handles = []
+    for which, m in (("model", model), ("reference", reference)):
+        for r in fused:
+            down = _down_projection(m.get_submodule(r.path))
+
+            def count(mod, args, out, which=which):
+                seen[which] += 1
+
+            handles.append(down.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,)))
+            handles.append(down.register_forward_hook(count))
+    inputs = _inputs(name)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        reference.train(mode == "train")
+        _assert_same_seeded(reference, model, inputs)
+    assert fused_calls["mlp"] == 0 and fused_calls[op] == 2 * len(fused)
+    assert seen["model"] == seen["reference"] == 2 * len(fused)
+    for h in handles:
+        h.remove()
+    fused_calls.clear()
+    _assert_same_seeded(reference, model, inputs)
+    assert fused_calls["mlp"] == len(fused)
+
+
+@pytest.mark.parametrize("order", ["fuse-then-lora", "lora-then-fuse"])
+def test_lora_on_the_projection_after_the_activation(order, fused_calls):
+    """LoRA on down_proj alone: gate + up stay one fused op, down_proj runs as the adapter makes it
+    (its gradients reach the adapter), and merging the adapter brings the whole block back as one op."""
+    peft = pytest.importorskip("peft")
+
+    def lora(model):
+        torch.manual_seed(7)
+        return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"],
+                                                          init_lora_weights=False))
+
+    ids = torch.randint(0, 100, (2, 7))
+    reference = lora(_llama())
+    model = lora(fastnn.fuse(_llama())) if order == "fuse-then-lora" else fastnn.fuse(lora(_llama()))
+    y1, g1 = _outputs_and_grads(reference, ids)
+    y2, g2 = _outputs_and_grads(model, ids)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    _assert_grads_close(g1, g2, 1e-5, 1e-5)
+    assert fused_calls["mlp"] == 0 and fused_calls["linear_glu"] == 2
+    adapters = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert len(adapters) == 4 and all(g is not None and g.abs().sum() > 0 for g in adapters)
+    fused_calls.clear()
+    merged, merged_ref = model.merge_and_unload(), reference.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, merged_ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert fused_calls["mlp"] == 2
 
 
 def test_torch_fx_symbolic_trace_of_fused_blocks():
