@@ -417,6 +417,38 @@ def test_lora_on_the_projection_after_the_activation(order, fused_calls):
     assert fused_calls["mlp"] == 2
 
 
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5", "phi3"])
+def test_autocast_and_torch_func_through_fused_blocks(name, fused_calls):
+    """A fused model under CPU autocast (bfloat16) computes in autocast's dtype as the unfused one
+    does, and torch.func.grad over functional_call gives the unfused model's gradients."""
+    model, reference, fused = _fused_and_reference(name)
+    inputs = _inputs(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (train mode: the dropouts seeded alike)
+        torch.manual_seed(5)
+        y1 = _logits(reference(**inputs))
+        torch.manual_seed(5)
+        y2 = _logits(model(**inputs))
+    assert y2.dtype == y1.dtype == torch.bfloat16
+    torch.testing.assert_close(y2, y1, atol=2e-2, rtol=2e-2)
+    assert fused_calls["mlp"] == len(fused)
+
+    def loss(params, m):
+        return _logits(torch.func.functional_call(m, params, (), inputs)).float().square().sum()
+
+    model.eval()
+    reference.eval()
+    g1 = torch.func.grad(loss)({k: v.detach() for k, v in reference.named_parameters()}, reference)
+    g2 = torch.func.grad(loss)({k: v.detach() for k, v in model.named_parameters()}, model)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=1e-4, rtol=1e-4)
+    assert fused_calls["mlp"] == 2 * len(fused)
+
+
 def test_torch_fx_symbolic_trace_of_fused_blocks():
     """torch.fx.symbolic_trace (timm's feature extraction runs it) of a model with fused MLP blocks
     as submodules: the fused method sees proxies, not tensors, and hands the block back to its own
