@@ -27,14 +27,13 @@ from torch import Tensor, nn
 
 log = logging.getLogger("fastnn")
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
-
 
 def global_hooks_present() -> bool:
     """Whether hooks registered for every module (register_module_forward_hook, ...) exist: they
     would fire for the inner modules of an unfused model, so nothing is fused while they do."""
-    return any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS)
+    m = _torch_module  # (four reads, no generator: this runs several times in every fused call)
+    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None)
+                or getattr(m, "_global_backward_hooks", None) or getattr(m, "_global_backward_pre_hooks", None))
 
 
 def plain_module(module, cls, fused_forward: bool = False) -> bool:

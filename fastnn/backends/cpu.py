@@ -439,13 +439,17 @@ def _empty(shape, dtype, device):
     mmap threshold costs a page fault per 4 KiB on its first write: bfloat16 dW of 16x4096 -> 11008
     (90 MB) took 61 ms in torch.mm, 30 ms with huge pages (Xeon with AMX, 2 threads); eager PyTorch
     pays the 4 KiB faults. The advice changes no value; a failed call leaves the buffer as it was."""
+    nbytes = dtype.itemsize * math.prod(shape)
+    if nbytes < 2 * _HUGE_PAGE and nbytes < BUFFER_CACHE.MIN_BYTES:
+        # (neither advised nor cached: torch.empty straight away, the common small-call case, where the
+        # checks below cost about as much as the allocation)
+        return torch.empty(shape, dtype=dtype, device=device)
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:
         t = BUFFER_CACHE.take(shape, dtype)
         if t is not None:
             return t
     t = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = t.numel() * t.element_size()
     if nbytes >= 2 * _HUGE_PAGE and on_cpu:
         advise = _madvise()
         if advise is not None:
