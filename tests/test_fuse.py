@@ -11,9 +11,8 @@ from torch import nn
 
 import fastnn
 from fastnn.dropin import FusedCall, ReplicateForDataParallel, UnfuseForScripting
+from fused_calls import fuse_module
 from fused_calls import fused_calls  # noqa: F401  (fixture)
-
-fuse_module = importlib.import_module("fastnn.fuse")  # (fastnn.fuse is the function)
 
 
 def _outputs_and_grads(model, *inputs, **kwargs):
