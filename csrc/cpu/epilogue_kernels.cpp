@@ -200,6 +200,19 @@ inline void add_partial_by_row_groups(P* part, const C* v, int64_t cols, int64_t
   // else: added with a later row
 }
 
+// Asks for the lines of d[0, n), a chunk's output, before the chunk's arithmetic. For the 16-bit
+// backward passes that also sum the bias gradient: their chunks run slower than the arithmetic and
+// memory traffic would say while the output lines are still coming from memory (2 threads, AMD EPYC
+// Zen 5, paired runs: bfloat16 2048x3072 relu backward with db 0.48-0.67 ms against 0.54-1.01 in five,
+// 8192x768 0.40-0.43 against 0.65-0.92 in three, float16 alike; swiglu with both db 1.92-2.20 against
+// 2.12-2.45 in five; unchanged without db, and for float32 no clear change either way).
+template <typename T>
+inline void prefetch_for_write(T* d, int64_t n) {
+  constexpr int64_t kPerLine = 64 / int64_t(sizeof(T));
+  for (int64_t i = 0; i < n; i += kPerLine) __builtin_prefetch(d + i, 1);
+  __builtin_prefetch(d + n - 1, 1);
+}
+
 // v[i] += b[i]: a chunk's bias, in the compute type.
 template <typename C>
 inline void add_bias(C* v, const C* b, int64_t n) {
@@ -360,6 +373,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
     for (int64_t r = r0; r < r1; ++r) for_chunks(c0, c1, [&](int64_t s, int64_t n) {
       const int64_t o = r * cols + s;
       P* part = dbias ? partial.data() + rb * cols + s : nullptr;
+      if (sizeof(T) == 2 && part && kind == Saved::kSignMask) prefetch_for_write(dz + o, n);
       if constexpr (widens_inline<T> && kind == Saved::kPreact) {
         // dY and the product widened as read (as the forward pass; bf16: 208-247 us against 278-292);
         // float / double dz straight to memory unless streamed; then its bias-gradient partial
@@ -458,6 +472,10 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
       const int64_t o = r * cols + s;
       P* pg = dbias_g ? part_g.data() + rb * cols + s : nullptr;
       P* pu = dbias_u ? part_u.data() + rb * cols + s : nullptr;
+      if (sizeof(T) == 2 && (pg || pu)) {
+        prefetch_for_write(dz_g + o, n);
+        prefetch_for_write(dz_u + o, n);
+      }
       const C* bgc = bg.data() + s;
       const C* buc = bu.data() + s;
       if constexpr (widens_inline<T>) {
