@@ -203,6 +203,7 @@ class Config:
     run: Optional[Callable] = None
     unavailable: Optional[str] = None
     checked: bool = True  # the bare GEMM computes something else and is not checked
+    compiled: bool = False  # a torch.compile row: its first run must compile a graph
 
 
 def build_configs(case: Case, inputs, grad_out, device, fastnn_backends, compile_modes, baselines):
@@ -230,11 +231,16 @@ def build_configs(case: Case, inputs, grad_out, device, fastnn_backends, compile
 
     eager = forward_fn(case, eager_layer, eager_glu)
     cfgs.append(Config("eager", with_backward(case, eager, inputs, grad_out)))
+    if compile_modes:
+        # every case's forward is the same code object to dynamo, which compiles one code object at
+        # most recompile_limit (8) times and then runs it eagerly without a word: the default set's
+        # ninth case on was timing eager PyTorch in its compile row. Each case compiles afresh.
+        torch._dynamo.reset()
     for mode in compile_modes:
         name = "compile" if mode == "default" else f"compile[{mode}]"
         compiled = torch.compile(forward_fn(case, eager_layer, eager_glu), mode=None if mode == "default" else mode,
                                  dynamic=False)
-        cfgs.append(Config(name, with_backward(case, compiled, inputs, grad_out)))
+        cfgs.append(Config(name, with_backward(case, compiled, inputs, grad_out), compiled=True))
 
     if "addmm_activation" in baselines:
         name = "torch._addmm_activation"
@@ -385,8 +391,12 @@ def run_case(case: Case, device, args, log) -> list[Row]:
             row.status = f"n/a: {cfg.unavailable}"
             continue
         try:
+            graphs = compiled_graphs()
             outs = cfg.run()  # also the warm-up (and torch.compile's compilation)
             sync(device)
+            if cfg.compiled and compiled_graphs() == graphs:
+                row.status = "failed: torch.compile compiled no graph (dynamo ran the function eagerly)"
+                continue
             if cfg.checked:
                 problem = check(outs, ref, eager_errs, case.dtype)
                 row.err = max(max_errors(outs, ref))
@@ -422,6 +432,12 @@ def run_case(case: Case, device, args, log) -> list[Row]:
             if "bare GEMM" in samples:
                 row.ratio_to_gemm = paired_ratio(row.samples, samples["bare GEMM"])[0]
     return rows
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (since its last reset)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def interleaved_samples(fns, device, rounds, min_sample_s, progress=None):

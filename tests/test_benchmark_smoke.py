@@ -73,3 +73,41 @@ def test_profile_calls_runs(tmp_path):
     assert "host time per call" in proc.stdout and "failed" not in proc.stdout
     assert proc.stdout.count("eager") >= 4 and "aten::" in proc.stdout
     assert "where fastnn[cpu]'s host time goes" in proc.stdout and "functional.py:" in proc.stdout
+
+
+def _compile_rows(bench, shapes):
+    """The compile row of each fwd case at these shapes, run one after the other in this process."""
+    args = bench.parse_args(["--quick", "--mode", "fwd", "--backends", "cpu", "--repeats", "1",
+                             "--min-sample-ms", "0.1", "--shapes", *shapes])
+    rows = []
+    for m, k, n in args.shapes:
+        case = bench.Case(m, k, n, "float32", "gelu", "fwd")
+        rows.append(next(r for r in bench.run_case(case, args.device, args, lambda *a, **k: None)
+                         if r.config == "compile"))
+    return rows
+
+
+def test_each_case_compiles_afresh():
+    """Every case's forward is one code object to dynamo, which compiles it at most recompile_limit
+    times and then runs it eagerly: the benchmark resets dynamo per case, and its compile rows
+    stay compiled past the limit (set to 1 here: the second case would have timed eager PyTorch)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch._dynamo
+
+    import fused_linear as bench
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = _compile_rows(bench, ["16x8x24", "24x16x8"])
+    assert [r.status for r in rows] == ["ok", "ok"]
+
+
+def test_a_compile_row_that_runs_eagerly_is_reported(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch._dynamo
+
+    import fused_linear as bench
+
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # the benchmark as it was
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = _compile_rows(bench, ["16x8x24", "24x16x8"])
+    assert rows[-1].status.startswith("failed: torch.compile compiled no graph"), rows[-1].status
