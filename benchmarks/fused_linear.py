@@ -391,7 +391,7 @@ def run_case(case: Case, device, args, log) -> list[Row]:
             row.status = f"n/a: {cfg.unavailable}"
             continue
         try:
-            graphs = compiled_graphs()
+            graphs = compiled_graphs() if cfg.compiled else None
             outs = cfg.run()  # also the warm-up (and torch.compile's compilation)
             sync(device)
             if cfg.compiled and compiled_graphs() == graphs:
