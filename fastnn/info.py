@@ -139,8 +139,8 @@ def _cpu_buffer_cache() -> str:
         return "off: this torch does not count a storage's references as the cache needs"
     if cache.limit_bytes <= 0:
         return "off (FASTNN_CPU_BUFFER_CACHE_MB=0)"
-    return (f"on: buffers of 32 MiB and up, kept once free up to {cache.limit_bytes / (1 << 20):g} MiB "
-            "(FASTNN_CPU_BUFFER_CACHE_MB)")
+    return (f"on: buffers of {cache.MIN_BYTES / (1 << 20):g} MiB and up (FASTNN_CPU_BUFFER_CACHE_MIN_MB), "
+            f"kept once free up to {cache.limit_bytes / (1 << 20):g} MiB (FASTNN_CPU_BUFFER_CACHE_MB)")
 
 
 def collect() -> dict:

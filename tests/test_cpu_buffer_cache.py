@@ -87,7 +87,7 @@ def test_a_buffer_is_not_handed_out_while_anything_holds_it(cache, holder):
 
 
 def test_small_buffers_are_left_to_malloc(cache):
-    t = _fresh((8191, 1024))
+    t = _fresh((cpu.BufferCache.MIN_BYTES // 4096 - 1, 1024))  # 4 KiB less than the smallest kept
     assert cache.held_bytes() == (0, 0)
     del t
 

@@ -294,6 +294,14 @@ def _madvise():
     return fn
 
 
+def _env_mib(name, default):
+    """Bytes from an environment variable in MiB (the default where it is unset or not a number)."""
+    try:
+        return int(float(os.environ.get(name, default)) * (1 << 20))
+    except ValueError:
+        return int(default * (1 << 20))
+
+
 class BufferCache:
     """The large buffers `_empty` made, handed out again once nothing else holds them.
 
@@ -315,14 +323,23 @@ class BufferCache:
     (FASTNN_CPU_BUFFER_CACHE_MB, read at import, default 1024; 0 turns the cache off) are let go;
     `clear()` lets go of every free one."""
 
-    # 32 MiB and up: glibc's largest mmap threshold, past which malloc maps and unmaps a buffer every
-    # time. Smaller ones are left to malloc, whose free lists hand back the chunk freed last, likely
-    # warmer than the cache's copy, left cold by the other calls between two of fastnn's: kept from
-    # 4 MiB, 8192 x 256 -> 1024 bfloat16 gelu (16 MiB buffers) took 3.74-3.81 ms forward beside
-    # eager's calls against 2.98-3.14 not kept, forward+backward in the benchmark 14.6-15.3 ms against
-    # 11.2-11.9; kept from 1 MiB, 256 x 768 -> 3072 bfloat16 forward+backward ran 0.91-0.99x eager
-    # against 1.02-1.03x (Xeon with AMX, 2 threads).
-    MIN_BYTES = 32 << 20
+    # 4 MiB and up. glibc's malloc maps and unmaps chunks past its mmap threshold (up to 32 MiB) and
+    # gives the top of its heap back to the kernel once more than twice that is free there, so in a
+    # loop that runs alone, as training does, buffers of a few MiB can come back fresh step after
+    # step: 3300-5000 page faults a step, 23.8-27.8 ms, at 8192 x 256 -> 1024 bfloat16 gelu forward +
+    # backward with buffers kept from 32 MiB, none and 19.0-21.0 ms kept from 4 MiB (eager 35.0-37.5
+    # ms with 9700-11200); 16 x 768 -> 3072 -> 768's weight gradients (4.5 MiB) 120-140 faults a
+    # step, a tenth of a step's time; no change beyond noise at 256 and 2048 rows (AMD EPYC Zen 5,
+    # 2 threads, each configuration in a process of its own, alternating; record
+    # 2026-12-06-...-buffer-cache-4mib-alone-ab.txt). Interleaved with eager's calls in one process
+    # (the benchmark) malloc can instead hand fastnn the chunk eager freed just before, warmer than
+    # a kept one: kept from 4 MiB, 8192 x 256 -> 1024 bfloat16 forward took 3.74-3.81 ms there
+    # against 2.98-3.14 (Xeon with AMX, 2 threads). Smaller buffers are left to malloc (kept from
+    # 1 MiB, 256 x 768 -> 3072 bfloat16 forward+backward ran 0.91-0.99x eager against 1.02-1.03x in
+    # the benchmark on that Xeon).
+    # (FASTNN_CPU_BUFFER_CACHE_MIN_MB, read at import, sets it: a process whose malloc keeps its memory,
+    # jemalloc or tcmalloc, may want it higher)
+    MIN_BYTES = _env_mib("FASTNN_CPU_BUFFER_CACHE_MIN_MB", 4)
 
     def __init__(self, limit_bytes):
         self.limit_bytes = limit_bytes
@@ -423,14 +440,7 @@ def _alone_test():
     return alone if seen == [True, False, True, False, True, False, True] else None
 
 
-def _cache_limit_bytes():
-    try:
-        return int(float(os.environ.get("FASTNN_CPU_BUFFER_CACHE_MB", "1024")) * (1 << 20))
-    except ValueError:
-        return 1 << 30
-
-
-BUFFER_CACHE = BufferCache(_cache_limit_bytes())
+BUFFER_CACHE = BufferCache(_env_mib("FASTNN_CPU_BUFFER_CACHE_MB", 1024))
 
 
 def _empty(shape, dtype, device):
