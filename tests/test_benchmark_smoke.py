@@ -111,3 +111,22 @@ def test_a_compile_row_that_runs_eagerly_is_reported(monkeypatch):
     with torch._dynamo.config.patch(recompile_limit=1):
         rows = _compile_rows(bench, ["16x8x24", "24x16x8"])
     assert rows[-1].status.startswith("failed: torch.compile compiled no graph"), rows[-1].status
+
+
+def test_steady_state_runs_each_configuration_alone():
+    """benchmarks/steady_state.py: a process per configuration and round, an A/B row run with the
+    variable it names, and a configuration that cannot run reported as such."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "steady_state.py"), "--shapes", "64x32x96",
+                           "--dtype", "float32", "--mode", "fwd+bwd", "--rounds", "2", "--warmup", "1", "--steps", "3",
+                           "--configs", "eager", "fastnn[cpu]", "no such config",
+                           "--ab", "FASTNN_CPU_BUFFER_CACHE_MIN_MB=32"],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    rows = {" ".join(f[:-5]): f[-5:] for f in lines if f[-1] == "ok"}
+    assert set(rows) == {"eager", "fastnn[cpu]", "fastnn[cpu] FASTNN_CPU_BUFFER_CACHE_MIN_MB=32"}, proc.stdout
+    for ms, vs_eager, _, faults, _ in rows.values():
+        assert float(ms) > 0 and vs_eager.endswith("x") and faults.isdigit()
+    assert rows["eager"][1] == "1.00x"
+    assert any(line[:3] == ["no", "such", "config"] and "no configuration 'no such config'" in " ".join(line)
+               for line in lines), proc.stdout
