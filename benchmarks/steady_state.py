@@ -103,8 +103,8 @@ def main(argv=None):
     p.add_argument("--activation", nargs="+", default=["gelu"])
     p.add_argument("--mode", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd", "mlp"])
     p.add_argument("--configs", nargs="+", default=None,
-                   help="configuration names as fused_linear.py prints them (default: eager, fastnn[cpu] "
-                        "(fastnn.mlp[cpu] none in mlp mode) and bare GEMM)")
+                   help="configuration names as fused_linear.py prints them (default: eager, fastnn[DEVICE] "
+                        "(fastnn.mlp[DEVICE] none in mlp mode) and bare GEMM)")
     p.add_argument("--ab", action="append", default=[], metavar="NAME=VALUE",
                    help="run each fastnn configuration again with this environment variable")
     p.add_argument("--rounds", type=int, default=3, help="processes per configuration, alternating")
@@ -134,7 +134,8 @@ def main(argv=None):
         for dtype in args.dtype:
             for act in args.activation:
                 for mode in args.mode:
-                    names = args.configs or ["eager", "fastnn.mlp[cpu] none" if mode == "mlp" else "fastnn[cpu]",
+                    be = torch.device(args.device).type
+                    names = args.configs or ["eager", f"fastnn.mlp[{be}] none" if mode == "mlp" else f"fastnn[{be}]",
                                              "bare GEMM"]
                     runs = [(name, name, {}) for name in names]  # (label, configuration, environment)
                     runs += [(f"{name} {var}={value}", name, {var: value})

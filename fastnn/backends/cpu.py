@@ -326,17 +326,16 @@ class BufferCache:
     # 4 MiB and up. glibc's malloc maps and unmaps chunks past its mmap threshold (up to 32 MiB) and
     # gives the top of its heap back to the kernel once more than twice that is free there, so in a
     # loop that runs alone, as training does, buffers of a few MiB can come back fresh step after
-    # step: 3300-5000 page faults a step, 23.8-27.8 ms, at 8192 x 256 -> 1024 bfloat16 gelu forward +
-    # backward with buffers kept from 32 MiB, none and 19.0-21.0 ms kept from 4 MiB (eager 35.0-37.5
-    # ms with 9700-11200); 16 x 768 -> 3072 -> 768's weight gradients (4.5 MiB) 120-140 faults a
-    # step, a tenth of a step's time; no change beyond noise at 256 and 2048 rows (AMD EPYC Zen 5,
-    # 2 threads, each configuration in a process of its own, alternating; record
+    # step: 8192 x 256 -> 1024 bfloat16 gelu forward+backward took 20.5-24.4 ms with 3600-6000 page
+    # faults a step kept from 32 MiB, 17.5 ms and none kept from 4 MiB (eager 22.3-30.4 ms with
+    # 5000-8600); the float32 16 x 768 -> 3072 -> 768 MLP block (9 MiB weight gradients) 4.7 ms
+    # against 4.2-4.5; the rest of the default set and the BERT-base block no change beyond noise
+    # (AMD EPYC Zen 5, 2 threads, benchmarks/steady_state.py, two runs; record
     # 2026-12-06-...-buffer-cache-4mib-alone-ab.txt). Interleaved with eager's calls in one process
-    # (the benchmark) malloc can instead hand fastnn the chunk eager freed just before, warmer than
-    # a kept one: kept from 4 MiB, 8192 x 256 -> 1024 bfloat16 forward took 3.74-3.81 ms there
-    # against 2.98-3.14 (Xeon with AMX, 2 threads). Smaller buffers are left to malloc (kept from
-    # 1 MiB, 256 x 768 -> 3072 bfloat16 forward+backward ran 0.91-0.99x eager against 1.02-1.03x in
-    # the benchmark on that Xeon).
+    # (the benchmark) malloc can instead hand fastnn the chunk eager freed just before: kept from
+    # 4 MiB, 8192 x 256 -> 1024 bfloat16 forward took 3.74-3.81 ms there against 2.98-3.14 (Xeon with
+    # AMX, 2 threads). Smaller buffers are left to malloc (kept from 1 MiB, 256 x 768 -> 3072
+    # bfloat16 forward+backward ran 0.91-0.99x eager against 1.02-1.03x in the benchmark on that Xeon).
     # (FASTNN_CPU_BUFFER_CACHE_MIN_MB, read at import, sets it: a process whose malloc keeps its memory,
     # jemalloc or tcmalloc, may want it higher)
     MIN_BYTES = _env_mib("FASTNN_CPU_BUFFER_CACHE_MIN_MB", 4)
