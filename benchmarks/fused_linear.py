@@ -16,9 +16,11 @@ relu and gelu_tanh, forward); torch.ops.mkldnn._linear_pointwise (oneDNN post-op
 and the bare GEMMs alone (x @ W^T forward; plus dY @ W and dY^T @ X backward): the limit a fused op
 approaches; on CPUs, with backward, the bare GEMMs again with the weight gradients' dY^T (and the
 MLP's dH^T) given as row-major copies made before timing ("dW lhs copied": torch's bfloat16 CPU GEMMs
-run dY^T @ X far faster so, and fastnn's cpu backend makes that copy; the "/ GEMM" column stays
-relative to the plain bare-GEMM row). Per row: median time, TFLOP/s, effective GB/s (the bytes the
-op must move: inputs, outputs, and in backward the gradients), speed-up vs eager and ratio to the
+run dY^T @ X far faster so, and fastnn's cpu backend makes that copy), and on CPUs the bare GEMMs
+writing into outputs made once and kept ("outputs kept": no fresh pages, whose first touch faults;
+the "/ GEMM" column stays relative to the plain bare-GEMM row, which allocates as eager does).
+Per row: median time, TFLOP/s, effective GB/s (the bytes the op must move: inputs, outputs, and in
+backward the gradients), speed-up vs eager and ratio to the
 bare GEMM (each the median over rounds of that round's ratio, with the speed-up's interquartile
 range), the activation memory held for backward (fwd+bwd and mlp modes), and peak memory (CUDA).
 """
@@ -167,11 +169,14 @@ def with_backward(case: Case, fwd, inputs, grad_out):
     return run
 
 
-def bare_gemm_fn(case: Case, inputs, grad_out, lhs_copied=False):
+def bare_gemm_fn(case: Case, inputs, grad_out, lhs_copied=False, outputs_kept=False):
     """The GEMMs alone: the work of the case with no bias, activation or saved tensors. With
     lhs_copied, the weight-gradient GEMMs' left factors (dY^T, and the MLP's dH^T) are row-major
     copies made once before timing instead of transposed views: the GEMM work in the layout the cpu
-    backend gives torch's bfloat16 GEMMs (fastnn/backends/cpu.py: wgrad_from_copy), without the copies."""
+    backend gives torch's bfloat16 GEMMs (fastnn/backends/cpu.py: wgrad_from_copy), without the copies.
+    With outputs_kept, each GEMM writes into an output made on the first call and kept: no
+    allocation and no fresh pages in the timed calls, the floor under any implementation (on a CPU
+    a fresh output of a few MiB can cost a page fault per 4 KiB on its first write)."""
     x = inputs["x"].detach()
     ws = [inputs[k].detach() for k in (("wg", "wu") if case.gated else ("w",))]
     w2 = inputs["w2"].detach() if case.mode == "mlp" else None
@@ -182,17 +187,29 @@ def bare_gemm_fn(case: Case, inputs, grad_out, lhs_copied=False):
         dy_t = dy.t().contiguous()
         dh_t = (torch.mm(dy, w2) if w2 is not None else dy).t().contiguous()
 
+    kept = []
+
     def run():
+        calls = iter(range(len(ws) * 3 + 3))
+
+        def mm(a, b):
+            if not outputs_kept:
+                return torch.mm(a, b)
+            i = next(calls)
+            if i == len(kept):
+                kept.append(torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device))
+            return torch.mm(a, b, out=kept[i])
+
         with torch.no_grad():
-            hs = [torch.mm(x, w.t()) for w in ws]
-            out = [torch.mm(hs[0], w2.t())] if w2 is not None else hs
+            hs = [mm(x, w.t()) for w in ws]
+            out = [mm(hs[0], w2.t())] if w2 is not None else hs
             if backward:
-                dh = torch.mm(dy, w2) if w2 is not None else dy
+                dh = mm(dy, w2) if w2 is not None else dy
                 if w2 is not None:
-                    out.append(torch.mm(dy.t() if dy_t is None else dy_t, hs[0]))
+                    out.append(mm(dy.t() if dy_t is None else dy_t, hs[0]))
                 for w in ws:
-                    out.append(torch.mm(dh, w))
-                    out.append(torch.mm(dh.t() if dh_t is None else dh_t, x))
+                    out.append(mm(dh, w))
+                    out.append(mm(dh.t() if dh_t is None else dh_t, x))
             return tuple(out)
     return run
 
@@ -267,6 +284,9 @@ def build_configs(case: Case, inputs, grad_out, device, fastnn_backends, compile
     cfgs.append(Config("bare GEMM", bare_gemm_fn(case, inputs, grad_out), checked=False))
     if device.type == "cpu" and case.mode != "fwd":
         cfgs.append(Config("bare GEMM, dW lhs copied", bare_gemm_fn(case, inputs, grad_out, lhs_copied=True),
+                           checked=False))
+    if device.type == "cpu":  # (CUDA: torch's caching allocator keeps memory already)
+        cfgs.append(Config("bare GEMM, outputs kept", bare_gemm_fn(case, inputs, grad_out, outputs_kept=True),
                            checked=False))
     return cfgs
 

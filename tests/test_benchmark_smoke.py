@@ -21,7 +21,7 @@ def test_quick_run(tmp_path):
     assert env["device"] and env["torch"] and env["fastnn"]
     rows = data["rows"]
     configs = {r["config"]: r for r in rows if r["case"]["mode"] == "fwd"}
-    for name in ("fastnn[cpu]", "eager", "compile", "onednn post-op", "bare GEMM"):
+    for name in ("fastnn[cpu]", "eager", "compile", "onednn post-op", "bare GEMM", "bare GEMM, outputs kept"):
         assert configs[name]["status"] == "ok", configs[name]
         assert configs[name]["ms"] > 0
     bwd = {r["config"]: r for r in rows if r["case"]["mode"] == "fwd+bwd"}
@@ -130,3 +130,19 @@ def test_steady_state_runs_each_configuration_alone():
     assert rows["eager"][1] == "1.00x"
     assert any(line[:3] == ["no", "such", "config"] and "no configuration 'no such config'" in " ".join(line)
                for line in lines), proc.stdout
+
+
+def test_bare_gemms_with_outputs_kept_write_the_same_outputs_every_call():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import fused_linear as bench
+
+    case = bench.Case(8, 16, 24, "float32", "gelu", "mlp")
+    inputs = bench.make_inputs(case, torch.device("cpu"))
+    grad_out = torch.randn(8, 16)
+    kept = bench.bare_gemm_fn(case, inputs, grad_out, outputs_kept=True)
+    first, second = kept(), kept()
+    assert len(first) == 4 and [t.data_ptr() for t in first] == [t.data_ptr() for t in second]
+    plain = bench.bare_gemm_fn(case, inputs, grad_out)()
+    assert all(t.data_ptr() != p.data_ptr() and torch.equal(t, p) for t, p in zip(second, plain))
