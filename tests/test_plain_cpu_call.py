@@ -67,8 +67,8 @@ def test_refuses_what_the_general_path_handles():
 def test_same_bits_as_the_general_path(dtype, grad, activation, bias, rows):
     """The screened call against the same call through the torch.library op (the general path's
     route under compile and for tensor subclasses): output and gradients bit for bit. (Without a
-    gradient, float32 and float64, and bfloat16 on AMX, take the cpu backend's one-frame inference
-    paths.)"""
+    gradient, float32 and float64, and bfloat16 where oneDNN serves it, take the cpu backend's
+    one-frame inference paths.)"""
     x, w, wu, b = _inputs(dtype, rows=rows, grad=grad)
     bu = b.detach() * 0.5 - 0.25  # (the up projection's bias, for the gated unit)
     if bias == "strided-bias":

@@ -700,9 +700,11 @@ class CpuBackend(Backend):
     # microseconds (caches cold), and the dozen through the general forward cost more than the pass
     # saves at few rows (Xeon with AMX, 2 threads, paired: float32 gelu at 1-64 x 768 -> 3072 and
     # 16 x 3072 -> 768 1.01-1.05x faster this way; bfloat16 gelu at 1 x 768 -> 3072 1.05x,
-    # at 16-256 rows 1.04-1.07x). The two: float32 / float64 in F.linear's orientation (the GEMM or
-    # the pass adds the bias, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's AMX
-    # kernels where the pass adds the bias (Z^T = W x^T, then the pass writes y).
+    # at 16-256 rows 1.04-1.07x). The three: float32 / float64 in F.linear's orientation (the GEMM or
+    # the pass adds the bias, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's native
+    # kernels where the pass adds the bias: on AMX Z^T = W x^T, then the pass writes y; without AMX
+    # (AVX512-BF16 AMD EPYCs) x W^T, the pass in place (Zen 4, the bfloat16 MLP block at 16 x 64 ->
+    # 64 without a gradient, hot: 60-66 us against 68-79 through _linear_act, eager 50-53).
     def linear_act_y(self, x, weight, bias, act):
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
         if dtype in _FLOAT and not product_transposed(rows, dtype, True, (weight,)):
@@ -713,7 +715,17 @@ class CpuBackend(Backend):
                                                           z.data_ptr(), _ptr(add), z.data_ptr(), 0,
                                                           _native.num_threads())
             return z
-        if dtype in _HALF and not _fold_bias(dtype, act) and product_transposed(rows, dtype, False, (weight,)):
+        if dtype in _HALF and not _fold_bias(dtype, act):
+            if not product_transposed(rows, dtype, False, (weight,)):
+                # F.linear's orientation, the pass adding the bias in place (oneDNN without AMX, as on
+                # the AVX512-BF16 AMD EPYCs)
+                z = torch.mm(_unpadded(x), weight.t(), out=_empty((rows, cols), dtype, x.device))
+                bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
+                if act.name != "identity" or bias is not None:
+                    _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[dtype], act.code, rows, cols,
+                                                              z.data_ptr(), _ptr(bias), z.data_ptr(), 0,
+                                                              _native.num_threads())
+                return z
             z_t = _product_transposed(x, weight)
             y = _empty((rows, cols), dtype, x.device)
             bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
