@@ -129,6 +129,15 @@ def make_inputs(case: Case, device, seed=0):
     return inp
 
 
+def make_grad_out(case: Case, device):
+    """The gradient fed to backward (seeded), or None for a forward-only case."""
+    if case.mode == "fwd":
+        return None
+    cols = case.k if case.mode == "mlp" else case.n
+    return torch.randn(case.m, cols, generator=torch.Generator().manual_seed(1)).to(device=device,
+                                                                                   dtype=DTYPES[case.dtype])
+
+
 def _first_layer(case, impl):
     """The fused layer of a case, as `impl` computes it: impl(x, w, b, name) or the gated form."""
     if case.gated:
@@ -393,11 +402,7 @@ def min_bytes(case: Case) -> float:
 # ---------------------------------------------------------------------------------------------
 def run_case(case: Case, device, args, log) -> list[Row]:
     inputs = make_inputs(case, device)
-    out_cols = case.k if case.mode == "mlp" else case.n
-    grad_out = None
-    if case.mode != "fwd":
-        grad_out = torch.randn(case.m, out_cols, generator=torch.Generator().manual_seed(1)).to(
-            device=device, dtype=DTYPES[case.dtype])
+    grad_out = make_grad_out(case, device)
     cfgs = build_configs(case, inputs, grad_out, device, args.backends, args.compile_modes, args.baselines)
     ref = reference(case, inputs, grad_out)
     eager_cfg = next(c for c in cfgs if c.name == "eager")

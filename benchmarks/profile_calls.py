@@ -34,11 +34,7 @@ TINY = (16, 64, 64)
 
 def _configs(case, device, backends):
     inputs = bench.make_inputs(case, device)
-    grad_out = None
-    if case.mode != "fwd":
-        cols = case.k if case.mode == "mlp" else case.n
-        grad_out = torch.randn(case.m, cols, generator=torch.Generator().manual_seed(1)).to(
-            device=device, dtype=bench.DTYPES[case.dtype])
+    grad_out = bench.make_grad_out(case, device)
     cfgs = bench.build_configs(case, inputs, grad_out, device, backends, compile_modes=[], baselines=[])
     return [c for c in cfgs if c.run is not None and not c.name.startswith("bare GEMM")]
 

@@ -50,11 +50,7 @@ def child(args):
     case = bench.Case(int(m), int(k), int(n), dtype, activation, mode)
     device = torch.device(args.device)
     inputs = bench.make_inputs(case, device)
-    grad_out = None
-    if case.mode != "fwd":
-        cols = case.k if case.mode == "mlp" else case.n
-        grad_out = torch.randn(case.m, cols, generator=torch.Generator().manual_seed(1)).to(
-            device=device, dtype=bench.DTYPES[case.dtype])
+    grad_out = bench.make_grad_out(case, device)
     backend = args.config.split("[")[1].split("]")[0] if "[" in args.config else None
     compile_modes = ["default"] if args.config == "compile" else []
     cfgs = bench.build_configs(case, inputs, grad_out, device, [backend] if backend else [], compile_modes, [])
