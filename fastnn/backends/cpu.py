@@ -648,6 +648,8 @@ def _gemm_transposed(x, weight, bias, fold_bias):
 def _product_with_bias(x, weight, bias):
     """x W^T + b by one GEMM (float32 / float64: F.linear's bits) into fastnn's own buffer."""
     z = _empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
+    if x.dtype in _HALF:
+        x = _unpadded(x)
     return torch.mm(x, weight.t(), out=z) if bias is None else torch.addmm(bias, x, weight.t(), out=z)
 
 
@@ -703,29 +705,21 @@ class CpuBackend(Backend):
     # at 16-256 rows 1.04-1.07x). The three: float32 / float64 in F.linear's orientation (the GEMM or
     # the pass adds the bias, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's native
     # kernels where the pass adds the bias: on AMX Z^T = W x^T, then the pass writes y; without AMX
-    # (AVX512-BF16 AMD EPYCs) x W^T, the pass in place (Zen 4, the bfloat16 MLP block at 16 x 64 ->
-    # 64 without a gradient, hot: 60-66 us against 68-79 through _linear_act, eager 50-53).
+    # (the AVX512-BF16 AMD EPYCs) x W^T and the pass in place, as float32 (Zen 4, the bfloat16 MLP
+    # block at 16 x 64 -> 64 without a gradient, hot: 60-66 us against 68-79 through _linear_act, eager
+    # 50-53).
     def linear_act_y(self, x, weight, bias, act):
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
-        if dtype in _FLOAT and not product_transposed(rows, dtype, True, (weight,)):
-            add = _bias_to_add(bias, dtype, act)
+        bias_in_pass = dtype in _HALF and not _fold_bias(dtype, act)
+        if (dtype in _FLOAT or bias_in_pass) and not product_transposed(rows, dtype, not bias_in_pass, (weight,)):
+            add = _bias_to_add(bias, dtype, act)  # (held: the pass reads it by pointer)
             z = _product_with_bias(x, weight, None if add is not None else bias)
-            if act.name != "identity":
+            if act.name != "identity" or add is not None:
                 _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[dtype], act.code, rows, cols,
                                                           z.data_ptr(), _ptr(add), z.data_ptr(), 0,
                                                           _native.num_threads())
             return z
-        if dtype in _HALF and not _fold_bias(dtype, act):
-            if not product_transposed(rows, dtype, False, (weight,)):
-                # F.linear's orientation, the pass adding the bias in place (oneDNN without AMX, as on
-                # the AVX512-BF16 AMD EPYCs)
-                z = torch.mm(_unpadded(x), weight.t(), out=_empty((rows, cols), dtype, x.device))
-                bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
-                if act.name != "identity" or bias is not None:
-                    _native.cpu_module().cpu_bias_act_forward(_native.DTYPE_CODES[dtype], act.code, rows, cols,
-                                                              z.data_ptr(), _ptr(bias), z.data_ptr(), 0,
-                                                              _native.num_threads())
-                return z
+        if bias_in_pass:
             z_t = _product_transposed(x, weight)
             y = _empty((rows, cols), dtype, x.device)
             bias = None if bias is None else bias.contiguous()  # (held: the pass reads it by pointer)
@@ -819,7 +813,9 @@ class CpuBackend(Backend):
     def linear_glu_y(self, x, gate_weight, up_weight, gate_bias, up_bias, gate_act):
         # (the one-frame calls of linear_act_y's comment)
         dtype, rows, cols = x.dtype, x.shape[0], gate_weight.shape[0]
-        if dtype in _FLOAT and not product_transposed(rows, dtype, True, (gate_weight, up_weight)):
+        bias_in_pass = dtype in _HALF and not _fold_bias(dtype, gate_act)  # (the up projection's too, then)
+        if ((dtype in _FLOAT or bias_in_pass)
+                and not product_transposed(rows, dtype, not bias_in_pass, (gate_weight, up_weight))):
             add_gate, add_up = _bias_to_add(gate_bias, dtype, gate_act), _bias_to_add(up_bias, dtype, None)
             p_gate = _product_with_bias(x, gate_weight, None if add_gate is not None else gate_bias)
             p_up = _product_with_bias(x, up_weight, None if add_up is not None else up_bias)
@@ -827,8 +823,7 @@ class CpuBackend(Backend):
                                                  p_gate.data_ptr(), p_up.data_ptr(), _ptr(add_gate), _ptr(add_up),
                                                  p_gate.data_ptr(), _native.num_threads())
             return p_gate
-        if dtype in _HALF and not _fold_bias(dtype, gate_act) and product_transposed(rows, dtype, False,
-                                                                                   (gate_weight, up_weight)):
+        if bias_in_pass:
             p_gate, p_up = _product_transposed(x, gate_weight), _product_transposed(x, up_weight)
             y = _empty((rows, cols), dtype, x.device)
             # (held: the pass reads them by pointer)
