@@ -646,7 +646,8 @@ def _gemm_transposed(x, weight, bias, fold_bias):
 
 
 def _product_with_bias(x, weight, bias):
-    """x W^T + b by one GEMM (float32 / float64: F.linear's bits) into fastnn's own buffer."""
+    """x W^T + b by one GEMM (float32 / float64: F.linear's bits) into fastnn's own buffer (16-bit:
+    x's rows copied together where they lie apart, as _mm does)."""
     z = _empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
     if x.dtype in _HALF:
         x = _unpadded(x)
