@@ -5,9 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # the benchmark as a user runs it: no Triton interpreter
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+@pytest.fixture
+def bench():
+    """benchmarks/fused_linear.py as a module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fused_linear
+
+    return fused_linear
 
 
 def test_quick_run(tmp_path):
@@ -38,11 +49,8 @@ def test_quick_run(tmp_path):
     assert "fastnn[cpu]" in csv_out.read_text()
 
 
-def test_wrong_result_is_reported_not_timed():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_wrong_result_is_reported_not_timed(bench):
     import torch
-
-    import fused_linear as bench
 
     y = torch.ones(4, 4)
     ref = (torch.ones(4, 4, dtype=torch.float64),)
@@ -50,10 +58,7 @@ def test_wrong_result_is_reported_not_timed():
     assert "error" in bench.check((y * 1.01,), ref, [0.0], "float32")
 
 
-def test_paired_ratio_cancels_drift():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import fused_linear as bench
-
+def test_paired_ratio_cancels_drift(bench):
     drift = [1.0, 3.0, 1.5, 7.0, 2.0, 2.5]  # the machine's speed, round by round
     eager = [10.0 * d for d in drift]
     fast = [8.0 * d for d in drift]
@@ -87,25 +92,19 @@ def _compile_rows(bench, shapes):
     return rows
 
 
-def test_each_case_compiles_afresh():
+def test_each_case_compiles_afresh(bench):
     """Every case's forward is one code object to dynamo, which compiles it at most recompile_limit
     times and then runs it eagerly: the benchmark resets dynamo per case, and its compile rows
     stay compiled past the limit (set to 1 here: the second case would have timed eager PyTorch)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._dynamo
-
-    import fused_linear as bench
 
     with torch._dynamo.config.patch(recompile_limit=1):
         rows = _compile_rows(bench, ["16x8x24", "24x16x8"])
     assert [r.status for r in rows] == ["ok", "ok"]
 
 
-def test_a_compile_row_that_runs_eagerly_is_reported(monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_a_compile_row_that_runs_eagerly_is_reported(bench, monkeypatch):
     import torch._dynamo
-
-    import fused_linear as bench
 
     monkeypatch.setattr(torch._dynamo, "reset", lambda: None)  # the benchmark as it was
     with torch._dynamo.config.patch(recompile_limit=1):
@@ -132,15 +131,12 @@ def test_steady_state_runs_each_configuration_alone():
                for line in lines), proc.stdout
 
 
-def test_bare_gemms_with_outputs_kept_write_the_same_outputs_every_call():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_bare_gemms_with_outputs_kept_write_the_same_outputs_every_call(bench):
     import torch
-
-    import fused_linear as bench
 
     case = bench.Case(8, 16, 24, "float32", "gelu", "mlp")
     inputs = bench.make_inputs(case, torch.device("cpu"))
-    grad_out = torch.randn(8, 16)
+    grad_out = bench.make_grad_out(case, torch.device("cpu"))
     kept = bench.bare_gemm_fn(case, inputs, grad_out, outputs_kept=True)
     first, second = kept(), kept()
     assert len(first) == 4 and [t.data_ptr() for t in first] == [t.data_ptr() for t in second]
