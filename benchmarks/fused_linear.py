@@ -199,15 +199,16 @@ def bare_gemm_fn(case: Case, inputs, grad_out, lhs_copied=False, outputs_kept=Fa
     kept = []
 
     def run():
-        calls = iter(range(len(ws) * 3 + 3))
+        made = 0  # GEMMs run so far in this call: the i-th writes into kept[i]
 
         def mm(a, b):
+            nonlocal made
             if not outputs_kept:
                 return torch.mm(a, b)
-            i = next(calls)
-            if i == len(kept):
+            if made == len(kept):
                 kept.append(torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device))
-            return torch.mm(a, b, out=kept[i])
+            made += 1
+            return torch.mm(a, b, out=kept[made - 1])
 
         with torch.no_grad():
             hs = [mm(x, w.t()) for w in ws]

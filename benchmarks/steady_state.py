@@ -120,8 +120,9 @@ def main(argv=None):
     from fastnn.info import device_name
 
     import torch
-    print(f"fastnn {fastnn.__version__} ({bench.environment(torch.device(args.device))['git_commit']}) on "
-          f"{device_name(torch.device(args.device))}; torch {torch.__version__}; "
+    device = torch.device(args.device)
+    print(f"fastnn {fastnn.__version__} ({bench.environment(device)['git_commit']}) on "
+          f"{device_name(device)}; torch {torch.__version__}; "
           f"{time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}")
     print(f"each configuration alone in its own process: {args.warmup} warm-up steps, then the median of "
           f"{args.steps} timed steps; {args.rounds} rounds, alternating; vs eager: the median of the rounds' ratios")
@@ -130,7 +131,7 @@ def main(argv=None):
         for dtype in args.dtype:
             for act in args.activation:
                 for mode in args.mode:
-                    be = torch.device(args.device).type
+                    be = device.type
                     names = args.configs or ["eager", f"fastnn.mlp[{be}] none" if mode == "mlp" else f"fastnn[{be}]",
                                              "bare GEMM"]
                     runs = [(name, name, {}) for name in names]  # (label, configuration, environment)
