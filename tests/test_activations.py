@@ -39,10 +39,13 @@ def test_stable_forms_equal_reference():
         torch.testing.assert_close(fn(z), activations.get(name).fn(z), rtol=1e-13, atol=1e-15)
 
 
-def native_eval(act, z):
+def native_eval(act, z, code=None):
+    """act(z) and act'(z) from the C++ functors; `code` a 16-bit dtype's code for the float math its
+    kernels use (z float32)."""
     C = _native.cpu_module()
     out, dout = torch.empty_like(z), torch.empty_like(z)
-    C.cpu_eval_activation(_native.DTYPE_CODES[z.dtype], act.code, z.numel(), z.data_ptr(), out.data_ptr(), dout.data_ptr())
+    code = _native.DTYPE_CODES[z.dtype] if code is None else code
+    C.cpu_eval_activation(code, act.code, z.numel(), z.data_ptr(), out.data_ptr(), dout.data_ptr())
     return out, dout
 
 
@@ -100,6 +103,47 @@ def test_cpp_functor_float32(act):
             i = torch.nonzero(bad)[0].item()
             pytest.fail(f"{act.name} {name}: {int(bad.sum())} points off, first at z={z[i].item()}: "
                         f"{got[i].item()} vs {ref[i].item()} (PyTorch float32 {theirs[i].item()})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+def test_cpp_functor_for_16bit_results(act, dtype):
+    """The float math the 16-bit kernels use before they round to 16 bits (gelu: shorter
+    polynomials, activations.h Accuracy::kHalf): within 2.5e-5 of the float64 reference (relative;
+    for derivatives of max(|reference|, 1)), and rounded to the 16-bit type, within 0.53 of its ulp
+    (0.5 is correct rounding; float16's half ulp is 2.4e-4 relative or more)."""
+    z = grid(torch.float32)
+    out, dout = native_eval(act, z, _native.DTYPE_CODES[dtype])
+    bits = 8 if dtype == torch.bfloat16 else 11
+    for name, got, ref, floor in (("value", out, reference_fn(act)(z.double()), 0.0),
+                                  ("derivative", dout, act.grad(z.double()), 1.0)):
+        finite = torch.isfinite(ref)
+        err = (got.double() - ref).abs()
+        # (+1e-35: below exp(-87) the host exp flushes to 0, as PyTorch's vectorised float math)
+        assert (err[finite] <= 2.5e-5 * ref[finite].abs().clamp(min=floor) + 1e-35).all(), \
+            f"{act.name} {name}: {float((err / ref.abs().clamp(min=max(floor, 1e-30)))[finite].max()):.3g} relative"
+        # in the 16-bit type, where its rounding is that of a normal number
+        normal = finite & (ref.abs() >= max(torch.finfo(dtype).tiny, 1e-30)) & (ref.abs() <= torch.finfo(dtype).max / 2)
+        ulp = torch.ldexp(torch.ones_like(ref), (torch.frexp(ref.abs().clamp(min=floor))[1] - bits).double())
+        ulps = (got.to(dtype).double() - ref).abs() / ulp
+        assert (ulps[normal] <= 0.53).all(), f"{act.name} {name}: {float(ulps[normal].max()):.3f} ulp of {dtype}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_16bit_kernels_use_their_functors(name, dtype):
+    """The 16-bit passes compute, bit for bit, what the test hook gives for their dtype rounded
+    once: the functors checked above are the ones the kernels run."""
+    C = _native.cpu_module()
+    act, code = activations.get(name), _native.DTYPE_CODES[dtype]
+    z = (torch.randn(67, 515, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    y, dz, db = torch.empty_like(z), torch.empty_like(z), torch.empty(515)
+    C.cpu_bias_act_forward(code, act.code, 67, 515, z.data_ptr(), 0, y.data_ptr(), 0, 1)
+    ones = torch.ones_like(z)
+    C.cpu_act_backward(code, act.code, 67, 515, ones.data_ptr(), z.data_ptr(), 0, dz.data_ptr(), db.data_ptr(), 1)
+    out, dout = native_eval(act, z.float(), code)
+    assert torch.equal(y, out.to(dtype))
+    assert torch.equal(dz, dout.to(dtype))
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)

@@ -142,3 +142,20 @@ def test_bare_gemms_with_outputs_kept_write_the_same_outputs_every_call(bench):
     assert len(first) == 4 and [t.data_ptr() for t in first] == [t.data_ptr() for t in second]
     plain = bench.bare_gemm_fn(case, inputs, grad_out)()
     assert all(t.data_ptr() != p.data_ptr() and torch.equal(t, p) for t, p in zip(second, plain))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_activation_accuracy_runs(tmp_path, dtype):
+    """benchmarks/activation_accuracy.py on a small range and shape, in each dtype it takes: the
+    table rows, and fastnn's gelu values within the numerics rule's 2x PyTorch's error (16-bit: within
+    0.53 ulp, correctly rounded but for a fraction of an ulp)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "activation_accuracy.py"), "--activation",
+                           "gelu", "silu", "--lo", "0.5", "--hi", "0.5078125", "--dtype", dtype,
+                           "--speed-shapes", "8x64"], capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"error in ulp of {dtype}") == 2
+    assert proc.stdout.count(f"speed on 8x64 {dtype}") == 2
+    worst = {key: float(next(line for line in proc.stdout.splitlines() if line.strip().startswith(key)).split()[2])
+             for key in ("fastnn value", "torch value")}
+    assert worst["fastnn value"] <= (2 * worst["torch value"] if dtype == "float32" else 0.53), proc.stdout

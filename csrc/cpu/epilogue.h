@@ -74,7 +74,8 @@ const char* active_isa();
 const char* compiled_isas();
 
 // Test hook: out[i] = act(z[i]), dout[i] = act'(z[i]) through the same functor instantiations
-// as the kernels, for float32 or float64 arrays.
+// as the kernels, for float32 or float64 arrays; bfloat16 / float16 take float32 arrays and give
+// the float values those kernels compute before they round them to 16 bits.
 void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout);
 
 }  // namespace cpu

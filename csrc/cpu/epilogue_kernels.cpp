@@ -92,6 +92,16 @@ void parallel_range(int64_t n, int num_threads, bool parallel, Fn&& fn) {
 template <typename T>
 using CT = typename Compute<T>::type;
 
+// Activation<A> at the accuracy T's results need: the 16-bit types round every result to 8 or 11
+// significant bits, so they use the float math made for that (activations.h, Accuracy::kHalf).
+template <typename T, Act A>
+struct ActivationFor {
+  static constexpr Accuracy kAccuracy = sizeof(T) == 2 ? Accuracy::kHalf : Accuracy::kFloat32;
+  static CT<T> f(CT<T> z) { return Activation<A>::template f<kAccuracy>(z); }
+  // dy * act'(z) as torch's backward forms it
+  static CT<T> grad(CT<T> dy, CT<T> z) { return grad_times<A, kAccuracy>(dy, z); }
+};
+
 // Bias-gradient partial sums: double for float32 and float64 inputs (the sum must beat PyTorch's
 // own float32 reduction; groups of 8 float32 rows are added in float first, see kSumRows), float
 // for the 16-bit types (already far finer than their rounding).
@@ -223,7 +233,7 @@ inline void add_bias(C* v, const C* b, int64_t n) {
 template <typename T, Act A>
 void bias_act_forward_t(int64_t rows, int64_t cols, const T* acc, const T* bias, T* y,
                         uint8_t* mask, int num_threads) {
-  using F = Activation<A>;
+  using F = ActivationFor<T, A>;
   using C = CT<T>;
   const std::vector<C> b = bias_in_compute_type(bias, cols);
   const int64_t mbytes = mask_row_bytes(cols);
@@ -304,7 +314,7 @@ void parallel_transposed_blocks(int64_t rows, int64_t cols, int num_threads, Fn&
 template <typename T, Act A>
 void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, int64_t ld_t, const T* bias,
                                    T* y, T* z, uint8_t* mask, int num_threads) {
-  using F = Activation<A>;
+  using F = ActivationFor<T, A>;
   using C = CT<T>;
   const std::vector<C> b = bias_in_compute_type(bias, cols);
   const int64_t mbytes = mask_row_bytes(cols);
@@ -331,7 +341,7 @@ void act_forward_from_transposed_t(int64_t rows, int64_t cols, const T* acc_t, i
 template <typename T, Act A>
 void glu_forward_from_transposed_t(int64_t rows, int64_t cols, const T* gate_t, const T* up_t, int64_t ld_t,
                                    const T* bias_g, const T* bias_u, T* y, T* z_gate, T* z_up, int num_threads) {
-  using F = Activation<A>;
+  using F = ActivationFor<T, A>;
   using C = CT<T>;
   const std::vector<C> bg = bias_in_compute_type(bias_g, cols), bu = bias_in_compute_type(bias_u, cols);
   constexpr int64_t kTCols = TBlock<T>::kCols;
@@ -358,6 +368,7 @@ void glu_forward_from_transposed_t(int64_t rows, int64_t cols, const T* gate_t, 
 template <typename T, Act A>
 void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, const T* bias,
                     T* dz, CT<T>* dbias, int num_threads) {
+  using F = ActivationFor<T, A>;
   using C = CT<T>;
   using P = AccT<T>;
   constexpr Saved kind = saved_for(A);
@@ -386,7 +397,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
           if (!stream) out = dz + o;
         }
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) out[i] = grad_times<A>(load(d[i]), load(zr[i]) + bc[i]);
+        for (int64_t i = 0; i < n; ++i) out[i] = F::grad(load(d[i]), load(zr[i]) + bc[i]);
         if (out == g) {
           if (part) add_partial(part, g, n);
           store_chunk(stream, g, dz + o, n);
@@ -413,7 +424,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
         to_compute(static_cast<const T*>(saved) + o, zc, n);
         const C* bc = b.data() + s;
         FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) g[i] = grad_times<A>(g[i], zc[i] + bc[i]);
+        for (int64_t i = 0; i < n; ++i) g[i] = F::grad(g[i], zc[i] + bc[i]);
       }
       if (part) add_partial(part, g, n);
       if (kind != Saved::kNothing) store_chunk(stream, g, dz + o, n);
@@ -426,7 +437,7 @@ void act_backward_t(int64_t rows, int64_t cols, const T* dy, const void* saved, 
 template <typename T, Act A>
 void glu_forward_t(int64_t rows, int64_t cols, const T* acc_g, const T* acc_u, const T* bias_g,
                    const T* bias_u, T* y, int num_threads) {
-  using F = Activation<A>;
+  using F = ActivationFor<T, A>;
   using C = CT<T>;
   const std::vector<C> bg = bias_in_compute_type(bias_g, cols), bu = bias_in_compute_type(bias_u, cols);
   parallel_tiles(Tiling(rows, cols, num_threads), num_threads,
@@ -457,7 +468,7 @@ template <typename T, Act A>
 void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, const T* acc_u,
                     const T* bias_g, const T* bias_u, T* dz_g, T* dz_u, CT<T>* dbias_g,
                     CT<T>* dbias_u, int num_threads) {
-  using F = Activation<A>;
+  using F = ActivationFor<T, A>;
   using C = CT<T>;
   using P = AccT<T>;
   const Tiling t(rows, cols, num_threads);
@@ -486,7 +497,7 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) {
           const C a = load(ag[i]) + bgc[i], u = load(au[i]) + buc[i], gi = load(d[i]);
-          zg[i] = grad_times<A>(gi * u, a);
+          zg[i] = F::grad(gi * u, a);
           zu[i] = gi * F::f(a);
         }
       } else {
@@ -497,7 +508,7 @@ void glu_backward_t(int64_t rows, int64_t cols, const T* dy, const T* acc_g, con
         FASTNN_SIMD
         for (int64_t i = 0; i < n; ++i) {
           const C a = zg[i] + bgc[i], u = zu[i] + buc[i];
-          zg[i] = grad_times<A>(g[i] * u, a);
+          zg[i] = F::grad(g[i] * u, a);
           zu[i] = g[i] * F::f(a);
         }
       }
@@ -700,24 +711,29 @@ void transpose(DType dtype, int64_t rows, int64_t cols, const void* src, int64_t
 }
 
 void eval_activation(DType dtype, Act act, int64_t n, const void* z, void* out, void* dout) {
-  if (dtype != DType::kFloat32 && dtype != DType::kFloat64)
-    throw std::invalid_argument("fastnn cpu: eval_activation takes float32 or float64");
-  dispatch_dtype(dtype, [&](auto tv) {
+  // float32 / float64 arrays; bfloat16 / float16 ask for their kernels' float math (before the
+  // rounding to 16 bits) on float32 arrays
+  const auto eval = [&](auto tv, auto storage) {
     using T = decltype(tv);
-    if constexpr (std::is_floating_point<T>::value) {
-      dispatch_act_or_throw(act, [&](auto at) {
-        using F = Activation<decltype(at)::value>;
-        const T* zi = static_cast<const T*>(z);
-        T* o = static_cast<T*>(out);
-        T* d = static_cast<T*>(dout);
-        FASTNN_SIMD
-        for (int64_t i = 0; i < n; ++i) {
-          o[i] = F::f(zi[i]);
-          d[i] = F::df(zi[i]);
-        }
-      });
-    }
-  });
+    dispatch_act_or_throw(act, [&](auto at) {
+      using F = ActivationFor<decltype(storage), decltype(at)::value>;
+      const T* zi = static_cast<const T*>(z);
+      T* o = static_cast<T*>(out);
+      T* d = static_cast<T*>(dout);
+      FASTNN_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = F::f(zi[i]);
+        d[i] = F::grad(T(1), zi[i]);  // act'(z)
+      }
+    });
+  };
+  switch (dtype) {
+    case DType::kFloat32: return eval(float(), float());
+    case DType::kFloat64: return eval(double(), double());
+    case DType::kBFloat16: return eval(float(), bf16_t());
+    case DType::kFloat16: return eval(float(), f16_t());
+  }
+  throw std::invalid_argument("fastnn cpu: unknown dtype code");
 }
 
 }  // namespace FASTNN_ISA_NS

@@ -43,6 +43,16 @@ constexpr int32_t kNumActs = 10;
 constexpr double kQuickGeluScale = 1.702;  // quick_gelu(z) = z sigmoid(1.702 z) (CLIP's activation)
 constexpr double kLeakySlope = 0.01;  // used as T(kLeakySlope): 0.01f in float
 
+// How accurate the host's float math must be. kFloat32: to float32's own precision (float32
+// results; the float32 test hook). kHalf: for results the kernels round to bfloat16 or float16 (8
+// or 11 significant bits): gelu's Gaussian tail and the sigmoid family's exp take shorter
+// polynomials there, relative error at most 1.8e-5 (gelu) and 2.8e-6 (exp) in place of a few
+// 1e-8, so that a rounded gelu is within 0.504 bfloat16 ulp and 0.525 float16 ulp of the exact
+// value (0.501 from the float32 math; every float32 z with 2^-16 <= |z| <= 16, tests and
+// benchmarks/activation_accuracy.py --dtype), and the 16-bit passes run 15-23% faster (gelu and
+// silu, bfloat16 256x3072, 2 threads, AMD EPYC Zen 4). The double math and the device ignore it.
+enum class Accuracy : int32_t { kFloat32 = 0, kHalf = 1 };
+
 // What backward needs besides dY: nothing, the sign of Z (1 bit per element), or Z itself.
 enum class Saved : int32_t { kNothing = 0, kSignMask = 1, kPreact = 2 };
 
@@ -91,8 +101,10 @@ inline float round_small(float x) {
 
 // The sigmoid family only ever needs exp of a non-positive number (exp(-|z|)), so the host
 // version handles x <= 0 alone: no overflow path. Cody-Waite reduction x = n ln2 + r,
-// |r| <= ln2/2, then a degree-6 minimax polynomial (1.7e-8 relative). NaN propagates, so the
-// callers need no check of their own (a select per check: measurable in these loops).
+// |r| <= ln2/2, then a degree-6 minimax polynomial (1.7e-8 relative; Accuracy::kHalf: one step of
+// reduction and degree 4, 2.6e-6). NaN propagates, so the callers need no check of their own (a
+// select per check: measurable in these loops).
+template <Accuracy Acc = Accuracy::kFloat32>
 FASTNN_HD float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
@@ -102,14 +114,24 @@ FASTNN_HD float exp_nonpos(float x) {
   // so shifting its bits by 23 builds 2^n without a float-to-int conversion
   const float kn = xc * 1.44269504088896341f + 12583039.0f;
   const float n = kn - 12583039.0f;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  float p = 1.383684576e-03f;
-  p = p * r + 8.374815807e-03f;
-  p = p * r + 4.166822508e-02f;
-  p = p * r + 1.666641980e-01f;
-  p = p * r + 4.999999106e-01f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  float p;
+  if constexpr (Acc == Accuracy::kFloat32) {
+    const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    p = 1.383684576e-03f;
+    p = p * r + 8.374815807e-03f;
+    p = p * r + 4.166822508e-02f;
+    p = p * r + 1.666641980e-01f;
+    p = p * r + 4.999999106e-01f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+  } else {
+    const float r = xc - n * 0.693147180559945309f;
+    p = 4.145861045e-02f;
+    p = p * r + 1.679090858e-01f;
+    p = p * r + 5.000435710e-01f;
+    p = p * r + 9.999634027e-01f;
+    p = p * r + 9.999992847e-01f;
+  }
   // below -87 the result would be subnormal: flush to 0, as PyTorch's own vectorised float math
   return x < -87.0f ? 0.0f : p * from_bits(to_bits(kn) << 23);
 #endif
@@ -159,6 +181,9 @@ FASTNN_HD float expm1_nonpos(float x) {
 // clamping |z| and u (a compare and a blend fewer) made the gelu passes about 10% faster again
 // (float32 and bfloat16, forward and backward, 256x3072 in cache, Xeon with AMX), no less accurate
 // (benchmarks/activation_accuracy.py).
+// Accuracy::kHalf: P of degree 5 (its own 1/k; relative error 1.3e-5 in float) and 2^f of degree
+// 4 (2.6e-6), two minimax fits of the same forms.
+template <Accuracy Acc = Accuracy::kFloat32>
 FASTNN_HD float gauss_tail(float z, float& g) {
 #if defined(__CUDA_ARCH__)
   g = ::expf(-0.5f * z * z);
@@ -167,16 +192,27 @@ FASTNN_HD float gauss_tail(float z, float& g) {
   // (|z| = inf makes s and P NaN, replaced by the flush below; a NaN z comes out of the callers
   // through z itself)
   const float a = abs(z);
-  const float s = a / (a + 2.61891398f);  // k|z| / (1 + k|z|) with 1/k = 2.61891398
-  float P = -3.379232436e-02f;  // the fit's coefficients halved (q = erfc / 2)
-  P = P * s + 8.07652995e-02f;
-  P = P * s - 2.022573724e-02f;
-  P = P * s - 1.803578995e-02f;
-  P = P * s - 1.301403046e-01f;
-  P = P * s - 3.672394669e-03f;
-  P = P * s + 6.69860244e-01f;
-  P = P * s - 1.044795275e+00f;
-  P = P * s + 0.5f;
+  float P;
+  if constexpr (Acc == Accuracy::kFloat32) {
+    const float s = a / (a + 2.61891398f);  // k|z| / (1 + k|z|) with 1/k = 2.61891398
+    P = -3.379232436e-02f;  // the fit's coefficients halved (q = erfc / 2)
+    P = P * s + 8.07652995e-02f;
+    P = P * s - 2.022573724e-02f;
+    P = P * s - 1.803578995e-02f;
+    P = P * s - 1.301403046e-01f;
+    P = P * s - 3.672394669e-03f;
+    P = P * s + 6.69860244e-01f;
+    P = P * s - 1.044795275e+00f;
+    P = P * s + 0.5f;
+  } else {
+    const float s = a / (a + 2.78f);
+    P = 9.942591935e-02f;
+    P = P * s - 2.396062762e-01f;
+    P = P * s - 6.786319613e-02f;
+    P = P * s + 8.168928623e-01f;
+    P = P * s - 1.108631253e+00f;
+    P = P * s + 4.999947250e-01f;
+  }
   // u = z^2 c, c = -log2(e) / 2, is not rounded where the compiler fuses these multiply-adds
   // (the builds with FMA): then f is u - n exactly rounded; without FMA, u is rounded first
   // (below u = -120 n, f and p are garbage or inf, never subnormal, and g is set to 0)
@@ -186,13 +222,22 @@ FASTNN_HD float gauss_tail(float z, float& g) {
   const float kn = z2 * -0.721347520444481703f + 12582912.0f;
   const float n = kn - 12582912.0f;
   const float f = z2 * -0.721347520444481703f - n;  // u - n, in [-1/2, 1/2]
-  float p = 1.534581243e-04f;  // 2^f, minimax (1.6e-8 relative)
-  p = p * f + 1.339993090e-03f;
-  p = p * f + 9.618489072e-03f;
-  p = p * f + 5.550328642e-02f;
-  p = p * f + 2.402264625e-01f;
-  p = p * f + 6.931471825e-01f;
-  p = p * f + 1.0f;
+  float p;  // 2^f, minimax (1.6e-8 relative; kHalf 2.6e-6)
+  if constexpr (Acc == Accuracy::kFloat32) {
+    p = 1.534581243e-04f;
+    p = p * f + 1.339993090e-03f;
+    p = p * f + 9.618489072e-03f;
+    p = p * f + 5.550328642e-02f;
+    p = p * f + 2.402264625e-01f;
+    p = p * f + 6.931471825e-01f;
+    p = p * f + 1.0f;
+  } else {
+    p = 9.570103139e-03f;
+    p = p * f + 5.591786653e-02f;
+    p = p * f + 2.402474433e-01f;
+    p = p * f + 6.931217909e-01f;
+    p = p * f + 9.999992848e-01f;
+  }
   // p * 2^n by adding n to p's exponent: p >= 1/sqrt 2 and n >= -120 keep it normal
   g = normal ? from_bits(to_bits(p) + (to_bits(kn) << 23)) : 0.0f;
   return normal ? P * g : 0.0f;
@@ -209,7 +254,9 @@ FASTNN_HD float tanh(float x) {
 #endif
 }
 
+template <Accuracy = Accuracy::kFloat32>
 FASTNN_HD double exp_nonpos(double x) { return ::exp(x); }
+template <Accuracy = Accuracy::kFloat32>
 FASTNN_HD double gauss_tail(double z, double& g) {
   g = ::exp(-0.5 * z * z);
   return 0.5 * ::erfc(::fabs(z) * 0.70710678118654752);
@@ -220,61 +267,62 @@ FASTNN_HD double abs(double x) { return ::fabs(x); }
 // s = sigmoid(z) and sc = 1 - s = sigmoid(-z), both to full relative accuracy (1 - s would
 // cancel for large z): with e = exp(-|z|), the pair is 1/(1+e) and e/(1+e) in the order of sign(z).
 // (A NaN z gives NaN from exp_nonpos.)
-template <typename T>
+template <Accuracy Acc = Accuracy::kFloat32, typename T>
 FASTNN_HD void sigmoid_pair(T z, T& s, T& sc) {
-  const T e = exp_nonpos(-abs(z));
+  const T e = exp_nonpos<Acc>(-abs(z));
   const T r = T(1) / (T(1) + e);
   const bool pos = z >= T(0);
   s = pos ? r : e * r;
   sc = pos ? e * r : r;
 }
 
-template <typename T>
+template <Accuracy Acc = Accuracy::kFloat32, typename T>
 FASTNN_HD T sigmoid(T z) {
-  const T e = exp_nonpos(-abs(z));
+  const T e = exp_nonpos<Acc>(-abs(z));
   return (z >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
 // 1 - tanh(z)^2 = 4e / (1 + e)^2 with e = exp(-2|z|): no cancellation where tanh(z) is near +-1.
-template <typename T>
+template <Accuracy Acc = Accuracy::kFloat32, typename T>
 FASTNN_HD T tanh_derivative(T z) {
-  const T e = exp_nonpos(T(-2) * abs(z));
+  const T e = exp_nonpos<Acc>(T(-2) * abs(z));
   const T d = T(1) + e;
   return T(4) * e / (d * d);  // NaN from e for a NaN z
 }
 
 }  // namespace math
 
-// Activation<A>::f(z) and ::df(z) = d f / dz, for T = float or double.
+// Activation<A>::f(z) and ::df(z) = d f / dz, for T = float or double; f<Accuracy::kHalf>(z) for a
+// result rounded to 16 bits.
 template <Act A>
 struct Activation;
 
 template <>
 struct Activation<Act::kIdentity> {
-  template <typename T> static FASTNN_HD T f(T z) { return z; }
-  template <typename T> static FASTNN_HD T df(T) { return T(1); }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z; }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T) { return T(1); }
 };
 
 template <>
 struct Activation<Act::kRelu> {
   // written so that NaN propagates, as torch.relu
-  template <typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z; }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z; }
   // torch's threshold_backward: 0 where z <= 0 (z == 0 included), 1 elsewhere (NaN included)
-  template <typename T> static FASTNN_HD T df(T z) { return z <= T(0) ? T(0) : T(1); }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) { return z <= T(0) ? T(0) : T(1); }
 };
 
 template <>
 struct Activation<Act::kLeakyRelu> {
-  template <typename T> static FASTNN_HD T f(T z) { return z > T(0) ? z : T(kLeakySlope) * z; }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z > T(0) ? z : T(kLeakySlope) * z; }
   // torch's leaky_relu_backward: the slope where z <= 0 and at NaN
-  template <typename T> static FASTNN_HD T df(T z) { return z > T(0) ? T(1) : T(kLeakySlope); }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) { return z > T(0) ? T(1) : T(kLeakySlope); }
 };
 
 template <>
 struct Activation<Act::kSquaredRelu> {
-  template <typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z * z; }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z < T(0) ? T(0) : z * z; }
   // df(NaN) = NaN, as autograd gives through torch.square(F.relu(z))
-  template <typename T> static FASTNN_HD T df(T z) { return z < T(0) ? T(0) : T(2) * z; }
+  template <Accuracy = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) { return z < T(0) ? T(0) : T(2) * z; }
 };
 
 // Exact gelu: z * Phi(z), Phi(z) = 1 - q for z > 0 and q otherwise, from the Gaussian tail
@@ -282,13 +330,13 @@ struct Activation<Act::kSquaredRelu> {
 template <>
 struct Activation<Act::kGelu> {
   template <typename T> static FASTNN_HD T cdf(T q, T z) { return z > T(0) ? T(1) - q : q; }
-  template <typename T> static FASTNN_HD T f(T z) {
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) {
     T g;
-    return z * cdf(math::gauss_tail(z, g), z);
+    return z * cdf(math::gauss_tail<Acc>(z, g), z);
   }
-  template <typename T> static FASTNN_HD T df(T z) {
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) {
     T g;  // exp(-z^2 / 2)
-    return cdf(math::gauss_tail(z, g), z) + z * g * T(0.39894228040143268);
+    return cdf(math::gauss_tail<Acc>(z, g), z) + z * g * T(0.39894228040143268);
   }
 };
 
@@ -299,10 +347,10 @@ struct Activation<Act::kGeluTanh> {
   template <typename T> static FASTNN_HD T u2(T z) {
     return T(2 * 0.79788456080286536) * (z + T(0.044715) * z * z * z);
   }
-  template <typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid(u2(z)); }
-  template <typename T> static FASTNN_HD T df(T z) {
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid<Acc>(u2(z)); }
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) {
     T s, sc;
-    math::sigmoid_pair(u2(z), s, sc);
+    math::sigmoid_pair<Acc>(u2(z), s, sc);
     const T du2 = T(2 * 0.79788456080286536) * (T(1) + T(3 * 0.044715) * z * z);
     return s + z * s * sc * du2;
   }
@@ -310,49 +358,49 @@ struct Activation<Act::kGeluTanh> {
 
 template <>
 struct Activation<Act::kSilu> {
-  template <typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid(z); }
-  template <typename T> static FASTNN_HD T df(T z) {
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid<Acc>(z); }
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) {
     T s, sc;
-    math::sigmoid_pair(z, s, sc);
+    math::sigmoid_pair<Acc>(z, s, sc);
     return s * (T(1) + z * sc);
   }
 };
 
 template <>
 struct Activation<Act::kQuickGelu> {
-  template <typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid(T(kQuickGeluScale) * z); }
-  template <typename T> static FASTNN_HD T df(T z) {
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return z * math::sigmoid<Acc>(T(kQuickGeluScale) * z); }
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) {
     T s, sc;
-    math::sigmoid_pair(T(kQuickGeluScale) * z, s, sc);
+    math::sigmoid_pair<Acc>(T(kQuickGeluScale) * z, s, sc);
     return s * (T(1) + T(kQuickGeluScale) * z * sc);
   }
 };
 
 template <>
 struct Activation<Act::kSigmoid> {
-  template <typename T> static FASTNN_HD T f(T z) { return math::sigmoid(z); }
-  template <typename T> static FASTNN_HD T df(T z) {
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return math::sigmoid<Acc>(z); }
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) {
     T s, sc;
-    math::sigmoid_pair(z, s, sc);
+    math::sigmoid_pair<Acc>(z, s, sc);
     return s * sc;
   }
 };
 
 template <>
 struct Activation<Act::kTanh> {
-  template <typename T> static FASTNN_HD T f(T z) { return math::tanh(z); }
-  template <typename T> static FASTNN_HD T df(T z) { return math::tanh_derivative(z); }
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T f(T z) { return math::tanh(z); }
+  template <Accuracy Acc = Accuracy::kFloat32, typename T> static FASTNN_HD T df(T z) { return math::tanh_derivative<Acc>(z); }
 };
 
 // dz = dy * f'(z) as PyTorch's backward forms it. relu's and squared_relu's gradients pass
 // through torch's threshold_backward, which gives exactly 0 where z <= 0 whatever dy is; a product
 // would give NaN there for an inf or NaN dy (fp16 overflow). The others are the product.
-template <Act A, typename T>
+template <Act A, Accuracy Acc = Accuracy::kFloat32, typename T>
 FASTNN_HD T grad_times(T dy, T z) {
   if constexpr (A == Act::kRelu || A == Act::kSquaredRelu) {
-    return z <= T(0) ? T(0) : dy * Activation<A>::df(z);
+    return z <= T(0) ? T(0) : dy * Activation<A>::template df<Acc>(z);
   } else {
-    return dy * Activation<A>::df(z);
+    return dy * Activation<A>::template df<Acc>(z);
   }
 }
 
