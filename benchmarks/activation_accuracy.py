@@ -71,7 +71,13 @@ def accuracy(name: str, lo: float, hi: float, dtype=torch.float32):
     act = activations.get(name)
     C = _native.cpu_module()
     ref_fn = REFERENCE.get(name, act.fn)
-    tiny = torch.finfo(dtype).tiny
+
+    def reference(zd):
+        """float64 value and derivative at zd, the dtype's spacing at each, and where the value is normal."""
+        ref, dref = ref_fn(zd), act.grad(zd)
+        return (ref, dref, ulp_of(ref, dtype), ulp_of(dref.abs().clamp(min=1.0), dtype),
+                ref.abs() >= torch.finfo(dtype).tiny)
+
     worst = {k: 0.0 for k in ("fastnn value", "torch value", "fastnn derivative", "torch derivative")}
     where = {}
     total = {k: 0.0 for k in worst}
@@ -83,14 +89,12 @@ def accuracy(name: str, lo: float, hi: float, dtype=torch.float32):
         C.cpu_eval_activation(_native.DTYPE_CODES[dtype], act.code, z.numel(), z.data_ptr(), out.data_ptr(),
                               dout.data_ptr())
         out, dout = out.to(dtype), dout.to(dtype)
-        zd, zt = z.double(), z.to(dtype)  # PyTorch's input: z rounded to the dtype
-        ref, dref = ref_fn(zd), act.grad(zd)
-        ref_t, dref_t = ref_fn(zt.double()), act.grad(zt.double())
+        zt = z.to(dtype)  # PyTorch's input: z rounded to the dtype
+        ref, dref, u, du, normal = reference(z.double())
+        # (float32: PyTorch's input is z itself, and so is its reference)
+        ref_t, dref_t, u_t, du_t, normal_t = (ref, dref, u, du, normal) if zt is z else reference(zt.double())
         theirs = act.fn(zt).double()
         dtheirs = (TORCH_BACKWARD[name](torch.ones_like(zt), zt) if name in TORCH_BACKWARD else act.grad(zt)).double()
-        u, du = ulp_of(ref, dtype), ulp_of(dref.abs().clamp(min=1.0), dtype)
-        u_t, du_t = ulp_of(ref_t, dtype), ulp_of(dref_t.abs().clamp(min=1.0), dtype)
-        normal, normal_t = ref.abs() >= tiny, ref_t.abs() >= tiny
         subnormal += int((~normal).sum())
         everywhere = torch.ones_like(normal)
         for key, got, r, scale, keep in (("fastnn value", out, ref, u, normal),
