@@ -32,9 +32,10 @@ numerics rule), and it folds the bias into that GEMM, as float32 does where addm
 FASTNN_CPU_GEMM16=native|float32, read at import, overrides the choice (tests run both).
 
 What this backend does for speed that eager PyTorch does not:
-- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs on AMD CPUs, 16-bit ones on oneDNN's AMX kernels),
-  the forward GEMMs compute Z^T = W x^T, which MKL and oneDNN run faster at few rows, and the pass
-  after them reads Z^T and writes y row-major;
+- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs on AMD CPUs, 16-bit ones on oneDNN's AMX kernels;
+  bfloat16 without AMX at 16-64 rows, see _bf16_transposed_without_amx), the forward GEMMs compute
+  Z^T = W x^T, which MKL and oneDNN run faster at few rows, and the pass after them reads Z^T and
+  writes y row-major;
 - backward writes dZ into memory it is handed (`reuse`: the saved pre-activation once autograd frees
   it, see fastnn/autograd.py) instead of a fresh tensor, whose first touch costs a page fault per
   4 KiB once it is too large for malloc to recycle;
@@ -727,10 +728,10 @@ class CpuBackend(Backend):
     # 16 x 3072 -> 768 1.01-1.05x faster this way; bfloat16 gelu at 1 x 768 -> 3072 1.05x,
     # at 16-256 rows 1.04-1.07x). The three: float32 / float64 in F.linear's orientation (the GEMM or
     # the pass adds the bias, see _fold_bias; the pass runs in place), and 16-bit on oneDNN's native
-    # kernels where the pass adds the bias: on AMX Z^T = W x^T, then the pass writes y; without AMX
-    # (the AVX512-BF16 AMD EPYCs) x W^T and the pass in place, as float32 (Zen 4, the bfloat16 MLP
-    # block at 16 x 64 -> 64 without a gradient, hot: 60-66 us against 68-79 through _linear_act, eager
-    # 50-53).
+    # kernels where the pass adds the bias: Z^T = W x^T, then the pass writes y, where product_transposed
+    # says (AMX; bfloat16 without AMX at 16-64 rows); else (the AVX512-BF16 AMD EPYCs) x W^T and the
+    # pass in place, as float32 (Zen 4, the bfloat16 MLP block at 16 x 64 -> 64 without a gradient,
+    # hot: 60-66 us against 68-79 through _linear_act, eager 50-53).
     def linear_act_y(self, x, weight, bias, act):
         dtype, rows, cols = x.dtype, x.shape[0], weight.shape[0]
         bias_in_pass = dtype in _HALF and not _fold_bias(dtype, act)
