@@ -148,8 +148,8 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
     too (bfloat16, Xeon with AMX, 2 threads: 1.78x at 256 x 768 -> 3072, 1.53x at 64 rows, 1.08x at
     256 x 3072 -> 768, 1.13x at 512 x 1024 -> 4096), and for bfloat16 without AMX at the few row
     counts and weight widths where it pays (_bf16_transposed_without_amx, below), but only where the
-    pass adds the bias (fold_bias False): a GEMM that adds it keeps F.linear's orientation, whose bits the kinked
-    activations' sign follows. On Intel's CPUs MKL's float32 GEMM gains nothing from the transposed
+    pass adds the bias (fold_bias False): a GEMM that adds it keeps F.linear's orientation, whose
+    bits the kinked activations' sign follows. On Intel's CPUs MKL's float32 GEMM gains nothing from the transposed
     orientation that the pass from Z^T does not give back (Xeon with AMX, gelu forward, paired:
     0.92-0.95x of the direct orientation at 64, 128, 512 rows and 256 x 3072 -> 768, 1.00x at 256 x
     768 -> 3072). Nor for a column-major weight (weights: the call's; _column_major): x W^T is then a
@@ -168,15 +168,15 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
     return _has_amx() or (dtype == torch.bfloat16 and _bf16_transposed_without_amx(rows, weights))
 
 
-# bfloat16 on oneDNN's AVX512-BF16 kernels without AMX (the AMD EPYCs) at few rows: W x^T runs
-# faster than x W^T only where the rows fill whole 16-column blocks of its kernel (W x^T's columns)
-# and the weight's rows do not lie a power of two of 2 KiB or more apart. GEMM alone, AMD EPYC Zen 4, 2
-# threads, both orientations bit for bit equal: 16 rows 1.16-1.47x faster for in_features 640-896,
-# 1536, 2560, 3072, 5120, 11008 (out 768-11008); 32-64 rows 1.04-1.37x; but 0.54-0.92x with 1024,
-# 2048 or 4096 in_features at 16 rows (4096 at 32-64 too), 0.60-0.94x at 2-8 rows and 0.91-0.95x at
-# 20, 40 or 56, and from 128 rows the pass from Z^T costs what the GEMM gains (linear_act gelu
-# forward 0.97x at 256 rows). The BERT-base MLP block (768 -> 3072 -> 768, gelu) ran 1.08-1.15x
-# faster so at 16-64 tokens without a gradient and 1.02-1.08x with one.
+# bfloat16 on oneDNN's AVX512-BF16 kernels without AMX (the AMD EPYCs) at few rows: W x^T ran faster
+# than x W^T (bit for bit the same product) at 16, 32, 48 and 64 rows, unless in_features is a power
+# of two from 1024 (W's rows 2 KiB, 4 KiB, ... apart). GEMM alone, AMD EPYC Zen 4, 2 threads: at 16
+# rows 1.16-1.47x faster for in_features 640-896, 1536, 2560, 3072, 5120, 11008 (out 768-11008), at
+# 32-64 rows 1.04-1.37x; but 0.54-0.92x with 1024, 2048 or 4096 in_features at 16 rows (4096 at 32-64
+# too); and linear_act's forward, its pass from Z^T included, 0.62-0.90x at 2-8 rows, 0.91-0.95x at
+# 20, 40 and 56 rows, 0.97x at 256. The BERT-base MLP block (768 -> 3072 -> 768, gelu) ran 1.09-1.17x
+# faster so at 16-64 tokens without a gradient and 0.99-1.08x with one (transformers' MLPs fused at
+# 16 tokens: record ...-zen4-2threads-fused-models-16-tokens-bf16-transposed-at-6b10ef5.txt).
 BF16_TRANSPOSED_ROWS_WITHOUT_AMX = (16, 32, 48, 64)
 
 
