@@ -134,18 +134,21 @@ def test_orientation_choice(monkeypatch):
         column_major = torch.empty(768, 3072, dtype=torch.bfloat16).t()
         assert not cpu_backend.product_transposed(16, torch.bfloat16, False, (column_major,))
         assert not cpu_backend.product_transposed(16, torch.bfloat16, False, (column_major.t().t(), column_major))
-        for weight in (column_major.contiguous(), torch.empty(1, 768, dtype=torch.bfloat16),
-                       torch.empty(3072, 1024, dtype=torch.bfloat16)[:, :768]):
+        for weight in (column_major.contiguous(), torch.empty(3072, 1024, dtype=torch.bfloat16)[:, :768]):
             assert cpu_backend.product_transposed(16, torch.bfloat16, False, (weight,))
-        # without AMX, bfloat16 at whole 16-row blocks up to 64 rows, but not with in_features a
-        # power of two from 1024 (_bf16_transposed_without_amx); float16 only with AMX
-        for rows, in_features in ((16, 768), (32, 3072), (48, 11008), (64, 640), (16, 1536), (64, 512)):
-            weight = torch.empty(96, in_features, dtype=torch.bfloat16)
+        # without AMX, bfloat16 at whole 16-row blocks up to 64 rows, for weights of 2^19 elements or
+        # more, but not with in_features a power of two from 1024 (_bf16_transposed_without_amx);
+        # float16 only with AMX
+        for rows, shape in ((16, (3072, 768)), (32, (768, 3072)), (48, (4096, 11008)), (64, (2560, 640)),
+                             (16, (6144, 1536)), (64, (3072, 512)), (16, (256, 3072)), (32, (768, 683))):
+            weight = torch.empty(shape, dtype=torch.bfloat16)
             assert cpu_backend.product_transposed(rows, torch.bfloat16, False, (weight,))
             assert cpu_backend.product_transposed(rows, torch.float16, False, (weight.half(),)) is amx
             assert not cpu_backend.product_transposed(rows, torch.bfloat16, True, (weight,))
-        for rows, in_features in ((16, 1024), (32, 2048), (64, 4096), (8, 768), (24, 768), (80, 768), (128, 768)):
-            weight = torch.empty(96, in_features, dtype=torch.bfloat16)
+        for rows, shape in ((16, (3072, 1024)), (32, (3072, 2048)), (64, (768, 4096)), (8, (3072, 768)),
+                            (24, (3072, 768)), (80, (3072, 768)), (128, (3072, 768)), (16, (512, 768)),
+                            (64, (32, 768)), (16, (1, 768)), (48, (640, 640))):
+            weight = torch.empty(shape, dtype=torch.bfloat16)
             assert cpu_backend.product_transposed(rows, torch.bfloat16, False, (weight,)) is amx
         assert cpu_backend.product_transposed(16, torch.bfloat16, False) is amx  # (no weights: not known)
     monkeypatch.setattr(cpu_backend, "PRODUCT_OVERRIDE", "transposed")

@@ -169,8 +169,11 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
 
 
 # bfloat16 on oneDNN's AVX512-BF16 kernels without AMX (the AMD EPYCs) at few rows: W x^T ran faster
-# than x W^T (bit for bit the same product) at 16, 32, 48 and 64 rows, unless in_features is a power
-# of two from 1024 (W's rows 2 KiB, 4 KiB, ... apart). GEMM alone, AMD EPYC Zen 4, 2 threads: at 16
+# than x W^T (bit for bit the same product) at 16, 32, 48 and 64 rows, for weights of 2^19 elements
+# (1 MiB) or more, unless in_features is a power of two from 1024 (W's rows 2 KiB, 4 KiB, ... apart).
+# Smaller weights lost: linear_act gelu forward, transposed against direct, 0.79-0.98x at 16-64 rows
+# for 768 -> 32 / 64 / 256, 3072 -> 128, 96 -> 384, 640 -> 640; 1.00-1.02x for 768 -> 512; 1.01-1.17x
+# from 768 -> 768, 3072 -> 256 up. GEMM alone, AMD EPYC Zen 4, 2 threads: at 16
 # rows 1.16-1.47x faster for in_features 640-896, 1536, 2560, 3072, 5120, 11008 (out 768-11008), at
 # 32-64 rows 1.04-1.37x; but 0.54-0.92x with 1024, 2048 or 4096 in_features at 16 rows (4096 at 32-64
 # too); and linear_act's forward, its pass from Z^T included, 0.62-0.90x at 2-8 rows, 0.91-0.95x at
@@ -180,11 +183,15 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
 BF16_TRANSPOSED_ROWS_WITHOUT_AMX = (16, 32, 48, 64)
 
 
+BF16_TRANSPOSED_MIN_WEIGHT_ELEMENTS = 1 << 19
+
+
 def _bf16_transposed_without_amx(rows, weights) -> bool:
     if rows not in BF16_TRANSPOSED_ROWS_WITHOUT_AMX or not weights:
         return False
-    k = weights[0].shape[1]
-    return k < 1024 or k & (k - 1) != 0  # (a power of two: rows 2 KiB, 4 KiB, ... apart)
+    n, k = weights[0].shape
+    # (k a power of two: W's rows 2 KiB, 4 KiB, ... apart)
+    return n * k >= BF16_TRANSPOSED_MIN_WEIGHT_ELEMENTS and (k < 1024 or k & (k - 1) != 0)
 
 
 # Backward's weight-gradient GEMM dW = dZ^T X: oneDNN's bfloat16 GEMMs run it far faster with dZ^T as
