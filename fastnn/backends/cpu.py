@@ -147,12 +147,12 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
     other than Intel's, and for 16-bit GEMMs on CPUs with AMX, where oneDNN multiplies W x^T faster
     too (bfloat16, Xeon with AMX, 2 threads: 1.78x at 256 x 768 -> 3072, 1.53x at 64 rows, 1.08x at
     256 x 3072 -> 768, 1.13x at 512 x 1024 -> 4096), and for bfloat16 without AMX at the few row
-    counts and weight widths where it pays (_bf16_transposed_without_amx, below), but only where the
+    counts and weight sizes where it pays (_bf16_transposed_without_amx, below), but only where the
     pass adds the bias (fold_bias False): a GEMM that adds it keeps F.linear's orientation, whose
-    bits the kinked activations' sign follows. On Intel's CPUs MKL's float32 GEMM gains nothing from the transposed
-    orientation that the pass from Z^T does not give back (Xeon with AMX, gelu forward, paired:
-    0.92-0.95x of the direct orientation at 64, 128, 512 rows and 256 x 3072 -> 768, 1.00x at 256 x
-    768 -> 3072). Nor for a column-major weight (weights: the call's; _column_major): x W^T is then a
+    bits the kinked activations' sign follows. On Intel's CPUs MKL's float32 GEMM gains nothing
+    from the transposed orientation that the pass from Z^T does not give back (Xeon with AMX, gelu
+    forward, paired: 0.92-0.95x of the direct orientation at 64, 128, 512 rows and 256 x 3072 ->
+    768, 1.00x at 256 x 768 -> 3072). Nor for a column-major weight (weights: the call's; _column_major): x W^T is then a
     product of two row-major matrices, which oneDNN runs faster than W x^T with W column-major
     (bfloat16, Xeon with AMX, 2 threads, a 3072 x 768 Conv1D weight read transposed: identity at
     256 rows 0.68 against 0.92 ms, at 16 rows 0.32 against 0.38; gelu_tanh 0.72 / 0.94, 0.33 / 0.39).
@@ -171,18 +171,16 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
 # bfloat16 on oneDNN's AVX512-BF16 kernels without AMX (the AMD EPYCs) at few rows: W x^T ran faster
 # than x W^T (bit for bit the same product) at 16, 32, 48 and 64 rows, for weights of 2^19 elements
 # (1 MiB) or more, unless in_features is a power of two from 1024 (W's rows 2 KiB, 4 KiB, ... apart).
-# Smaller weights lost: linear_act gelu forward, transposed against direct, 0.79-0.98x at 16-64 rows
-# for 768 -> 32 / 64 / 256, 3072 -> 128, 96 -> 384, 640 -> 640; 1.00-1.02x for 768 -> 512; 1.01-1.17x
-# from 768 -> 768, 3072 -> 256 up. GEMM alone, AMD EPYC Zen 4, 2 threads: at 16
-# rows 1.16-1.47x faster for in_features 640-896, 1536, 2560, 3072, 5120, 11008 (out 768-11008), at
-# 32-64 rows 1.04-1.37x; but 0.54-0.92x with 1024, 2048 or 4096 in_features at 16 rows (4096 at 32-64
-# too); and linear_act's forward, its pass from Z^T included, 0.62-0.90x at 2-8 rows, 0.91-0.95x at
-# 20, 40 and 56 rows, 0.97x at 256. The BERT-base MLP block (768 -> 3072 -> 768, gelu) ran 1.09-1.17x
-# faster so at 16-64 tokens without a gradient and 0.99-1.08x with one (transformers' MLPs fused at
-# 16 tokens: record ...-zen4-2threads-fused-models-16-tokens-bf16-transposed-at-6b10ef5.txt).
+# GEMM alone, AMD EPYC Zen 4, 2 threads: at 16 rows 1.16-1.47x faster for in_features 640-896, 1536,
+# 2560, 3072, 5120, 11008 (out 768-11008), at 32-64 rows 1.04-1.37x; but 0.54-0.92x with 1024, 2048
+# or 4096 in_features at 16 rows (4096 at 32-64 too). linear_act's gelu forward, its pass from Z^T
+# included: 0.62-0.90x at 2-8 rows, 0.91-0.95x at 20, 40 and 56 rows, 0.97x at 256; and for smaller
+# weights 0.79-0.98x at 16-64 rows (768 -> 32 / 64 / 256, 3072 -> 128, 96 -> 384, 640 -> 640),
+# 1.00-1.02x for 768 -> 512, 1.01-1.17x from 768 -> 768 and 3072 -> 256 up. The BERT-base MLP block
+# (768 -> 3072 -> 768, gelu) ran 1.09-1.17x faster so at 16-64 tokens without a gradient and
+# 0.99-1.08x with one (transformers' MLPs fused at 16 tokens: record
+# ...-zen4-2threads-fused-models-16-tokens-bf16-transposed-at-6b10ef5.txt).
 BF16_TRANSPOSED_ROWS_WITHOUT_AMX = (16, 32, 48, 64)
-
-
 BF16_TRANSPOSED_MIN_WEIGHT_ELEMENTS = 1 << 19
 
 
