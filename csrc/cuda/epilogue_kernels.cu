@@ -1,6 +1,7 @@
 // CUDA kernels around the cuBLASLt GEMMs: see epilogue.h. Each thread handles VEC consecutive
 // columns of a row (16-byte accesses when the rows allow it), all arithmetic in float with the
-// activation functors of fastnn/activations.h, one rounding at each store.
+// activation functors of fastnn/activations.h, one rounding at each store: for 16-bit outputs with
+// the float math made for them (Accuracy::kHalf), as the CPU kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -47,6 +48,14 @@ __device__ __forceinline__ void store_f(T* p, const float (&in)[VEC]) {
 
 constexpr int kThreads = 256;
 
+template <typename T>
+constexpr Accuracy kAccuracy = sizeof(T) == 2 ? Accuracy::kHalf : Accuracy::kFloat32;
+
+template <Act A, typename T>
+__device__ __forceinline__ float act_f(float z) {
+  return Activation<A>::template f<kAccuracy<T>>(z);
+}
+
 // ---- forward epilogue --------------------------------------------------------------------------
 template <typename T, Act A, int VEC>
 __global__ void bias_act_kernel(const T* acc, int64_t ld_acc, const T* bias, T* y, int64_t ld_y, int64_t rows,
@@ -64,7 +73,7 @@ __global__ void bias_act_kernel(const T* acc, int64_t ld_acc, const T* bias, T* 
       for (int k = 0; k < VEC; ++k) v[k] += b[k];
     }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = Activation<A>::f(v[k]);
+    for (int k = 0; k < VEC; ++k) v[k] = act_f<A, T>(v[k]);
     store_f<T, VEC>(y + r * ld_y + c, v);
   }
 }
@@ -83,7 +92,7 @@ __global__ void bias_act_mask_kernel(const T* acc, int64_t ld_acc, const T* bias
       if (c < cols) {
         const float z = to_f<T>(acc[r * ld_acc + c]) + (bias ? to_f<T>(bias[c]) : 0.0f);
         byte |= uint32_t(mask_bit<A>(z)) << k;
-        y[r * ld_y + c] = from_f<T>(Activation<A>::f(z));
+        y[r * ld_y + c] = from_f<T>(act_f<A, T>(z));
       }
     }
     mask[i] = static_cast<uint8_t>(byte);
@@ -112,7 +121,7 @@ __global__ void act_backward_kernel(const T* dy, int64_t ld_dy, const T* z, int6
       float zv[VEC];
       load_f<T, VEC>(z + r * ld_z + c, zv);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) g[k] = grad_times<A>(g[k], zv[k]);
+      for (int k = 0; k < VEC; ++k) g[k] = grad_times<A, kAccuracy<T>>(g[k], zv[k]);
     } else if (S == Source::kMask) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -160,7 +169,7 @@ __global__ void glu_forward_kernel(const T* zg, const T* zu, T* y, int64_t n) {
     load_f<T, VEC>(zg + i, g);
     load_f<T, VEC>(zu + i, u);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g[k] = Activation<A>::f(g[k]) * u[k];
+    for (int k = 0; k < VEC; ++k) g[k] = act_f<A, T>(g[k]) * u[k];
     store_f<T, VEC>(y + i, g);
   }
 }
@@ -183,8 +192,8 @@ __global__ void glu_backward_kernel(const T* dy, const T* zg, const T* zu, T* dz
     load_f<T, VEC>(zu + o, u);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float dg = grad_times<A>(g[k] * u[k], a[k]);
-      u[k] = g[k] * Activation<A>::f(a[k]);
+      const float dg = grad_times<A, kAccuracy<T>>(g[k] * u[k], a[k]);
+      u[k] = g[k] * act_f<A, T>(a[k]);
       a[k] = dg;
       sg[k] += a[k];
       su[k] += u[k];

@@ -4,7 +4,8 @@
 //
 // Float math on the host is written branch-free from +, *, / and bit operations so that the
 // compiler vectorises the epilogue loops (libm's expf/erff calls would not vectorise); on the
-// device it is CUDA's own math library. Double uses the C library everywhere (gradcheck only).
+// device it is CUDA's own math library, except the exact gelu's Gaussian tail (gauss_tail), which
+// is the host's code on both. Double uses the C library everywhere (gradcheck only).
 #pragma once
 
 #include <cstdint>
@@ -50,7 +51,8 @@ constexpr double kLeakySlope = 0.01;  // used as T(kLeakySlope): 0.01f in float
 // 1e-8, so that a rounded gelu is within 0.504 bfloat16 ulp and 0.525 float16 ulp of the exact
 // value (0.501 from the float32 math; every float32 z with 2^-16 <= |z| <= 16, tests and
 // benchmarks/activation_accuracy.py --dtype), and the 16-bit passes run 15-23% faster (gelu and
-// silu, bfloat16 256x3072, 2 threads, AMD EPYC Zen 4). The double math and the device ignore it.
+// silu, bfloat16 256x3072, 2 threads, AMD EPYC Zen 4). The double math ignores it, and so does the
+// device's, except gauss_tail's.
 enum class Accuracy : int32_t { kFloat32 = 0, kHalf = 1 };
 
 // What backward needs besides dY: nothing, the sign of Z (1 bit per element), or Z itself.
@@ -161,6 +163,22 @@ FASTNN_HD float expm1_nonpos(float x) {
 #endif
 }
 
+// a / d for d >= 1: gauss_tail's s. The host divides. The device's IEEE division costs a slow-path
+// check on top of its reciprocal; the approximate reciprocal (2 ulp) suffices for kHalf, whose P is
+// 1.3e-5 off anyway, and kFloat32 takes one Newton step on the quotient (within an ulp, as the
+// host's division). An error of one ulp in s moves q by at most 0.7 ulp for |z| < 1, 1.8 for
+// |z| < 3 and 5.9 in the far tail (d ln P / d ln s of both fits).
+template <Accuracy Acc>
+FASTNN_HD float tail_ratio(float a, float d) {
+#if defined(__CUDA_ARCH__)
+  const float r = __fdividef(1.0f, d);
+  const float s = a * r;
+  return Acc == Accuracy::kHalf ? s : fmaf(fmaf(-s, d, a), r, s);
+#else
+  return a / d;
+#endif
+}
+
 // The Gaussian tail q = Phi(-|z|) = erfc(|z| / sqrt 2) / 2, and g = exp(-z^2 / 2) from the same
 // exponential: gelu and its derivative need both (Phi(z) is 1 - q for z > 0, q otherwise).
 // Host: q = g P(s), s = k|z| / (1 + k|z|) in [0, 1), P a degree-8 polynomial fitted for fastnn
@@ -183,18 +201,19 @@ FASTNN_HD float expm1_nonpos(float x) {
 // (benchmarks/activation_accuracy.py).
 // Accuracy::kHalf: P of degree 5 (its own 1/k; relative error 1.3e-5 in float) and 2^f of degree
 // 4 (2.6e-6), two minimax fits of the same forms.
+// The device runs this code too, not CUDA's erfcf and expf: for 8 bfloat16 elements the gelu
+// epilogue's SASS (sm_90) is 447 instructions with those, 343 with this (kFloat32) and 275 (kHalf),
+// PyTorch's erff-based gelu 241; its derivative 562, 370 and 305 (PyTorch's 354). In the time an
+// H200's memory moves a 16-bit pass's 4 bytes per element (6 backward) its SMs issue about 28 (42)
+// instructions per element: CUDA's math made those passes compute-bound.
 template <Accuracy Acc = Accuracy::kFloat32>
 FASTNN_HD float gauss_tail(float z, float& g) {
-#if defined(__CUDA_ARCH__)
-  g = ::expf(-0.5f * z * z);
-  return 0.5f * ::erfcf(abs(z) * 0.70710678118654752f);
-#else
   // (|z| = inf makes s and P NaN, replaced by the flush below; a NaN z comes out of the callers
   // through z itself)
   const float a = abs(z);
   float P;
   if constexpr (Acc == Accuracy::kFloat32) {
-    const float s = a / (a + 2.61891398f);  // k|z| / (1 + k|z|) with 1/k = 2.61891398
+    const float s = tail_ratio<Acc>(a, a + 2.61891398f);  // k|z| / (1 + k|z|) with 1/k = 2.61891398
     P = -3.379232436e-02f;  // the fit's coefficients halved (q = erfc / 2)
     P = P * s + 8.07652995e-02f;
     P = P * s - 2.022573724e-02f;
@@ -205,7 +224,7 @@ FASTNN_HD float gauss_tail(float z, float& g) {
     P = P * s - 1.044795275e+00f;
     P = P * s + 0.5f;
   } else {
-    const float s = a / (a + 2.78f);
+    const float s = tail_ratio<Acc>(a, a + 2.78f);
     P = 9.942591935e-02f;
     P = P * s - 2.396062762e-01f;
     P = P * s - 6.786319613e-02f;
@@ -241,7 +260,6 @@ FASTNN_HD float gauss_tail(float z, float& g) {
   // p * 2^n by adding n to p's exponent: p >= 1/sqrt 2 and n >= -120 keep it normal
   g = normal ? from_bits(to_bits(p) + (to_bits(kn) << 23)) : 0.0f;
   return normal ? P * g : 0.0f;
-#endif
 }
 
 // tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|)) with the sign of x: no cancellation near 0.
