@@ -7,6 +7,8 @@ make the sum itself far smaller (with one output column it is a single number, w
 PyTorch is a lucky or unlucky draw: every activation failed the rule on 4% of seeds at 65x127x1)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -126,3 +128,71 @@ def assert_special_values(act, z, out, dout):
         finite = ~torch.isnan(ref)
         torch.testing.assert_close(got[finite].double(), ref[finite], msg=f"{act.name} {what}")
     assert torch.isnan(out[0]), act.name
+
+
+# ---- the activations' math, point by point (the C++ functors on the CPU, the CUDA kernels) -------
+def activation_grid(dtype):
+    """z in [-12, 12] (48001 points) and a few far and tiny values."""
+    z = torch.linspace(-12, 12, 48001, dtype=torch.float64)
+    extra = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 0.5, -0.5, 30.0, -30.0, 80.0, -80.0], dtype=torch.float64)
+    return torch.cat([z, extra]).to(dtype)
+
+
+# PyTorch's float64 gelu forms round 1 + erf(x) and 1 + tanh(u) to 0 in the far negative tail
+# (gelu(-12) comes out as -0.0 instead of -2.1e-32); these equal forms keep full relative accuracy
+# there, and are what the functors are checked against.
+_K0, _K1 = math.sqrt(2 / math.pi), 0.044715
+STABLE = {
+    "gelu": lambda z: 0.5 * z * torch.erfc(-z / math.sqrt(2)),
+    "gelu_tanh": lambda z: z * torch.sigmoid(2 * _K0 * (z + _K1 * z**3)),
+}
+
+
+def stable_reference(act):
+    return STABLE.get(act.name, act.fn)
+
+
+def float32_math_problems(act, z, value, derivative):
+    """Where float32 act(z) and act'(z) miss the float64 reference by more than 2x the error of
+    PyTorch's own float32 evaluation of the same formula plus 8 ulp (of the value, or of 1 for
+    derivatives, whose O(1) terms cancel near their zeros, as PyTorch's do), plus 1e-37 (below -87
+    the host exp flushes to 0, as PyTorch's vectorised float32 math does): a message per miss (none:
+    right). derivative None: not checked. Finite references only."""
+    eps = torch.finfo(torch.float32).eps
+    problems = []
+    for name, got, fn, floor in (("value", value, act.fn, 0.0), ("derivative", derivative, act.grad, 1.0)):
+        if got is None:
+            continue
+        ref = (stable_reference(act) if name == "value" else fn)(z.double())
+        theirs = fn(z.float()).double()
+        finite = torch.isfinite(ref)
+        err = (got.double() - ref).abs()
+        err_theirs = torch.where(finite, (theirs - ref).abs(), 0.0)
+        tol = 2 * err_theirs + 8 * eps * torch.clamp(ref.abs(), min=floor) + 1e-37
+        bad = finite & ~(err <= tol)
+        if bad.any():
+            i = torch.nonzero(bad)[0].item()
+            problems.append(f"{act.name} {name}: {int(bad.sum())} points off, first at z={z[i].item()}: "
+                            f"{got[i].item()} vs {ref[i].item()} (PyTorch float32 {theirs[i].item()})")
+    return problems
+
+
+def rounded_16bit_problems(act, dtype, z, value, derivative):
+    """Where act(z) and act'(z), rounded to the 16-bit `dtype`, are more than 0.53 of its ulp from the
+    float64 reference (0.5 is correct rounding; of max(|reference|, 1) for derivatives), where the
+    reference is a normal number of the type: a message per miss (none: right). derivative None:
+    not checked."""
+    bits = 8 if dtype == torch.bfloat16 else 11
+    problems = []
+    for name, got, ref, floor in (("value", value, stable_reference(act)(z.double()), 0.0),
+                                  ("derivative", derivative, None if derivative is None else act.grad(z.double()), 1.0)):
+        if got is None:
+            continue
+        finite = torch.isfinite(ref)
+        normal = finite & (ref.abs() >= max(torch.finfo(dtype).tiny, 1e-30)) & (ref.abs() <= torch.finfo(dtype).max / 2)
+        ulp = torch.ldexp(torch.ones_like(ref), (torch.frexp(ref.abs().clamp(min=floor))[1] - bits).double())
+        ulps = (got.to(dtype).double() - ref).abs() / ulp
+        if not (ulps[normal] <= 0.53).all():
+            worst = torch.argmax(torch.where(normal, ulps, 0.0)).item()
+            problems.append(f"{act.name} {name}: {float(ulps[worst]):.3f} ulp of {dtype} at z={z[worst].item()}")
+    return problems

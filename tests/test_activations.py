@@ -8,29 +8,10 @@ import torch
 
 import fastnn
 from fastnn import _native, activations
-from numerics import SPECIAL, assert_special_values
+from numerics import (SPECIAL, STABLE, activation_grid, assert_special_values, float32_math_problems,
+                      rounded_16bit_problems, stable_reference)
 
 ACTS = list(fastnn.ACTIVATIONS.values())
-
-
-def grid(dtype):
-    z = torch.linspace(-12, 12, 48001, dtype=torch.float64)
-    extra = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-6, -1e-6, 0.5, -0.5, 30.0, -30.0, 80.0, -80.0], dtype=torch.float64)
-    return torch.cat([z, extra]).to(dtype)
-
-
-# PyTorch's float64 gelu forms round 1 + erf(x) and 1 + tanh(u) to 0 in the far negative tail
-# (gelu(-12) comes out as -0.0 instead of -2.1e-32); these equal forms keep full relative accuracy
-# there, and are what the functors are checked against.
-_K0, _K1 = math.sqrt(2 / math.pi), 0.044715
-STABLE = {
-    "gelu": lambda z: 0.5 * z * torch.erfc(-z / math.sqrt(2)),
-    "gelu_tanh": lambda z: z * torch.sigmoid(2 * _K0 * (z + _K1 * z**3)),
-}
-
-
-def reference_fn(act):
-    return STABLE.get(act.name, act.fn)
 
 
 def test_stable_forms_equal_reference():
@@ -51,7 +32,7 @@ def native_eval(act, z, code=None):
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
 def test_reference_derivative_is_autograd_of_reference(act):
-    z = grid(torch.float64).requires_grad_()
+    z = activation_grid(torch.float64).requires_grad_()
     (g,) = torch.autograd.grad(act.fn(z).sum(), z)
     ref = act.grad(z.detach())
     away_from_kink = z.detach().abs() > 1e-12
@@ -75,34 +56,20 @@ def _libm_opinion(act, z, out, ref):
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
 def test_cpp_functor_float64(act):
-    z = grid(torch.float64)
+    z = activation_grid(torch.float64)
     out, dout = native_eval(act, z)
-    ref = reference_fn(act)(z)
+    ref = stable_reference(act)(z)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-300, msg=lambda m: m + _libm_opinion(act, z, out, ref))
     torch.testing.assert_close(dout, act.grad(z), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
 def test_cpp_functor_float32(act):
-    """float32 functors against the float64 reference, point by point: within 2x the error of
-    PyTorch's own float32 evaluation of the same formula plus 8 ulp (of the value, or of 1 for
-    derivatives, whose O(1) terms cancel near their zeros, as PyTorch's do), plus 1e-37 (below
-    -87 the host exp flushes to 0, as PyTorch's vectorised float32 math does)."""
-    z = grid(torch.float32)
-    out, dout = native_eval(act, z)
-    eps = torch.finfo(torch.float32).eps
-    for name, got, fn, floor in (("value", out, act.fn, 0.0), ("derivative", dout, act.grad, 1.0)):
-        ref = (reference_fn(act) if name == "value" else fn)(z.double())
-        theirs = fn(z).double()
-        finite = torch.isfinite(ref)
-        err = (got.double() - ref).abs()
-        err_theirs = torch.where(finite, (theirs - ref).abs(), 0.0)
-        tol = 2 * err_theirs + 8 * eps * torch.clamp(ref.abs(), min=floor) + 1e-37
-        bad = finite & ~(err <= tol)
-        if bad.any():
-            i = torch.nonzero(bad)[0].item()
-            pytest.fail(f"{act.name} {name}: {int(bad.sum())} points off, first at z={z[i].item()}: "
-                        f"{got[i].item()} vs {ref[i].item()} (PyTorch float32 {theirs[i].item()})")
+    """float32 functors against the float64 reference, point by point, by numerics'
+    float32_math_problems (2x PyTorch's float32 error plus 8 ulp)."""
+    z = activation_grid(torch.float32)
+    problems = float32_math_problems(act, z, *native_eval(act, z))
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -111,22 +78,18 @@ def test_cpp_functor_for_16bit_results(act, dtype):
     """The float math the 16-bit kernels use before they round to 16 bits (gelu: shorter
     polynomials, activations.h Accuracy::kHalf): within 2.5e-5 of the float64 reference (relative;
     for derivatives of max(|reference|, 1)), and rounded to the 16-bit type, within 0.53 of its ulp
-    (0.5 is correct rounding; float16's half ulp is 2.4e-4 relative or more)."""
-    z = grid(torch.float32)
+    (numerics' rounded_16bit_problems; float16's half ulp is 2.4e-4 relative or more)."""
+    z = activation_grid(torch.float32)
     out, dout = native_eval(act, z, _native.DTYPE_CODES[dtype])
-    bits = 8 if dtype == torch.bfloat16 else 11
-    for name, got, ref, floor in (("value", out, reference_fn(act)(z.double()), 0.0),
+    for name, got, ref, floor in (("value", out, stable_reference(act)(z.double()), 0.0),
                                   ("derivative", dout, act.grad(z.double()), 1.0)):
         finite = torch.isfinite(ref)
         err = (got.double() - ref).abs()
         # (+1e-35: below exp(-87) the host exp flushes to 0, as PyTorch's vectorised float math)
         assert (err[finite] <= 2.5e-5 * ref[finite].abs().clamp(min=floor) + 1e-35).all(), \
             f"{act.name} {name}: {float((err / ref.abs().clamp(min=max(floor, 1e-30)))[finite].max()):.3g} relative"
-        # in the 16-bit type, where its rounding is that of a normal number
-        normal = finite & (ref.abs() >= max(torch.finfo(dtype).tiny, 1e-30)) & (ref.abs() <= torch.finfo(dtype).max / 2)
-        ulp = torch.ldexp(torch.ones_like(ref), (torch.frexp(ref.abs().clamp(min=floor))[1] - bits).double())
-        ulps = (got.to(dtype).double() - ref).abs() / ulp
-        assert (ulps[normal] <= 0.53).all(), f"{act.name} {name}: {float(ulps[normal].max()):.3f} ulp of {dtype}"
+    problems = rounded_16bit_problems(act, dtype, z, out, dout)
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -201,7 +164,7 @@ def test_gelu_tail_flushes_before_subnormals():
     for got in (out, dout):
         assert not ((got != 0) & (got.abs() < tiny)).any()
     kept = z.abs() < 12.89
-    ref = reference_fn(act)(z.double())[kept]
+    ref = stable_reference(act)(z.double())[kept]
     ulps = (out.double()[kept] - ref).abs() / (torch.finfo(torch.float32).eps * ref.abs())
     assert (ulps <= 8 + z.double()[kept] ** 2 / 2).all(), ulps.max()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fastnn
-from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
+from numerics import (SPECIAL, activation_grid, assert_special_values, check_against_reference, float32_math_problems,
+                      make_inputs, rounded_16bit_problems, torch_linear_act, torch_linear_glu)
 
 pytestmark = pytest.mark.gpu
 
@@ -214,3 +215,61 @@ def test_compile_fullgraph_cuda_backend():
     x, w, b = make_inputs((64, 128), 256, torch.bfloat16, "cuda")
     f = torch.compile(lambda x, w, b: fastnn.linear_act(x, w, b, "relu", backend="cuda") + 1, fullgraph=True)
     check_against_reference(f, lambda x, w, b: torch_linear_act(x, w, b, "relu") + 1, [x, w, b], what="compile")
+
+
+def kernel_math(act, z):
+    """act(z) and act'(z) (dY = 1) from the CUDA backend's epilogue and act_backward kernels, called
+    directly on a CUDA z [rows, cols]; act' None for the identity (its backward writes nothing)."""
+    from fastnn import _native
+    from fastnn.backends.cuda import relu_aux_ld
+
+    C = _native.cuda_module()
+    m, n = z.shape
+    device, stream = z.device.index, torch.cuda.current_stream(z.device).cuda_stream
+    code = _native.DTYPE_CODES[z.dtype]
+    y = torch.empty_like(z)
+    mask = torch.zeros(m, relu_aux_ld(n) // 8, dtype=torch.uint8, device=z.device) if act.saves == "mask" else None
+    C.bias_act_forward(device, stream, code, act.code, m, n, z.data_ptr(), n, 0, y.data_ptr(), n,
+                       0 if mask is None else mask.data_ptr(), relu_aux_ld(n))
+    if act.saves == "nothing":
+        return y, None
+    ones, dz = torch.ones_like(z), torch.empty_like(z)
+    preact = act.saves == "preact"
+    C.act_backward(device, stream, code, act.code, m, n, ones.data_ptr(), n, z.data_ptr() if preact else 0,
+                   n if preact else 0, 0 if mask is None else mask.data_ptr(), relu_aux_ld(n), dz.data_ptr(), n, 0, 0)
+    return y, dz
+
+
+def every_value(dtype):
+    """Every finite value of a 16-bit type, or float32's activation grid, then NaN, +-inf and +-0."""
+    if dtype == torch.float32:
+        z = activation_grid(torch.float32)
+    else:
+        z = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        z = z[torch.isfinite(z)]
+    return torch.cat([z, torch.tensor(SPECIAL, dtype=dtype)])
+
+
+@pytest.mark.parametrize("cols", [512, 511], ids=["16-byte", "1-wide"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(fastnn.ACTIVATIONS.values()), ids=lambda a: a.name)
+def test_kernel_math_point_by_point(act, dtype, cols):
+    """The CUDA kernels' own activation math, which no CPU runs (gelu's Gaussian tail takes an
+    approximate reciprocal there, the others CUDA's math library), by the host functors' rules
+    (numerics: float32_math_problems, rounded_16bit_problems) on every finite bfloat16 or float16
+    value, or float32's grid, and at NaN, +-inf and +-0 as the reference gives them; in rows of 512
+    (16-byte accesses) and of 511 (one element at a time)."""
+    z = every_value(dtype)
+    padded = torch.zeros(-(-z.numel() // cols) * cols, dtype=dtype)
+    padded[:z.numel()] = z
+    y, dz = (None if t is None else t.flatten()[:z.numel()].cpu() for t in kernel_math(act, padded.view(-1, cols).cuda()))
+    finite = torch.isfinite(z)
+    if dtype == torch.float32:
+        problems = float32_math_problems(act, z[finite], y[finite], None if dz is None else dz[finite])
+    else:
+        problems = rounded_16bit_problems(act, dtype, z[finite].float(), y[finite], None if dz is None else dz[finite])
+    assert not problems, problems
+    special = z[-len(SPECIAL):].float()
+    # (the identity's backward writes nothing: its derivative is the reference's)
+    assert_special_values(act, special, y[-len(SPECIAL):].float(),
+                          act.grad(special.double()).float() if dz is None else dz[-len(SPECIAL):].float())

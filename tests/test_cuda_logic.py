@@ -2,8 +2,10 @@
 runs without running it: the judge of cuBLASLt's activation epilogues (its probe on a GPU is
 tests/test_cuda.py), the bias gradient of an input with no features, and the TF32 policy read
 through both of torch's APIs."""
+import math
 import warnings
 
+import numerics
 import pytest
 import torch
 
@@ -183,3 +185,28 @@ def test_gelu_probe_sees_an_error_that_does_not_scale_with_the_output(dtype):
     gelu = activations.get("gelu_tanh")
     assert cuda_backend._probe(_FakeGeluEpilogue(0.0), gelu, cuda_backend.GELU_BIAS, dtype, "cpu")
     assert not cuda_backend._probe(_FakeGeluEpilogue(3e-4), gelu, cuda_backend.GELU_BIAS, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernel_math_judge(dtype):
+    """tests/test_cuda.py's test_kernel_math_point_by_point judges the CUDA kernels' gelu by
+    numerics' rules on every value it feeds them: the CPU kernels' gelu (the functors
+    test_activations checks) passes, PyTorch's erf form fails in 16 bits (its negative tail: 5%
+    off at z = -5) and so does a float32 gelu 16 ulp off."""
+    from fastnn import _native
+    from test_cuda import every_value
+
+    C, act, code = _native.cpu_module(), activations.get("gelu"), _native.DTYPE_CODES[dtype]
+    z = every_value(dtype)
+    z = z[torch.isfinite(z)]
+    y, dz, db = torch.empty_like(z), torch.empty_like(z), torch.empty(z.numel())
+    C.cpu_bias_act_forward(code, act.code, 1, z.numel(), z.data_ptr(), 0, y.data_ptr(), 0, 1)
+    ones = torch.ones_like(z)
+    C.cpu_act_backward(code, act.code, 1, z.numel(), ones.data_ptr(), z.data_ptr(), 0, dz.data_ptr(), db.data_ptr(), 1)
+    if dtype == torch.float32:
+        assert not numerics.float32_math_problems(act, z, y, dz)
+        assert numerics.float32_math_problems(act, z, y * (1 + 16 * torch.finfo(torch.float32).eps), dz)
+    else:
+        assert not numerics.rounded_16bit_problems(act, dtype, z.float(), y, dz)
+        erf_form = 0.5 * z.float() * (1 + torch.erf(z.float() / math.sqrt(2)))
+        assert numerics.rounded_16bit_problems(act, dtype, z.float(), erf_form.to(dtype), None)
