@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_linear as bench  # noqa: E402  (its cases, inputs and configurations)
 
 TINY = (16, 64, 64)
+FASTNN_DIR = str(Path(bench.fastnn.__file__).resolve().parent)
 
 
 def _configs(case, device, backends):
@@ -52,9 +53,11 @@ def host_us_per_call(run, device, calls=200):
 
 
 def host_functions(run, device, calls=200, top=10):
-    """[(function, calls per call, own microseconds per call)]: cProfile over a burst of calls, the
-    Python functions and builtins (torch's C entry points among them) that take the host's time,
-    by own time. (cProfile's hooks add a little to each function call.)"""
+    """([(function, calls per call, own us per call, cumulative us per call)] by own time: the
+    Python functions and builtins (torch's C entry points among them) that take the host's time;
+    the same rows for fastnn's own functions by cumulative time: how the time splits across its
+    layers, functional -> autograd -> backend -> native call). cProfile over a burst of calls; its
+    hooks add a little to each function call."""
     for _ in range(20):
         run()
     bench.sync(device)
@@ -64,12 +67,16 @@ def host_functions(run, device, calls=200, top=10):
         run()
     prof.disable()
     bench.sync(device)
-    rows = []
-    for (path, line, name), (_, ncalls, own, _, _) in pstats.Stats(prof).stats.items():
+    rows, ours = [], []
+    for (path, line, name), (_, ncalls, own, cum, _) in pstats.Stats(prof).stats.items():
         where = f"{Path(path).name}:{line}({name})" if path != "~" else name
-        rows.append((where, ncalls / calls, own / calls * 1e6))
+        row = (where, ncalls / calls, own / calls * 1e6, cum / calls * 1e6)
+        rows.append(row)
+        if path.startswith(FASTNN_DIR):
+            ours.append(row)
     rows.sort(key=lambda r: -r[2])
-    return rows[:top]
+    ours.sort(key=lambda r: -r[3])
+    return rows[:top], ours[:top]
 
 
 def device_kernels(run, device, calls=5, top=8):
@@ -119,8 +126,13 @@ def main(argv=None):
             print(f"  {cfg.name:<28} {host_us_per_call(cfg.run, device):8.1f} us")
         for cfg in tiny_cfgs:
             print(f"\nwhere {cfg.name}'s host time goes, {tiny.label()} (cProfile, own time per call):")
-            for name, count, us in host_functions(cfg.run, device):
+            by_own, ours = host_functions(cfg.run, device)
+            for name, count, us, _ in by_own:
                 print(f"      {us:9.1f} us  x{count:<4.3g} {name[:90]}")
+            if ours:
+                print(f"  fastnn's functions by cumulative time per call (own time beside it):")
+                for name, count, us, cum in ours:
+                    print(f"      {cum:9.1f} us  ({us:6.1f} own)  x{count:<4.3g} {name[:80]}")
         for m, k, n in shapes:
             case = bench.Case(m, k, n, dtype, args.activation, mode)
             print(f"\n{'device kernels' if cuda else 'operators (own CPU time)'} per call, {case.label()}:")
