@@ -80,10 +80,28 @@ def gelu_aux_ld(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
-def _workspace(device) -> torch.Tensor:
-    """cuBLASLt workspace from torch's caching allocator (cheap to take per call)."""
-    big = torch.cuda.get_device_capability(device)[0] >= 9
-    return torch.empty((32 if big else 4) << 20, dtype=torch.uint8, device=device)
+# Each op call takes the current stream and a workspace. torch.cuda.current_stream builds a
+# torch.cuda.Stream object per call and get_device_capability looks up the device's properties, so:
+# the raw handle from the call Inductor's generated code makes per launch (where torch has it), and
+# the size once per device. (Host work per call; what it saves has not been timed on a GPU.)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_WORKSPACE_BYTES: dict = {}  # device index -> bytes
+
+
+def _current_stream(index: int) -> int:
+    """The handle (cudaStream_t) of torch's current stream on device `index`."""
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def _workspace(device, index: int) -> torch.Tensor:
+    """cuBLASLt workspace from torch's caching allocator (cheap to take per call): 32 MiB from
+    Hopper on, 4 MiB before."""
+    size = _WORKSPACE_BYTES.get(index)
+    if size is None:
+        size = _WORKSPACE_BYTES[index] = (32 if torch.cuda.get_device_capability(index)[0] >= 9 else 4) << 20
+    return torch.empty(size, dtype=torch.uint8, device=device)
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -102,11 +120,12 @@ class _Call:
 
     def __init__(self, like: torch.Tensor):
         self.C = _native.cuda_module()
-        self.device = like.device.index if like.device.index is not None else torch.cuda.current_device()
-        self.stream = torch.cuda.current_stream(like.device).cuda_stream
+        device = like.device
+        self.device = device.index if device.index is not None else torch.cuda.current_device()
+        self.stream = _current_stream(self.device)
         self.dtype = _native.DTYPE_CODES[like.dtype]
         self.tf32 = like.dtype == torch.float32 and tf32_allowed()
-        self.ws = _workspace(like.device)
+        self.ws = _workspace(device, self.device)
 
     def gemm(self, m, n, k, a, lda, trans_a, b, ldb, trans_b, d, ldd, accumulate=False, epilogue=NONE, bias=None,
              bias_grad=None, aux=None, aux_ld=0):
