@@ -78,21 +78,68 @@ __global__ void bias_act_kernel(const T* acc, int64_t ld_acc, const T* bias, T* 
   }
 }
 
-// One thread per mask byte: eight columns, their y values and the byte of sign bits.
-template <typename T, Act A>
+// Eight consecutive elements as 16-byte accesses (one for 16-bit types, two for float).
+template <typename T>
+__device__ __forceinline__ void load8_f(const T* p, float (&out)[8]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int h = 0; h < 8; h += V) {
+    float part[V];
+    load_f<T, V>(p + h, part);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[h + k] = part[k];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8_f(T* p, const float (&in)[8]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int h = 0; h < 8; h += V) {
+    float part[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) part[k] = in[h + k];
+    store_f<T, V>(p + h, part);
+  }
+}
+
+// One thread per mask byte: eight columns, their y values and the byte of sign bits (relu and
+// leaky_relu). VEC8: the rows hold whole bytes (cols % 8 == 0) and allow 16-byte accesses; else
+// one element at a time, the last byte of a row partly empty.
+template <typename T, Act A, bool VEC8>
 __global__ void bias_act_mask_kernel(const T* acc, int64_t ld_acc, const T* bias, T* y, int64_t ld_y, int64_t rows,
                                      int64_t cols, uint8_t* mask, int64_t mask_ld_bytes) {
   const int64_t total = rows * mask_ld_bytes;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / mask_ld_bytes, j = i % mask_ld_bytes;
+    const int64_t r = i / mask_ld_bytes, c0 = (i % mask_ld_bytes) * 8;
     uint32_t byte = 0;
+    if (VEC8) {
+      if (c0 < cols) {  // (the bytes past the row's last column, up to mask_ld_bytes, stay 0)
+        float z[8];
+        load8_f<T>(acc + r * ld_acc + c0, z);
+        if (bias) {
+          float b[8];
+          load8_f<T>(bias + c0, b);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int64_t c = j * 8 + k;
-      if (c < cols) {
-        const float z = to_f<T>(acc[r * ld_acc + c]) + (bias ? to_f<T>(bias[c]) : 0.0f);
-        byte |= uint32_t(mask_bit<A>(z)) << k;
-        y[r * ld_y + c] = from_f<T>(act_f<A, T>(z));
+          for (int k = 0; k < 8; ++k) z[k] += b[k];
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          byte |= uint32_t(mask_bit<A>(z[k])) << k;
+          z[k] = act_f<A, T>(z[k]);
+        }
+        store8_f<T>(y + r * ld_y + c0, z);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int64_t c = c0 + k;
+        if (c < cols) {
+          float z = to_f<T>(acc[r * ld_acc + c]);
+          if (bias) z += to_f<T>(bias[c]);
+          byte |= uint32_t(mask_bit<A>(z)) << k;
+          y[r * ld_y + c] = from_f<T>(act_f<A, T>(z));
+        }
       }
     }
     mask[i] = static_cast<uint8_t>(byte);
@@ -275,11 +322,21 @@ void bias_act_forward(cudaStream_t stream, DType dtype, Act act, int64_t rows, i
     dispatch_activation(act, [&](auto at) {
       constexpr Act A = decltype(at)::value;
       if (mask) {
-        const int64_t mask_ld_bytes = mask_ld_bits / 8;
-        bias_act_mask_kernel<T, A><<<grid_for(rows * mask_ld_bytes), kThreads, 0, stream>>>(
-            a, ld_acc, b, out, ld_y, rows, cols, mask, mask_ld_bytes);
-        FASTNN_CUDA_CHECK_LAUNCH("bias_act_mask_kernel");
-        return;
+        if constexpr (saved_for(A) == Saved::kSignMask) {
+          const int64_t mask_ld_bytes = mask_ld_bits / 8;
+          const unsigned grid = grid_for(rows * mask_ld_bytes);
+          if (cols % 8 == 0 && vec_width<T>(cols, {ld_acc, ld_y}, {acc, bias, y}) > 1) {
+            bias_act_mask_kernel<T, A, true><<<grid, kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols, mask,
+                                                                            mask_ld_bytes);
+          } else {
+            bias_act_mask_kernel<T, A, false><<<grid, kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols, mask,
+                                                                             mask_ld_bytes);
+          }
+          FASTNN_CUDA_CHECK_LAUNCH("bias_act_mask_kernel");
+          return;
+        } else {
+          throw std::invalid_argument("fastnn CUDA kernels: a sign mask is kept for relu and leaky_relu only");
+        }
       }
       if (vec_width<T>(cols, {ld_acc, ld_y}, {acc, bias, y}) > 1) {
         constexpr int V = 16 / sizeof(T);
