@@ -130,7 +130,7 @@ def main(argv=None):
             for name, count, us, _ in by_own:
                 print(f"      {us:9.1f} us  x{count:<4.3g} {name[:90]}")
             if ours:
-                print(f"  fastnn's functions by cumulative time per call (own time beside it):")
+                print("  fastnn's functions by cumulative time per call (own time beside it):")
                 for name, count, us, cum in ours:
                     print(f"      {cum:9.1f} us  ({us:6.1f} own)  x{count:<4.3g} {name[:80]}")
         for m, k, n in shapes:
