@@ -95,12 +95,14 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# The plain eager CPU call, screened in one function. Right after a large GEMM Python's own code and
+# The plain eager call, screened in one function. Right after a large GEMM Python's own code and
 # data are out of the caches, and the general path's dozen small functions (checks, autocast,
 # backend choice, op choice) cost 100-300 us there: bfloat16 256x768x3072 gelu forward ran 1.18x
-# eager through them and 1.33x through this screen (Xeon with AMX, 2 threads, paired). It admits
-# only calls the general path would send to the cpu backend's eager path unchanged; everything
-# else, errors included, takes the general path.
+# eager through them and 1.33x through this screen (Xeon with AMX, 2 threads, paired). Warm, they
+# cost 6-16 us a call (linear_act forward without / with a gradient, forward+backward; 16x64x64
+# float32, AMD EPYC Zen 4, 2 threads), which a GPU waits on wherever the host is the bound. The
+# screen admits only calls the general path would send to the cpu or cuda backend's eager path
+# unchanged; everything else, errors included, takes the general path.
 _Parameter = torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
@@ -108,7 +110,17 @@ _functorch_level = torch._C._functorch.peek_interpreter_stack
 _forward_ad = torch.autograd.forward_ad
 _jit_tracing = torch._C._is_tracing
 _grad_enabled = torch.is_grad_enabled
-_CPU = backends.BACKENDS["cpu"]
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _plain_call(backend, x, weights, biases):
+    """The backend a plain eager call goes to straight away: "cpu" (_plain_cpu_call), "cuda"
+    (_plain_cuda_call), or None: the general path decides."""
+    if _plain_cpu_call(backend, x, weights, biases):
+        return "cpu"
+    if _plain_cuda_call(backend, x, weights, biases):
+        return "cuda"
+    return None
 
 
 def _plain_cpu_call(backend, x, weights, biases) -> bool:
@@ -118,22 +130,41 @@ def _plain_cpu_call(backend, x, weights, biases) -> bool:
     asked for or auto's choice."""
     if (_is_compiling() or (backend != "auto" and backend != "cpu") or type(x) is not Tensor or not x.is_cpu
             or x.dtype not in FLOAT_DTYPES or x.dim() < 1 or _native._C is None
-            or not _plain_cpu_params(x.dtype, x.shape[-1], weights, biases)):
+            or not _plain_params(x.dtype, x.shape[-1], weights, biases)):
         return False
-    return not (_any_autocast() or _dispatch_depth() or _functorch_level() is not None
-                or _forward_ad._current_level >= 0 or _jit_tracing())
+    return not _another_path_around()
 
 
-def _plain_cpu_params(dtype, in_features, weights, biases) -> bool:
-    """Whether the weights are plain CPU tensors (out, in_features) and the biases (out,) or None,
-    all of one dtype and one `out`."""
+def _plain_cuda_call(backend, x, weights, biases) -> bool:
+    """As _plain_cpu_call, for CUDA: plain tensors on one CUDA device, of a dtype the cuda backend
+    runs (float32, bfloat16, float16), fastnn._cuda loaded, and the cuda backend asked for or auto's
+    choice (auto puts it first on CUDA for those dtypes: backends.auto_order). What it skips, the
+    general path's checks and choices, is per-call host work, which a GPU waits on at small shapes."""
+    if (_is_compiling() or (backend != "auto" and backend != "cuda") or type(x) is not Tensor or not x.is_cuda
+            or x.dtype not in _CUDA_DTYPES or x.dim() < 1 or _native.cuda_module() is None
+            or not _plain_params(x.dtype, x.shape[-1], weights, biases, x.device)):
+        return False
+    return not _another_path_around()
+
+
+def _another_path_around() -> bool:
+    """Autocast, a dispatch mode, a torch.func transform, forward AD or jit tracing: each makes
+    fastnn take the general path."""
+    return (_any_autocast() or _dispatch_depth() or _functorch_level() is not None
+            or _forward_ad._current_level >= 0 or _jit_tracing())
+
+
+def _plain_params(dtype, in_features, weights, biases, device=None) -> bool:
+    """Whether the weights are plain tensors (out, in_features) and the biases (out,) or None, all
+    of one dtype and one `out`, on the CPU (device None) or on `device`."""
     out = weights[0].shape[0]
     for w in weights:
-        if ((type(w) is not Tensor and type(w) is not _Parameter) or not w.is_cpu or w.dtype != dtype
-                or w.dim() != 2 or w.shape[0] != out or w.shape[1] != in_features):
+        if ((type(w) is not Tensor and type(w) is not _Parameter) or (not w.is_cpu if device is None else w.device != device)
+                or w.dtype != dtype or w.dim() != 2 or w.shape[0] != out or w.shape[1] != in_features):
             return False
     for b in biases:
-        if b is not None and ((type(b) is not Tensor and type(b) is not _Parameter) or not b.is_cpu
+        if b is not None and ((type(b) is not Tensor and type(b) is not _Parameter)
+                              or (not b.is_cpu if device is None else b.device != device)
                               or b.dtype != dtype or b.dim() != 1 or b.shape[0] != out):
             return False
     return True
@@ -150,14 +181,15 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     1 bit (relu, leaky_relu) or one element of the input dtype (the others: the pre-activation).
     """
     act = activations.ACTIVATIONS.get(activation) if type(activation) is str else None
-    if act is not None and _plain_cpu_call(backend, x, (weight,), (bias,)):
+    plain = _plain_call(backend, x, (weight,), (bias,)) if act is not None else None
+    if plain is not None:
         flat = x.dim() == 2
         x2 = x if flat else _rows(x)
         # (_needs_grad spelled out: this path's Python calls are its cost, see _plain_cpu_call)
         if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-            y = ops.LinearActFunction.apply(x2, weight, bias, activation, "cpu", True)
+            y = ops.LinearActFunction.apply(x2, weight, bias, activation, plain, True)
         else:
-            y = _CPU.linear_act_y(x2, weight, bias, act)
+            y = backends.BACKENDS[plain].linear_act_y(x2, weight, bias, act)
         return y if flat else _unflatten(y, x.shape[:-1])
     act = activations.get(activation)
     _check_linear("linear_act", x, weight, bias)
@@ -192,12 +224,14 @@ def linear_glu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Opt
     parameters. Backward keeps x, both weights and both pre-activations (2 elements per output).
     """
     gate = activations.GATED.get(activation) if type(activation) is str else None
-    if gate is not None and _plain_cpu_call(backend, x, (gate_weight, up_weight), (gate_bias, up_bias)):
+    plain = _plain_call(backend, x, (gate_weight, up_weight), (gate_bias, up_bias)) if gate is not None else None
+    if plain is not None:
         x2 = x if x.dim() == 2 else _rows(x)
         if _needs_grad(x, gate_weight, up_weight, gate_bias, up_bias):
-            y = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, "cpu", True)
+            y = ops.LinearGluFunction.apply(x2, gate_weight, up_weight, gate_bias, up_bias, activation, plain, True)
         else:
-            y = _CPU.linear_glu_y(x2, gate_weight, up_weight, gate_bias, up_bias, activations.ACTIVATIONS[gate])
+            y = backends.BACKENDS[plain].linear_glu_y(x2, gate_weight, up_weight, gate_bias, up_bias,
+                                                      activations.ACTIVATIONS[gate])
         return y if x.dim() == 2 else _unflatten(y, x.shape[:-1])
     gate_act = activations.get_gated(activation)
     _check_linear("linear_glu", x, gate_weight, gate_bias, "gate_weight", "gate_bias")
@@ -259,21 +293,26 @@ def mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: T
     backend: fc2 runs there too, and the hidden gradient goes straight into fc1's act' pass.
     """
     gated = activation in activations.GATED
+    plain = None
     if ((gated or activation in activations.ACTIVATIONS) and (up_weight is not None) == gated
             and (up_bias is None or gated) and (dropout == 0.0 or (not training and 0.0 < dropout <= 1.0))
-            and recompute in RECOMPUTE_LEVELS
-            and _plain_cpu_call(backend, x, (fc1_weight, up_weight) if gated else (fc1_weight,), (fc1_bias, up_bias))
-            and _plain_cpu_params(x.dtype, fc1_weight.shape[0], (fc2_weight,), (fc2_bias,))):
-        # (a plain eager CPU call, as linear_act's, screened once for the whole block; dropout that
+            and recompute in RECOMPUTE_LEVELS):
+        # (a plain eager call, as linear_act's, screened once for the whole block; dropout that
         # would run goes the general way)
+        plain = _plain_call(backend, x, (fc1_weight, up_weight) if gated else (fc1_weight,), (fc1_bias, up_bias))
+        if plain is not None and not _plain_params(x.dtype, fc1_weight.shape[0], (fc2_weight,), (fc2_bias,),
+                                                   None if plain == "cpu" else x.device):
+            plain = None
+    if plain is not None:
         x2 = x if x.dim() == 2 else _rows(x)
         if _needs_grad(x, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias):
             y = MlpFunction.apply(x2, fc1_weight, fc1_bias, up_weight, up_bias, fc2_weight, fc2_bias, activation,
-                                  "cpu", recompute)
+                                  plain, recompute)
         else:
-            h = (_CPU.linear_glu_y(x2, fc1_weight, up_weight, fc1_bias, up_bias, activations.get_gated(activation))
-                 if gated else _CPU.linear_act_y(x2, fc1_weight, fc1_bias, activations.ACTIVATIONS[activation]))
-            y = _CPU.linear_act_y(h, fc2_weight, fc2_bias, activations.ACTIVATIONS["identity"])
+            be = backends.BACKENDS[plain]
+            h = (be.linear_glu_y(x2, fc1_weight, up_weight, fc1_bias, up_bias, activations.get_gated(activation))
+                 if gated else be.linear_act_y(x2, fc1_weight, fc1_bias, activations.ACTIVATIONS[activation]))
+            y = be.linear_act_y(h, fc2_weight, fc2_bias, activations.ACTIVATIONS["identity"])
         return y if x.dim() == 2 else _unflatten(y, x.shape[:-1])
     if gated:
         act = activations.get_gated(activation)

@@ -273,3 +273,56 @@ def test_kernel_math_point_by_point(act, dtype, cols):
     # (the identity's backward writes nothing: its derivative is the reference's)
     assert_special_values(act, special, y[-len(SPECIAL):].float(),
                           act.grad(special.double()).float() if dz is None else dz[-len(SPECIAL):].float())
+
+
+def test_plain_cuda_call_screen():
+    """The screen that sends a plain eager CUDA call straight to the cuda backend (functional.py:
+    _plain_cuda_call) admits only what the general path would send there unchanged."""
+    from fastnn import functional as FN
+
+    x, w, b = make_inputs((6, 10), 12, torch.bfloat16, "cuda")
+    assert FN._plain_call("auto", x, (w,), (b,)) == "cuda"
+    assert FN._plain_call("cuda", x.reshape(2, 3, 10), (w,), (None,)) == "cuda"
+    refused = [("triton", x, (w,), (b,)), ("torch", x, (w,), (b,)), ("cpu", x, (w,), (b,)),
+               ("auto", x.double(), (w.double(),), (None,)), ("auto", x, (w.float(),), (b,)),
+               ("auto", x, (w.cpu(),), (b,)), ("auto", x, (w,), (b.cpu(),)), ("auto", x[:, :9], (w,), (b,))]
+    for backend, *args in refused:
+        assert FN._plain_call(backend, *args) is None, backend
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert FN._plain_call("auto", x, (w,), (b,)) is None
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity", "swiglu"])
+def test_plain_cuda_call_same_bits_as_the_general_path(grad, activation):
+    """A screened CUDA call against the general path's (the screen switched off): output and
+    gradients bit for bit, for linear_act / linear_glu and the MLP block. (bfloat16: its cuBLASLt
+    split-K sums stay in a float32 workspace, lt_gemm.cpp, so equal calls give equal bits.)"""
+    dtype = torch.bfloat16
+    from fastnn import functional as FN
+
+    gated = activation in fastnn.GATED
+    x, wg, wu, bg, bu = make_inputs((3, 70, 96), 80, dtype, "cuda", requires_grad=grad, glu=True)
+    w2, b2 = make_inputs((1, 80), 48, dtype, "cuda", requires_grad=grad)[1:]
+
+    def run():
+        y1 = (fastnn.linear_glu(x, wg, wu, bg, bu, activation) if gated
+              else fastnn.linear_act(x, wg, bg, activation))
+        y2 = fastnn.mlp(x, wg, bg, w2, b2, activation, up_weight=wu if gated else None,
+                        up_bias=bu if gated else None)
+        outs = [y1, y2]
+        if grad:
+            leaves = [x, wg, bg, w2, b2] + ([wu, bu] if gated else [])
+            outs += torch.autograd.grad((y1.float().square().sum() + y2.float().sum()), leaves, allow_unused=True)
+        return outs
+
+    assert FN._plain_call("auto", x, (wg,), (bg,)) == "cuda"
+    screened = run()
+    original = FN._plain_cuda_call
+    FN._plain_cuda_call = lambda *args: False
+    try:
+        general = run()
+    finally:
+        FN._plain_cuda_call = original
+    for a, c in zip(screened, general):
+        assert (a is None and c is None) or torch.equal(a, c)

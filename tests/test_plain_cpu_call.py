@@ -1,6 +1,7 @@
 """Tier 1: the screen that sends a plain eager CPU call of linear_act / linear_glu straight to the
 cpu backend (fastnn/functional.py: _plain_cpu_call). It must admit only calls the general path
-would run on the cpu backend's eager path, and give them the general path's bits."""
+would run on the cpu backend's eager path, and give them the general path's bits. (Its CUDA twin,
+_plain_cuda_call, is tested on a GPU in tests/test_cuda.py.)"""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,6 +34,20 @@ def test_admits_plain_cpu_calls():
     assert FN._plain_cpu_call("cpu", x, (w, wu), (b, None))
     assert FN._plain_cpu_call("auto", x.reshape(2, 3, 10), (w,), (None,))
     assert FN._plain_cpu_call("auto", x[0], (w.detach(),), (b,))
+
+
+def test_plain_call_names_the_backend():
+    """_plain_call: "cpu" for what _plain_cpu_call admits; None where the general path decides, the
+    cuda backend asked for on CPU tensors among them (the general path's error names it)."""
+    x, w, wu, b = _inputs()
+    assert FN._plain_call("auto", x, (w,), (b,)) == "cpu"
+    assert FN._plain_call("cpu", x, (w, wu), (b, None)) == "cpu"
+    assert FN._plain_call("cuda", x, (w,), (b,)) is None
+    assert FN._plain_call("auto", x.double(), (w,), (b,)) is None
+    assert not FN._plain_cuda_call("auto", x, (w,), (b,))
+    assert not FN._plain_cuda_call("cuda", x.to("meta"), (w.to("meta"),), (None,))
+    with pytest.raises(fastnn.BackendUnavailableError, match="cuda"):
+        fastnn.linear_act(x, w, b, "gelu", backend="cuda")
 
 
 def test_refuses_what_the_general_path_handles():
