@@ -120,10 +120,13 @@ def check_against_reference(fn, torch_fn, inputs, what="", g_seed=1):
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0]
 
 
-def assert_special_values(act, z, out, dout):
+def assert_special_values(act, z, out, dout, dtype=None):
     """act and act' at NaN, +-inf and +-0 as the reference gives them: NaN where it has NaN (a NaN
-    z gives NaN, but for relu' and leaky_relu', which the sign mask defines), else its values."""
+    z gives NaN, but for relu' and leaky_relu', which the sign mask defines), else its values
+    (rounded to `dtype` where given: leaky_relu's slope 0.01 is 0.010009765625 in bfloat16)."""
     for what, got, ref in (("value", out, act.fn(z.double())), ("derivative", dout, act.grad(z.double()))):
+        if dtype is not None:
+            ref = ref.to(dtype).double()
         assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{act.name} {what}: {got.tolist()} vs {ref.tolist()}"
         finite = ~torch.isnan(ref)
         torch.testing.assert_close(got[finite].double(), ref[finite], msg=f"{act.name} {what}")
