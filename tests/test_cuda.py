@@ -243,7 +243,7 @@ def kernel_math(act, z):
 def every_value(dtype):
     """Every value of a 16-bit type up to 2^16 in magnitude, or float32's activation grid, then NaN,
     +-inf and +-0. (Beyond 2^16 no pre-activation is sane, and float32 math overflows in gelu_tanh's
-    derivative from |z| of about 5e18, z^2 inside it, PyTorch's gelu_backward included (NaN at 4e19),
+    derivative from |z| of about 4e19, its z^2 term, PyTorch's gelu_backward included (NaN there too),
     and in quick_gelu's from 2e38, 1.702 z: there fastnn gives NaN, PyTorch's autograd 1 or 0.)"""
     if dtype == torch.float32:
         z = activation_grid(torch.float32)
