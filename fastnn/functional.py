@@ -114,44 +114,26 @@ _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _plain_call(backend, x, weights, biases):
-    """The backend a plain eager call goes to straight away: "cpu" (_plain_cpu_call), "cuda"
-    (_plain_cuda_call), or None: the general path decides."""
-    if _plain_cpu_call(backend, x, weights, biases):
-        return "cpu"
-    if _plain_cuda_call(backend, x, weights, biases):
-        return "cuda"
-    return None
-
-
-def _plain_cpu_call(backend, x, weights, biases) -> bool:
-    """Whether x, the weights (out, in) and the biases (out,) or None are plain CPU tensors of one
-    float dtype and matching shapes, with nothing (compile, export, a dispatch mode, torch.func,
-    forward AD, jit tracing, autocast) that makes fastnn take another path, and the cpu backend
-    asked for or auto's choice."""
-    if (_is_compiling() or (backend != "auto" and backend != "cpu") or type(x) is not Tensor or not x.is_cpu
-            or x.dtype not in FLOAT_DTYPES or x.dim() < 1 or _native._C is None
-            or not _plain_params(x.dtype, x.shape[-1], weights, biases)):
-        return False
-    return not _another_path_around()
-
-
-def _plain_cuda_call(backend, x, weights, biases) -> bool:
-    """As _plain_cpu_call, for CUDA: plain tensors on one CUDA device, of a dtype the cuda backend
-    runs (float32, bfloat16, float16), fastnn._cuda loaded, and the cuda backend asked for or auto's
-    choice (auto puts it first on CUDA for those dtypes: backends.auto_order). What it skips, the
-    general path's checks and choices, is per-call host work, which a GPU waits on at small shapes."""
-    if (_is_compiling() or (backend != "auto" and backend != "cuda") or type(x) is not Tensor or not x.is_cuda
-            or x.dtype not in _CUDA_DTYPES or x.dim() < 1 or _native.cuda_module() is None
-            or not _plain_params(x.dtype, x.shape[-1], weights, biases, x.device)):
-        return False
-    return not _another_path_around()
-
-
-def _another_path_around() -> bool:
-    """Autocast, a dispatch mode, a torch.func transform, forward AD or jit tracing: each makes
-    fastnn take the general path."""
-    return (_any_autocast() or _dispatch_depth() or _functorch_level() is not None
-            or _forward_ad._current_level >= 0 or _jit_tracing())
+    """The backend a plain eager call goes to straight away, "cpu" or "cuda"; None: the general
+    path decides. Plain: x, the weights (out, in) and the biases (out,) or None are plain tensors of
+    one dtype that backend runs, on one device (the CPU; a CUDA device with fastnn._cuda loaded),
+    with matching shapes; nothing (compile, export, a dispatch mode, torch.func, forward AD, jit
+    tracing, autocast) makes fastnn take another path; and that backend is asked for or auto's
+    choice (on CUDA, auto puts the cuda backend first for its dtypes: backends.auto_order)."""
+    if _is_compiling() or type(x) is not Tensor or x.dim() < 1:
+        return None
+    if x.is_cpu:
+        name, device, runs = "cpu", None, x.dtype in FLOAT_DTYPES and _native._C is not None
+    elif x.is_cuda:
+        name, device, runs = "cuda", x.device, x.dtype in _CUDA_DTYPES and _native.cuda_module() is not None
+    else:
+        return None
+    if (not runs or (backend != "auto" and backend != name)
+            or not _plain_params(x.dtype, x.shape[-1], weights, biases, device)
+            or _any_autocast() or _dispatch_depth() or _functorch_level() is not None
+            or _forward_ad._current_level >= 0 or _jit_tracing()):
+        return None
+    return name
 
 
 def _plain_params(dtype, in_features, weights, biases, device=None) -> bool:
@@ -185,7 +167,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
     if plain is not None:
         flat = x.dim() == 2
         x2 = x if flat else _rows(x)
-        # (_needs_grad spelled out: this path's Python calls are its cost, see _plain_cpu_call)
+        # (_needs_grad spelled out: this path's Python calls are its cost, see _plain_call)
         if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             y = ops.LinearActFunction.apply(x2, weight, bias, activation, plain, True)
         else:

@@ -1,7 +1,7 @@
 """Tier 1: the screen that sends a plain eager CPU call of linear_act / linear_glu straight to the
-cpu backend (fastnn/functional.py: _plain_cpu_call). It must admit only calls the general path
-would run on the cpu backend's eager path, and give them the general path's bits. (Its CUDA twin,
-_plain_cuda_call, is tested on a GPU in tests/test_cuda.py.)"""
+cpu backend (fastnn/functional.py: _plain_call). It must admit only calls the general path would
+run on the cpu backend's eager path, and give them the general path's bits. (Its CUDA calls are
+tested on a GPU in tests/test_cuda.py.)"""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,22 +30,21 @@ class _Subclass(torch.Tensor):
 
 def test_admits_plain_cpu_calls():
     x, w, wu, b = _inputs()
-    assert FN._plain_cpu_call("auto", x, (w,), (b,))
-    assert FN._plain_cpu_call("cpu", x, (w, wu), (b, None))
-    assert FN._plain_cpu_call("auto", x.reshape(2, 3, 10), (w,), (None,))
-    assert FN._plain_cpu_call("auto", x[0], (w.detach(),), (b,))
+    assert FN._plain_call("auto", x, (w,), (b,)) == "cpu"
+    assert FN._plain_call("cpu", x, (w, wu), (b, None)) == "cpu"
+    assert FN._plain_call("auto", x.reshape(2, 3, 10), (w,), (None,)) == "cpu"
+    assert FN._plain_call("auto", x[0], (w.detach(),), (b,)) == "cpu"
 
 
 def test_plain_call_names_the_backend():
-    """_plain_call: "cpu" for what _plain_cpu_call admits; None where the general path decides, the
-    cuda backend asked for on CPU tensors among them (the general path's error names it)."""
+    """_plain_call: "cpu" for a plain CPU call; None where the general path decides, the cuda
+    backend asked for on CPU tensors among them (the general path's error names it)."""
     x, w, wu, b = _inputs()
     assert FN._plain_call("auto", x, (w,), (b,)) == "cpu"
     assert FN._plain_call("cpu", x, (w, wu), (b, None)) == "cpu"
     assert FN._plain_call("cuda", x, (w,), (b,)) is None
     assert FN._plain_call("auto", x.double(), (w,), (b,)) is None
-    assert not FN._plain_cuda_call("auto", x, (w,), (b,))
-    assert not FN._plain_cuda_call("cuda", x.to("meta"), (w.to("meta"),), (None,))
+    assert FN._plain_call("cuda", x.to("meta"), (w.to("meta"),), (None,)) is None
     with pytest.raises(fastnn.BackendUnavailableError, match="cuda"):
         fastnn.linear_act(x, w, b, "gelu", backend="cuda")
 
@@ -62,15 +61,15 @@ def test_refuses_what_the_general_path_handles():
         ("auto", x.as_subclass(_Subclass), (w,), (b,)), ("auto", x, (w,), (b.as_subclass(_Subclass),)),
     ]
     for backend, *args in refused:
-        assert not FN._plain_cpu_call(backend, *args)
+        assert FN._plain_call(backend, *args) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not FN._plain_cpu_call("auto", x, (w,), (b,))
+        assert FN._plain_call("auto", x, (w,), (b,)) is None
     with _Passthrough():
-        assert not FN._plain_cpu_call("auto", x, (w,), (b,))
+        assert FN._plain_call("auto", x, (w,), (b,)) is None
     screened = []
-    torch.func.vmap(lambda r: screened.append(FN._plain_cpu_call("auto", r, (w,), (b,))) or r)(x)
+    torch.func.vmap(lambda r: screened.append(FN._plain_call("auto", r, (w,), (b,)) is not None) or r)(x)
     with torch.autograd.forward_ad.dual_level():
-        screened.append(FN._plain_cpu_call("auto", x, (w,), (b,)))
+        screened.append(FN._plain_call("auto", x, (w,), (b,)) is not None)
     assert screened == [False, False]
 
 
@@ -125,7 +124,7 @@ def test_mlp_same_bits_as_the_general_path(grad, activation, level):
     b2 = torch.randn(7).requires_grad_(grad)
     gated = activation in fastnn.GATED
     up = wu if gated else None
-    assert FN._plain_cpu_call("auto", x, (w, up) if gated else (w,), (b, None))
+    assert FN._plain_call("auto", x, (w, up) if gated else (w,), (b, None)) == "cpu"
     y = fastnn.mlp(x, w, b, w2, b2, activation, up_weight=up, recompute=level, training=False, dropout=0.5)
     if grad:
         ref = FN.MlpFunction.apply(x.reshape(-1, 10), w, b, up, None, w2, b2, activation, "cpu", level).reshape(3, 70, 7)
