@@ -86,7 +86,7 @@ PYBIND11_MODULE(_cuda, m) {
           py::gil_scoped_release nogil;
           FASTNN_CUDA_CHECK(cudaSetDevice(device));
           fc::act_backward(stream_of(stream), d, a, rows, cols, ptr(dy), ld_dy, ptr(z), ld_z, ptr<uint8_t>(mask),
-                           mask_ld_bits, ptr(dz), ld_dz, ptr<float>(bias_grad), ptr<float>(partial));
+                           mask_ld_bits, ptr(dz), ld_dz, ptr(bias_grad), ptr<float>(partial));
         });
 
   m.def("glu_forward", [](int device, uintptr_t stream, int dtype, int act, int64_t rows, int64_t cols, uintptr_t zg, uintptr_t zu,
@@ -106,7 +106,7 @@ PYBIND11_MODULE(_cuda, m) {
           py::gil_scoped_release nogil;
           FASTNN_CUDA_CHECK(cudaSetDevice(device));
           fc::glu_backward(stream_of(stream), d, a, rows, cols, ptr(dy), ptr(zg), ptr(zu), ptr(dzg), ptr(dzu),
-                           ptr<float>(bgg), ptr<float>(bgu), ptr<float>(pg), ptr<float>(pu));
+                           ptr(bgg), ptr(bgu), ptr<float>(pg), ptr<float>(pu));
         });
 
   m.def("bias_grad_scratch_elems", &fc::bias_grad_scratch_elems);

@@ -152,8 +152,10 @@ enum class Source { kNone, kPreact, kMask };
 template <typename T, Act A, Source S, int VEC>
 __global__ void act_backward_kernel(const T* dy, int64_t ld_dy, const T* z, int64_t ld_z, const uint8_t* mask,
                                     int64_t mask_ld_bytes, T* dz, int64_t ld_dz, int64_t rows, int64_t cols,
-                                    int64_t rows_per_block, float* partial) {
-  // block (x: column group, y: row block); each thread owns VEC columns over rows_per_block rows
+                                    int64_t rows_per_block, float* partial, T* bias_grad) {
+  // block (x: column group, y: row block); each thread owns VEC columns over rows_per_block rows.
+  // Column sums go to partial (one row per row block), or, with one row block, straight to
+  // bias_grad (the same float32 sum, rounded once, as column_sum_kernel would give).
   const int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * VEC;
   if (c >= cols) return;
   const int64_t r0 = blockIdx.y * rows_per_block;
@@ -185,13 +187,18 @@ __global__ void act_backward_kernel(const T* dy, int64_t ld_dy, const T* z, int6
 #pragma unroll
     for (int k = 0; k < VEC; ++k) partial[blockIdx.y * cols + c + k] = sum[k];
   }
+  if (bias_grad) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) bias_grad[c + k] = from_f<T>(sum[k]);
+  }
 }
 
-// bias_grad[c] = sum of partial[., c] over the row blocks. A block covers 32 columns with 8 lanes
-// each: lane l sums row blocks l, l + 8, ... in order, then lane 0 adds the 8 lane sums in order.
-// The order is fixed by the shape: deterministic.
+// bias_grad[c] = sum of partial[., c] over the row blocks, rounded once to T. A block covers 32
+// columns with 8 lanes each: lane l sums row blocks l, l + 8, ... in order, then lane 0 adds the 8
+// lane sums in order. The order is fixed by the shape: deterministic.
 constexpr int kSumCols = 32, kSumLanes = 8;
-__global__ void column_sum_kernel(const float* partial, int64_t row_blocks, int64_t cols, float* out) {
+template <typename T>
+__global__ void column_sum_kernel(const float* partial, int64_t row_blocks, int64_t cols, T* out) {
   __shared__ float lane_sums[kSumLanes][kSumCols];
   const int64_t c = blockIdx.x * int64_t(kSumCols) + threadIdx.x;
   float s = 0.0f;
@@ -203,7 +210,7 @@ __global__ void column_sum_kernel(const float* partial, int64_t row_blocks, int6
     float total = 0.0f;
 #pragma unroll
     for (int l = 0; l < kSumLanes; ++l) total += lane_sums[l][threadIdx.x];
-    out[c] = total;
+    out[c] = from_f<T>(total);
   }
 }
 
@@ -223,7 +230,9 @@ __global__ void glu_forward_kernel(const T* zg, const T* zu, T* y, int64_t n) {
 
 template <typename T, Act A, int VEC>
 __global__ void glu_backward_kernel(const T* dy, const T* zg, const T* zu, T* dzg, T* dzu, int64_t rows, int64_t cols,
-                                    int64_t rows_per_block, float* partial_g, float* partial_u) {
+                                    int64_t rows_per_block, float* partial_g, float* partial_u, T* bias_grad_g,
+                                    T* bias_grad_u) {
+  // column sums as act_backward_kernel's: to the partials, or with one row block to the bias grads
   const int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) * VEC;
   if (c >= cols) return;
   const int64_t r0 = blockIdx.y * rows_per_block;
@@ -252,6 +261,8 @@ __global__ void glu_backward_kernel(const T* dy, const T* zg, const T* zu, T* dz
   for (int k = 0; k < VEC; ++k) {
     if (partial_g) partial_g[blockIdx.y * cols + c + k] = sg[k];
     if (partial_u) partial_u[blockIdx.y * cols + c + k] = su[k];
+    if (bias_grad_g) bias_grad_g[c + k] = from_f<T>(sg[k]);
+    if (bias_grad_u) bias_grad_u[c + k] = from_f<T>(su[k]);
   }
 }
 
@@ -302,12 +313,22 @@ dim3 backward_grid(int64_t col_groups, unsigned threads, int64_t rows) {
   return dim3(static_cast<unsigned>((col_groups + threads - 1) / threads), static_cast<unsigned>(grad_row_blocks(rows)));
 }
 
-void reduce_bias_grad(cudaStream_t stream, const float* partial, int64_t rows, int64_t cols, float* out) {
+template <typename T>
+void reduce_bias_grad(cudaStream_t stream, const float* partial, int64_t rows, int64_t cols, T* out) {
   const dim3 block(kSumCols, kSumLanes);
-  column_sum_kernel<<<static_cast<unsigned>((cols + kSumCols - 1) / kSumCols), block, 0, stream>>>(
+  column_sum_kernel<T><<<static_cast<unsigned>((cols + kSumCols - 1) / kSumCols), block, 0, stream>>>(
       partial, grad_row_blocks(rows), cols, out);
   FASTNN_CUDA_CHECK_LAUNCH("column_sum_kernel");
 }
+
+// The bias gradient of `rows` rows: zeros without rows; one row block writes it from the backward
+// kernel itself (no scratch, no second launch); more need partial scratch.
+void check_bias_grad_scratch(int64_t rows, const void* bias_grad, const float* partial) {
+  if (bias_grad && grad_row_blocks(rows) > 1 && !partial)
+    throw std::invalid_argument("fastnn CUDA kernels: a bias gradient over more than 16 rows needs partial scratch");
+}
+
+size_t elem_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace
 
@@ -351,20 +372,24 @@ void bias_act_forward(cudaStream_t stream, DType dtype, Act act, int64_t rows, i
 
 void act_backward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64_t cols, const void* dy,
                   int64_t ld_dy, const void* z, int64_t ld_z, const uint8_t* mask, int64_t mask_ld_bits, void* dz,
-                  int64_t ld_dz, float* bias_grad, float* partial) {
+                  int64_t ld_dz, void* bias_grad, float* partial) {
   if (cols == 0) return;
   if (rows == 0) {
-    if (bias_grad) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad, 0, cols * sizeof(float), stream));
+    if (bias_grad) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad, 0, cols * elem_bytes(dtype), stream));
     return;
   }
   const Saved kind = saved_for(act);
   if (kind == Saved::kNothing && !bias_grad) return;
+  check_bias_grad_scratch(rows, bias_grad, partial);
+  const bool one_block = grad_row_blocks(rows) == 1;
   dispatch_type(dtype, [&](auto tv) {
     using T = decltype(tv);
     const T* g = static_cast<const T*>(dy);
     const T* zp = static_cast<const T*>(z);
     T* d = static_cast<T*>(dz);
-    float* part = bias_grad ? partial : nullptr;
+    T* db = static_cast<T*>(bias_grad);
+    float* part = bias_grad && !one_block ? partial : nullptr;
+    T* direct = one_block ? db : nullptr;
     dispatch_activation(act, [&](auto at) {
       constexpr Act A = decltype(at)::value;
       constexpr Source S = saved_for(A) == Saved::kNothing ? Source::kNone
@@ -377,16 +402,16 @@ void act_backward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64
         constexpr int V = 16 / sizeof(T);
         const unsigned threads = threads_for_columns(cols / V);
         act_backward_kernel<T, A, S, V><<<backward_grid(cols / V, threads, rows), threads, 0, stream>>>(
-            g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz, rows, cols, rpb, part);
+            g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz, rows, cols, rpb, part, direct);
       } else {
         const unsigned threads = threads_for_columns(cols);
         act_backward_kernel<T, A, S, 1><<<backward_grid(cols, threads, rows), threads, 0, stream>>>(
-            g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz, rows, cols, rpb, part);
+            g, ld_dy, zp, ld_z, mask, mask_ld_bits / 8, d, ld_dz, rows, cols, rpb, part, direct);
       }
       FASTNN_CUDA_CHECK_LAUNCH("act_backward_kernel");
     });
+    if (part) reduce_bias_grad(stream, part, rows, cols, db);
   });
-  if (bias_grad) reduce_bias_grad(stream, partial, rows, cols, bias_grad);
 }
 
 void glu_forward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* z_gate,
@@ -412,14 +437,17 @@ void glu_forward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, i
 }
 
 void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, int64_t cols, const void* dy,
-                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up, float* bias_grad_gate,
-                  float* bias_grad_up, float* partial_gate, float* partial_up) {
+                  const void* z_gate, const void* z_up, void* dz_gate, void* dz_up, void* bias_grad_gate,
+                  void* bias_grad_up, float* partial_gate, float* partial_up) {
   if (cols == 0) return;
   if (rows == 0) {
-    if (bias_grad_gate) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_gate, 0, cols * sizeof(float), stream));
-    if (bias_grad_up) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_up, 0, cols * sizeof(float), stream));
+    if (bias_grad_gate) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_gate, 0, cols * elem_bytes(dtype), stream));
+    if (bias_grad_up) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_up, 0, cols * elem_bytes(dtype), stream));
     return;
   }
+  check_bias_grad_scratch(rows, bias_grad_gate, partial_gate);
+  check_bias_grad_scratch(rows, bias_grad_up, partial_up);
+  const bool one_block = grad_row_blocks(rows) == 1;
   dispatch_type(dtype, [&](auto tv) {
     using T = decltype(tv);
     dispatch_activation(gate_act, [&](auto at) {
@@ -430,23 +458,27 @@ void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, 
       const T* zu = static_cast<const T*>(z_up);
       T* dg = static_cast<T*>(dz_gate);
       T* du = static_cast<T*>(dz_up);
-      float* pg = bias_grad_gate ? partial_gate : nullptr;
-      float* pu = bias_grad_up ? partial_up : nullptr;
+      T* bg = static_cast<T*>(bias_grad_gate);
+      T* bu = static_cast<T*>(bias_grad_up);
+      float* pg = bias_grad_gate && !one_block ? partial_gate : nullptr;
+      float* pu = bias_grad_up && !one_block ? partial_up : nullptr;
+      T* direct_g = one_block ? bg : nullptr;
+      T* direct_u = one_block ? bu : nullptr;
       if (vec_width<T>(cols, {}, {dy, z_gate, z_up, dz_gate, dz_up}) > 1) {
         constexpr int V = 16 / sizeof(T);
         const unsigned threads = threads_for_columns(cols / V);
         glu_backward_kernel<T, A, V><<<backward_grid(cols / V, threads, rows), threads, 0, stream>>>(
-            g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
+            g, zg, zu, dg, du, rows, cols, rpb, pg, pu, direct_g, direct_u);
       } else {
         const unsigned threads = threads_for_columns(cols);
         glu_backward_kernel<T, A, 1><<<backward_grid(cols, threads, rows), threads, 0, stream>>>(
-            g, zg, zu, dg, du, rows, cols, rpb, pg, pu);
+            g, zg, zu, dg, du, rows, cols, rpb, pg, pu, direct_g, direct_u);
       }
       FASTNN_CUDA_CHECK_LAUNCH("glu_backward_kernel");
+      if (pg) reduce_bias_grad(stream, pg, rows, cols, bg);
+      if (pu) reduce_bias_grad(stream, pu, rows, cols, bu);
     });
   });
-  if (bias_grad_gate) reduce_bias_grad(stream, partial_gate, rows, cols, bias_grad_gate);
-  if (bias_grad_up) reduce_bias_grad(stream, partial_up, rows, cols, bias_grad_up);
 }
 
 }  // namespace cuda

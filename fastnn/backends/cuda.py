@@ -11,9 +11,11 @@ Forward
   Where cuBLASLt has no algorithm for an epilogue (alignment, shapes), the GEMM runs without it
   and fastnn's kernels do the epilogue, producing the same saved layout.
 Backward
-  one fused kernel dZ = dY * act'(z) with the bias gradient (a deterministic column reduction),
-  then dX = dZ @ W and dW = dZ^T @ X on cuBLASLt. identity has no dZ pass: its bias gradient is
-  the same column sum of dY.
+  one fused kernel dZ = dY * act'(z) with the bias gradient (a deterministic column reduction,
+  summed in float32 and rounded once to the dtype: by the kernel itself up to 16 rows, else from
+  its per-row-block partial sums, kept in the cuBLASLt workspace, by a second kernel), then
+  dX = dZ @ W and dW = dZ^T @ X on cuBLASLt. identity has no dZ pass: its bias gradient is the
+  same column sum of dY.
   In the MLP block (fastnn.mlp), relu and gelu_tanh take fc1's act' into fc2's dgrad GEMM
   (DRELU_BGRAD, DGELU_BGRAD epilogues): dH is never stored (hidden_grad).
 Saved layouts: the sign mask is cuBLASLt's (rows of relu_aux_ld(N) bits); gelu_tanh's z has rows
@@ -49,8 +51,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPILOGUE_NAMES = ("DEFAULT", "BIAS", "RELU_BIAS", "RELU_AUX_BIAS", "GELU_BIAS", "GELU_AUX_BIAS", "DRELU_BGRAD",
                   "DGELU_BGRAD", "BGRADB", "RELU", "RELU_AUX", "GELU", "GELU_AUX")
 
-# (op, dtype, activation) -> Counter of the paths that served it
-_PATHS: dict = collections.defaultdict(collections.Counter)
+# (op, dtype, activation, path) -> calls; every op call counts itself, so names are formatted only by paths()
+_PATHS: dict = {}
 
 
 def _dtype_name(dtype) -> str:
@@ -58,12 +60,16 @@ def _dtype_name(dtype) -> str:
 
 
 def _record(op, dtype, act_name, path):
-    _PATHS[(op, _dtype_name(dtype), act_name)][path] += 1
+    key = (op, dtype, act_name, path)
+    _PATHS[key] = _PATHS.get(key, 0) + 1
 
 
 def paths() -> dict:
     """{(op, dtype, activation): {path: calls}} for the calls this process made."""
-    return {key: dict(counter) for key, counter in _PATHS.items()}
+    out: dict = collections.defaultdict(dict)
+    for (op, dtype, act_name, path), calls in _PATHS.items():
+        out[(op, _dtype_name(dtype), act_name)][path] = calls
+    return dict(out)
 
 
 def reset_paths() -> None:
@@ -105,8 +111,9 @@ def _workspace(device, index: int) -> torch.Tensor:
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
-    """t with unit column stride (cuBLASLt reads rows with any leading dimension >= cols)."""
-    if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= max(1, t.shape[1]):
+    """t (2-D) with unit column stride (cuBLASLt reads rows with any leading dimension >= cols)."""
+    row, col = t.stride()
+    if col == 1 and row >= max(1, t.shape[1]):
         return t
     return t.contiguous()
 
@@ -133,6 +140,23 @@ class _Call:
         return self.C.lt_gemm(self.device, self.stream, self.dtype, self.tf32, m, n, k, a.data_ptr(), lda, trans_a,
                               b.data_ptr(), ldb, trans_b, d.data_ptr(), ldd, accumulate, epilogue, _ptr(bias),
                               _ptr(bias_grad), _ptr(aux), aux_ld, self.ws.data_ptr(), self.ws.numel())
+
+    def bias_grad_scratch(self, m, n, count):
+        """Addresses of `count` float32 buffers for the partial column sums of bias gradients over
+        m x n (0 where one row block holds every row: the backward kernel then writes the gradient
+        itself), and the tensor holding them where they are not in the workspace (keep it until the
+        kernel is queued). The workspace serves where it is large enough: the GEMMs that use it next
+        run on the same stream, so after the kernels that read the sums."""
+        elems = self.C.bias_grad_scratch_elems(m, n)
+        if elems == 0:
+            return (0,) * count, None
+        held = None
+        if elems * 4 * count <= self.ws.numel():
+            base = self.ws.data_ptr()
+        else:
+            held = torch.empty(elems * count, dtype=torch.float32, device=self.ws.device)
+            base = held.data_ptr()
+        return tuple(base + i * elems * 4 for i in range(count)), held
 
     def act_from_z(self, act, z, ld_z, y, mask=None):
         """y [m, n] = act(z) by fastnn's epilogue kernel, z kept with its bias (row stride ld_z); the
@@ -394,13 +418,11 @@ class CudaBackend(Backend):
             else:
                 _record("linear_act_bwd", dy.dtype, act.name, "fastnn act_backward kernel (dZ and db)")
                 dz = torch.empty_like(dy)
-                bias_grad = torch.empty(n, dtype=torch.float32, device=dy.device) if need_db else None
-                partial = torch.empty(call.C.bias_grad_scratch_elems(m, n), dtype=torch.float32,
-                                      device=dy.device) if need_db else None
+                db = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_db else None
+                (partial,), held = call.bias_grad_scratch(m, n, 1) if need_db else ((0,), None)
                 z, ld_z, mask = (saved, saved.shape[1], None) if act.saves == "preact" else (None, 0, saved)
                 call.C.act_backward(call.device, call.stream, call.dtype, act.code, m, n, dy.data_ptr(), n, _ptr(z), ld_z,
-                                    _ptr(mask), relu_aux_ld(n), dz.data_ptr(), n, _ptr(bias_grad), _ptr(partial))
-                db = bias_grad.to(dy.dtype) if need_db else None
+                                    _ptr(mask), relu_aux_ld(n), dz.data_ptr(), n, _ptr(db), partial)
                 dw = self._wgrad(call, dz, x) if need_dw else None
             dx = self._dgrad(call, dz, weight) if need_dx else None
         return dx, dw, db
@@ -457,11 +479,11 @@ class CudaBackend(Backend):
     @staticmethod
     def _bias_grad_only(call, dy, act):
         m, n = dy.shape
-        bias_grad = torch.empty(n, dtype=torch.float32, device=dy.device)
-        partial = torch.empty(call.C.bias_grad_scratch_elems(m, n), dtype=torch.float32, device=dy.device)
+        db = torch.empty(n, dtype=dy.dtype, device=dy.device)
+        (partial,), held = call.bias_grad_scratch(m, n, 1)
         call.C.act_backward(call.device, call.stream, call.dtype, 0, m, n, dy.data_ptr(), n, 0, 0, 0, 0, 0, n,
-                            bias_grad.data_ptr(), partial.data_ptr())
-        return bias_grad.to(dy.dtype)
+                            db.data_ptr(), partial)
+        return db
 
     @staticmethod
     def _dgrad(call, dz, weight, accumulate_into=None):
@@ -523,19 +545,16 @@ class CudaBackend(Backend):
         with torch.cuda.device(dy.device):
             call = _Call(dy)
             dz_gate, dz_up = torch.empty_like(dy), torch.empty_like(dy)
-            f32 = dict(dtype=torch.float32, device=dy.device)
-            scratch = call.C.bias_grad_scratch_elems(m, n)
-            bgg = torch.empty(n, **f32) if need_dbg else None
-            bgu = torch.empty(n, **f32) if need_dbu else None
-            pg = torch.empty(scratch, **f32) if need_dbg else None
-            pu = torch.empty(scratch, **f32) if need_dbu else None
+            bgg = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_dbg else None
+            bgu = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_dbu else None
+            (pg, pu), held = call.bias_grad_scratch(m, n, 2) if need_dbg or need_dbu else ((0, 0), None)
             call.C.glu_backward(call.device, call.stream, call.dtype, gate_act.code, m, n, dy.data_ptr(),
                                 z_gate.data_ptr(), z_up.data_ptr(), dz_gate.data_ptr(), dz_up.data_ptr(), _ptr(bgg),
-                                _ptr(bgu), _ptr(pg), _ptr(pu))
+                                _ptr(bgu), pg, pu)
             dx = None
             if need_dx:
                 dx = self._dgrad(call, dz_gate, gate_weight)
                 dx = self._dgrad(call, dz_up, up_weight, accumulate_into=dx)
             dwg = self._wgrad(call, dz_gate, x) if need_dwg else None
             dwu = self._wgrad(call, dz_up, x) if need_dwu else None
-        return (dx, dwg, dwu, bgg.to(dy.dtype) if need_dbg else None, bgu.to(dy.dtype) if need_dbu else None)
+        return dx, dwg, dwu, bgg, bgu
