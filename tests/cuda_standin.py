@@ -1,0 +1,222 @@
+"""A CPU stand-in for fastnn._cuda, so that the cuda backend's Python (fastnn/backends/cuda.py: which
+call gets which pointers, leading dimensions, saved layouts, scratch and fallbacks) runs on machines
+without a GPU. Each function takes the arguments fastnn._cuda takes (csrc/cuda/bindings_cuda.cpp),
+reads and writes the memory at the raw addresses as the header comments of lt_gemm.h and epilogue.h
+say, and computes in float64 with fastnn's Python reference of each activation, rounding once. It
+checks what the C++ checks (an epilogue without its aux, a multi-block bias gradient without
+scratch) and raises there as the C++ does.
+
+It is not a model of the CUDA kernels' numerics or speed: tests/test_cuda.py runs the real module on
+a GPU. `decline` makes lt_gemm answer "no algorithm" for the epilogue codes in it (cuBLASLt does
+that for some layouts), `wrong` makes the activation epilogues in it compute relu / gelu_tanh wrongly
+(what the trust probes must catch)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from fastnn import activations
+from fastnn.backends import cuda as cb
+
+DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+ACT_BY_CODE = {a.code: a for a in activations.ACTIVATIONS.values()}
+GELU_TANH = activations.get("gelu_tanh")
+RELU = activations.get("relu")
+
+# grad_rows_per_block / grad_row_blocks of csrc/cuda/epilogue.h
+MAX_GRAD_ROW_BLOCKS = 1024
+
+
+def grad_row_blocks(rows: int) -> int:
+    per_block = -(-rows // MAX_GRAD_ROW_BLOCKS)
+    rpb = 16 * (-(-per_block // 16) if per_block > 16 else 1)
+    return -(-rows // rpb)
+
+
+def at(addr: int, dtype: torch.dtype, rows: int, cols: int, ld: int) -> torch.Tensor:
+    """The [rows, cols] matrix of `dtype` at `addr` with row stride ld, as a CPU tensor over that memory."""
+    if rows == 0 or cols == 0:
+        return torch.empty((rows, cols), dtype=dtype)
+    if addr == 0:
+        raise ValueError("fastnn._cuda stand-in: a null address for a matrix the call reads or writes")
+    count = (rows - 1) * ld + cols
+    size = torch.empty((), dtype=dtype).element_size()
+    flat = torch.frombuffer((ctypes.c_char * (count * size)).from_address(addr), dtype=dtype, count=count)
+    return flat.as_strided((rows, cols), (ld, 1))
+
+
+def mask_bits(addr, rows, cols, mask_ld_bits):
+    """The sign mask's bits [rows, cols] as a bool tensor view-free copy, and its bytes."""
+    data = at(addr, torch.uint8, rows, mask_ld_bits // 8, mask_ld_bits // 8)
+    bits = ((data.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(rows, -1)[:, :cols]
+    return bits.bool(), data
+
+
+def write_mask(addr, rows, cols, mask_ld_bits, on):
+    _, data = mask_bits(addr, rows, cols, mask_ld_bits)
+    padded = torch.zeros(rows, mask_ld_bits, dtype=torch.uint8)
+    padded[:, :cols] = on.to(torch.uint8)
+    data.copy_((padded.reshape(rows, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8))
+
+
+def mask_bit(act, z):
+    # mask_bit in activations.h: relu's is !(z <= 0) (NaN passes), leaky_relu's z > 0
+    return ~(z <= 0) if act.name == "relu" else z > 0
+
+
+def through_mask(act, dy, on):
+    # grad_through_mask in activations.h
+    return torch.where(on, dy, dy * activations.LEAKY_SLOPE if act.name == "leaky_relu" else torch.zeros_like(dy))
+
+
+class CudaStandIn:
+    def __init__(self, decline=(), wrong=()):
+        self.decline, self.wrong = set(decline), set(wrong)
+        self.calls: list[str] = []
+
+    # ---- cuBLASLt -----------------------------------------------------------------------------
+    def lt_gemm(self, device, stream, dtype, allow_tf32, m, n, k, a, lda, trans_a, b, ldb, trans_b, d, ldd, accumulate,
+                epilogue, bias, bias_grad, aux, aux_ld, workspace, workspace_bytes):
+        name = cb.EPILOGUE_NAMES[epilogue]
+        if "AUX" in name or "DRELU" in name or "DGELU" in name:
+            if not aux:
+                raise ValueError("fastnn cuBLASLt: this epilogue needs aux")
+        if ("BGRAD" in name) and not bias_grad:
+            raise ValueError("fastnn cuBLASLt: this epilogue needs bias_grad")
+        if name.endswith("_BIAS") or name == "BIAS":
+            if not bias:
+                raise ValueError("fastnn cuBLASLt: this epilogue needs a bias")
+            if accumulate:
+                raise ValueError("fastnn cuBLASLt: accumulate and a bias epilogue together")
+        if m == 0 or n == 0:
+            return not ("BGRAD" in name and m > 0)
+        if k == 0 or epilogue in self.decline:
+            return False
+        if not workspace or workspace_bytes <= 0:
+            raise ValueError("fastnn._cuda stand-in: no workspace")
+        self.calls.append(f"lt_gemm {name}")
+        t = DTYPES[dtype]
+        A = at(a, t, k, m, lda).t() if trans_a else at(a, t, m, k, lda)
+        B = at(b, t, n, k, ldb).t() if trans_b else at(b, t, k, n, ldb)
+        D = at(d, t, m, n, ldd)
+        acc = A.double() @ B.double()
+        if accumulate:
+            acc = acc + D.double()
+        if name.endswith("_BIAS") or name == "BIAS":
+            acc = acc + at(bias, t, 1, n, n).double()
+        if name in ("RELU_BIAS", "RELU", "RELU_AUX_BIAS", "RELU_AUX"):
+            if "AUX" in name:
+                write_mask(aux, m, n, aux_ld, mask_bit(RELU, acc.to(t)))
+            out = RELU.fn(acc)
+        elif name in ("GELU_BIAS", "GELU", "GELU_AUX_BIAS", "GELU_AUX"):
+            if "AUX" in name:
+                at(aux, t, m, n, aux_ld).copy_(acc.to(t))
+            out = GELU_TANH.fn(acc)
+        elif name == "DRELU_BGRAD":
+            on, _ = mask_bits(aux, m, n, aux_ld)
+            out = through_mask(RELU, acc, on)
+        elif name == "DGELU_BGRAD":
+            out = GELU_TANH.grad_times(acc, at(aux, t, m, n, aux_ld).double())
+        else:
+            out = acc
+        if epilogue in self.wrong:
+            out = out * 1.25 + 0.5
+        if name in ("DRELU_BGRAD", "DGELU_BGRAD"):
+            at(bias_grad, t, 1, n, n).copy_(out.sum(0, keepdim=True).to(t))
+        elif name == "BGRADB":
+            at(bias_grad, t, 1, m, m).copy_(A.double().sum(1).unsqueeze(0).to(t))
+        D.copy_(out.to(t))
+        return True
+
+    # ---- fastnn's kernels ---------------------------------------------------------------------
+    def bias_act_forward(self, device, stream, dtype, act, rows, cols, acc, ld_acc, bias, y, ld_y, mask,
+                         mask_ld_bits):
+        if rows == 0 or cols == 0:
+            return
+        self.calls.append("bias_act_forward")
+        t, a = DTYPES[dtype], ACT_BY_CODE[act]
+        z = at(acc, t, rows, cols, ld_acc).double()
+        if bias:
+            z = z + at(bias, t, 1, cols, cols).double()
+        if mask:
+            if a.saves != "mask":
+                raise ValueError("fastnn CUDA kernels: a sign mask is kept for relu and leaky_relu only")
+            write_mask(mask, rows, cols, mask_ld_bits, mask_bit(a, z))
+        at(y, t, rows, cols, ld_y).copy_(a.fn(z).to(t))
+
+    def bias_grad_scratch_elems(self, rows, cols):
+        blocks = grad_row_blocks(rows)
+        return blocks * cols if blocks > 1 else 0
+
+    def _bias_grad(self, t, rows, cols, sums, bias_grad, partial):
+        """Writes the float32 column sums to bias_grad, rounded once, through the partial scratch
+        where the kernels use it (whose every byte it writes: a bad address shows here)."""
+        if grad_row_blocks(rows) > 1:
+            if not partial:
+                raise ValueError("fastnn CUDA kernels: a bias gradient over more than 16 rows needs partial scratch")
+            scratch = at(partial, torch.float32, grad_row_blocks(rows), cols, cols)
+            scratch.zero_()
+            scratch[0].copy_(sums.float())
+        at(bias_grad, t, 1, cols, cols).copy_(sums.float().unsqueeze(0).to(t))
+
+    def act_backward(self, device, stream, dtype, act, rows, cols, dy, ld_dy, z, ld_z, mask, mask_ld_bits, dz, ld_dz,
+                     bias_grad, partial):
+        if cols == 0:
+            return
+        t, a = DTYPES[dtype], ACT_BY_CODE[act]
+        if rows == 0:
+            if bias_grad:
+                at(bias_grad, t, 1, cols, cols).zero_()
+            return
+        if a.saves == "nothing" and not bias_grad:
+            return
+        self.calls.append("act_backward")
+        g = at(dy, t, rows, cols, ld_dy).double()
+        if a.saves == "preact":
+            g = a.grad_times(g, at(z, t, rows, cols, ld_z).double())
+        elif a.saves == "mask":
+            on, _ = mask_bits(mask, rows, cols, mask_ld_bits)
+            g = through_mask(a, g, on)
+        if bias_grad:
+            self._bias_grad(t, rows, cols, g.sum(0), bias_grad, partial)
+        if a.saves != "nothing":
+            at(dz, t, rows, cols, ld_dz).copy_(g.to(t))
+
+    def glu_forward(self, device, stream, dtype, act, rows, cols, zg, zu, y):
+        if rows * cols == 0:
+            return
+        self.calls.append("glu_forward")
+        t, a = DTYPES[dtype], ACT_BY_CODE[act]
+        out = a.fn(at(zg, t, rows, cols, cols).double()) * at(zu, t, rows, cols, cols).double()
+        at(y, t, rows, cols, cols).copy_(out.to(t))
+
+    def glu_backward(self, device, stream, dtype, act, rows, cols, dy, zg, zu, dzg, dzu, bgg, bgu, pg, pu):
+        if cols == 0:
+            return
+        t, a = DTYPES[dtype], ACT_BY_CODE[act]
+        if rows == 0:
+            for bg in (bgg, bgu):
+                if bg:
+                    at(bg, t, 1, cols, cols).zero_()
+            return
+        self.calls.append("glu_backward")
+        g = at(dy, t, rows, cols, cols).double()
+        zgv, zuv = at(zg, t, rows, cols, cols).double(), at(zu, t, rows, cols, cols).double()
+        d_gate, d_up = a.grad_times(g * zuv, zgv), g * a.fn(zgv)
+        for sums, bg, p in ((d_gate.sum(0), bgg, pg), (d_up.sum(0), bgu, pu)):
+            if bg:
+                self._bias_grad(t, rows, cols, sums, bg, p)
+        at(dzg, t, rows, cols, cols).copy_(d_gate.to(t))
+        at(dzu, t, rows, cols, cols).copy_(d_up.to(t))
+
+    # ---- the rest of the module's surface -----------------------------------------------------------
+    def plan_cache_size(self):
+        return 0
+
+    def plan_cache_limit(self):
+        return 1024
+
+    def build_info(self):
+        return {"version": "stand-in", "cuda_archs": "none", "cuda_runtime_compiled": 0, "cublaslt_compiled": "0",
+                "cublaslt_runtime": 0, "cuda_driver": 0}

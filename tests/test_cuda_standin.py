@@ -1,0 +1,157 @@
+"""The cuda backend's Python on CPU tensors, with fastnn._cuda replaced by a CPU stand-in that reads
+and writes the raw addresses as the real module does (tests/cuda_standin.py): which native call
+gets which pointers, leading dimensions and saved layouts, the bias gradients' scratch, the
+fallbacks where cuBLASLt declines or an epilogue is not trusted, and the MLP block's paths, all
+through fastnn's public functions with backend="cuda", against PyTorch's composite.
+
+On a machine without a GPU this is the only run of fastnn/backends/cuda.py; the CUDA kernels and
+cuBLASLt themselves are tested by tests/test_cuda.py on a GPU."""
+import contextlib
+
+import pytest
+import torch
+
+import fastnn
+from cuda_standin import CudaStandIn
+from fastnn import _native
+from fastnn.backends import cuda as cb
+from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
+from test_mlp import _eager, _weights
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# rows: one bias-gradient row block (<= 16) or several (scratch); columns not a multiple of 8 or 128
+# (the saved layouts' padded rows)
+SHAPES = [(1, 9, 1), (16, 17, 40), (300, 33, 72), (37, 16, 130)]
+ACTIVATION_EPILOGUES = (cb.RELU_BIAS, cb.RELU_AUX_BIAS, cb.GELU_BIAS, cb.GELU_AUX_BIAS, cb.RELU, cb.RELU_AUX,
+                        cb.GELU, cb.GELU_AUX, cb.DRELU_BGRAD, cb.DGELU_BGRAD)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """The stand-in as fastnn._cuda, and the torch.cuda calls the backend makes answered for CPU tensors."""
+    module = CudaStandIn()
+    monkeypatch.setitem(_native._cuda_state, "module", module)
+    monkeypatch.setitem(_native._cuda_state, "error", None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cb, "_current_stream", lambda index: 0)
+    monkeypatch.setattr(cb.CudaBackend, "unsupported_reason", lambda self, op, x, weights, act: None)
+    monkeypatch.setattr(cb, "_TRUST", {})
+    monkeypatch.setattr(cb, "_WORKSPACE_BYTES", {})
+    monkeypatch.setattr(cb, "_PATHS", {})
+    return module
+
+
+def _paths(op):
+    return {path for (o, _, _), served in cb.paths().items() if o == op for path in served}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", list(fastnn.ACTIVATIONS))
+def test_linear_act(standin, activation, dtype, shape, bias):
+    m, k, n = shape
+    x, w, b = make_inputs((m, k), n, dtype, "cpu", bias=bias)
+    inputs = [x, w] + ([b] if bias else [])
+    check_against_reference(lambda x, w, b=None: fastnn.linear_act(x, w, b, activation, backend="cuda"),
+                            lambda x, w, b=None: torch_linear_act(x, w, b, activation), inputs,
+                            what=f"cuda stand-in {activation} {dtype} {shape}")
+    # the forward that keeps nothing (no gradient wanted)
+    check_against_reference(lambda x, w, b=None: fastnn.linear_act(x, w, b, activation, backend="cuda"),
+                            lambda x, w, b=None: torch_linear_act(x, w, b, activation), [t.detach() for t in inputs],
+                            what=f"cuda stand-in {activation} {dtype} {shape} without grad")
+    assert standin.calls, "the stand-in was not called"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", list(fastnn.GATED))
+def test_linear_glu(standin, activation, dtype, shape):
+    m, k, n = shape
+    x, wg, wu, bg, bu = make_inputs((m, k), n, dtype, "cpu", glu=True)
+    check_against_reference(lambda *t: fastnn.linear_glu(*t, activation, backend="cuda"),
+                            lambda *t: torch_linear_glu(*t, activation), [x, wg, wu, bg, bu],
+                            what=f"cuda stand-in {activation} {dtype} {shape}")
+    assert "fastnn glu backward kernel + cuBLASLt GEMMs" in _paths("linear_glu_bwd")
+
+
+@pytest.mark.parametrize("rows", [16, 300])
+@pytest.mark.parametrize("recompute", list(fastnn.functional.RECOMPUTE_LEVELS))
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_tanh", "leaky_relu", "silu", "swiglu", "reglu",
+                                        "geglu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mlp(standin, dtype, activation, recompute, rows):
+    gated = activation in fastnn.GATED
+    x = torch.randn(rows, 24).to(dtype).requires_grad_()
+    w1, b1, w2, b2, wu, bu = _weights(24, 65, 20, dtype, gated)
+    check_against_reference(
+        lambda x, w1, b1, w2, b2, wu=None, bu=None: fastnn.mlp(x, w1, b1, w2, b2, activation, up_weight=wu, up_bias=bu,
+                                                               recompute=recompute, backend="cuda"),
+        lambda x, w1, b1, w2, b2, wu=None, bu=None: _eager(x, w1, b1, w2, b2, wu, bu, activation),
+        [x, w1, b1, w2, b2] + ([wu, bu] if gated else []), what=f"cuda stand-in mlp {activation} {recompute}")
+    if activation in ("relu", "gelu_tanh") and recompute == "none":
+        # fc1's act' in fc2's dgrad GEMM, and fc1's backward as plain GEMMs with a column sum
+        assert _paths("mlp_hidden_grad") == {f"cuBLASLt D{'RELU' if activation == 'relu' else 'GELU'}_BGRAD"}
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "identity"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_epilogues_declined(standin, activation, dtype):
+    """cuBLASLt has no algorithm for the activation epilogues, then not even for the plain GEMM:
+    fastnn's epilogue kernel, then torch's GEMM, give the same results."""
+    x, w, b = make_inputs((37, 16), 130, dtype, "cpu")
+    standin.decline = set(ACTIVATION_EPILOGUES)
+    check_against_reference(lambda *t: fastnn.linear_act(*t, activation, backend="cuda"),
+                            lambda *t: torch_linear_act(*t, activation), [x, w, b], what="declined epilogues")
+    if activation != "identity":
+        assert _paths("linear_act_fwd") == {"cuBLASLt GEMM + fastnn epilogue kernel"}
+    standin.decline = set(range(len(cb.EPILOGUE_NAMES)))
+    standin.calls.clear()
+    check_against_reference(lambda *t: fastnn.linear_act(*t, activation, backend="cuda"),
+                            lambda *t: torch_linear_act(*t, activation), [x, w, b], what="declined GEMMs")
+    assert not any(c.startswith("lt_gemm") for c in standin.calls)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_wrong_epilogues_are_not_trusted(standin, activation):
+    """An activation epilogue that disagrees with fastnn's definition on the probe's exact inputs is
+    not used (epilogue_trust says so), and the results are right all the same."""
+    standin.wrong = set(ACTIVATION_EPILOGUES)
+    x, w, b = make_inputs((37, 16), 130, torch.bfloat16, "cpu")
+    check_against_reference(lambda *t: fastnn.linear_act(*t, activation, backend="cuda"),
+                            lambda *t: torch_linear_act(*t, activation), [x, w, b], what="untrusted epilogues")
+    trust = cb.epilogue_trust()
+    assert trust and not any(trust.values()), trust
+    assert _paths("linear_act_fwd") == {"cuBLASLt GEMM + fastnn epilogue kernel"}
+
+
+def test_right_epilogues_are_trusted_and_used(standin):
+    x, w, b = make_inputs((37, 16), 130, torch.bfloat16, "cpu")
+    check_against_reference(lambda *t: fastnn.linear_act(*t, "relu", backend="cuda"),
+                            lambda *t: torch_linear_act(*t, "relu"), [x, w, b], what="trusted epilogues")
+    assert cb.epilogue_trust() == {(0, "bfloat16", "RELU_AUX_BIAS"): True}
+    assert _paths("linear_act_fwd") == {"cuBLASLt RELU_AUX_BIAS"}
+
+
+@pytest.mark.parametrize("rows,count,fits", [(16, 1, True), (300, 1, True), (300, 2, True), (300, 2, False)])
+def test_bias_grad_scratch(standin, monkeypatch, rows, count, fits):
+    """The partial sums' buffers: none for one row block, else consecutive, inside the workspace
+    where it holds them all, else inside their own allocation."""
+    cols = 72
+    elems = standin.bias_grad_scratch_elems(rows, cols)
+    if not fits:
+        cb._WORKSPACE_BYTES[0] = elems * 4 * count - 4
+    call = cb._Call(torch.empty(1, dtype=torch.bfloat16))
+    addresses, held = call.bias_grad_scratch(rows, cols, count)
+    if elems == 0:
+        assert addresses == (0,) * count and held is None
+        return
+    owner = call.ws if fits else held
+    assert (held is None) == fits
+    start, end = owner.data_ptr(), owner.data_ptr() + owner.numel() * owner.element_size()
+    for i, a in enumerate(addresses):
+        assert a == addresses[0] + i * elems * 4
+        assert start <= a and a + elems * 4 <= end
