@@ -12,8 +12,13 @@ SHAPES = [(1, 1, 1)] + [(SIZES[i], SIZES[(i + 1) % 6], SIZES[(i + 3) % 6]) for i
 
 
 def native_backends():
-    """(backend, device) pairs for the native backends: cpu always, cuda where a GPU is present."""
-    out = [("cpu", "cpu")]
+    """(backend, device) pairs for the native backends: cpu always, cuda where a GPU is present, and
+    the cuda backend on CPU tensors through the stand-in for fastnn._cuda (tests/cuda_standin.py)."""
+    out = [("cpu", "cpu"), ("cuda", "cpu")]
     if HAS_CUDA:
         out.append(("cuda", "cuda"))
     return out
+
+
+def backend_id(backend, device):
+    return backend if device == backend or backend != "cuda" else "cuda-standin"

@@ -38,6 +38,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_standin(request, monkeypatch):
+    """The shared matrices' ("cuda", "cpu") cases run the cuda backend on CPU tensors, with the CPU
+    stand-in for fastnn._cuda (tests/cuda_standin.py)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cuda" and callspec.params.get("device") == "cpu":
+        import cuda_standin
+
+        cuda_standin.install(monkeypatch)
+
+
 def pytest_sessionfinish(session):
     """On a GPU, FASTNN_PATHS_LOG names a file that gets which path served each cuda-backend call
     of this run (each xdist worker appends its own lines): the GPU tier's summary of what cuBLASLt's

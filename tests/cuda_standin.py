@@ -12,11 +12,12 @@ that for some layouts), `wrong` makes the activation epilogues in it compute rel
 (what the trust probes must catch)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import torch
 
-from fastnn import activations
+from fastnn import _native, activations
 from fastnn.backends import cuda as cb
 
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
@@ -220,3 +221,22 @@ class CudaStandIn:
     def build_info(self):
         return {"version": "stand-in", "cuda_archs": "none", "cuda_runtime_compiled": 0, "cublaslt_compiled": "0",
                 "cublaslt_runtime": 0, "cuda_driver": 0}
+
+
+def install(monkeypatch, module=None) -> CudaStandIn:
+    """`module` (a new stand-in by default) as fastnn._cuda for one test, and the torch.cuda calls
+    the backend makes answered for CPU tensors; the backend's probe results, workspace sizes and
+    path counts start empty and are restored afterwards (a GPU run's own stay as they were)."""
+    module = module or CudaStandIn()
+    monkeypatch.setitem(_native._cuda_state, "module", module)
+    monkeypatch.setitem(_native._cuda_state, "error", None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cb, "_current_stream", lambda index: 0)
+    monkeypatch.setattr(cb.CudaBackend, "unsupported_reason", lambda self, op, x, weights, act: None)
+    monkeypatch.setattr(cb, "_TRUST", {})
+    monkeypatch.setattr(cb, "_WORKSPACE_BYTES", {})
+    monkeypatch.setattr(cb, "_PATHS", {})
+    return module

@@ -4,16 +4,15 @@ gets which pointers, leading dimensions and saved layouts, the bias gradients' s
 fallbacks where cuBLASLt declines or an epilogue is not trusted, and the MLP block's paths, all
 through fastnn's public functions with backend="cuda", against PyTorch's composite.
 
-On a machine without a GPU this is the only run of fastnn/backends/cuda.py; the CUDA kernels and
-cuBLASLt themselves are tested by tests/test_cuda.py on a GPU."""
-import contextlib
-
+The shared matrices of test_linear_act.py and test_linear_glu.py run through the stand-in too (their
+"cuda-standin" cases, conftest.py). On a machine without a GPU these are the only runs of
+fastnn/backends/cuda.py; the CUDA kernels and cuBLASLt themselves are tested by tests/test_cuda.py
+on a GPU."""
 import pytest
 import torch
 
+import cuda_standin
 import fastnn
-from cuda_standin import CudaStandIn
-from fastnn import _native
 from fastnn.backends import cuda as cb
 from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
 from test_mlp import _eager, _weights
@@ -28,20 +27,7 @@ ACTIVATION_EPILOGUES = (cb.RELU_BIAS, cb.RELU_AUX_BIAS, cb.GELU_BIAS, cb.GELU_AU
 
 @pytest.fixture
 def standin(monkeypatch):
-    """The stand-in as fastnn._cuda, and the torch.cuda calls the backend makes answered for CPU tensors."""
-    module = CudaStandIn()
-    monkeypatch.setitem(_native._cuda_state, "module", module)
-    monkeypatch.setitem(_native._cuda_state, "error", None)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(cb, "_current_stream", lambda index: 0)
-    monkeypatch.setattr(cb.CudaBackend, "unsupported_reason", lambda self, op, x, weights, act: None)
-    monkeypatch.setattr(cb, "_TRUST", {})
-    monkeypatch.setattr(cb, "_WORKSPACE_BYTES", {})
-    monkeypatch.setattr(cb, "_PATHS", {})
-    return module
+    return cuda_standin.install(monkeypatch)
 
 
 def _paths(op):

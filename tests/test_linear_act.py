@@ -6,7 +6,7 @@ import torch
 
 import fastnn
 from fastnn.backends import cpu as cpu_backend
-from cases import DTYPES, SHAPES, native_backends
+from cases import DTYPES, SHAPES, backend_id, native_backends
 from numerics import check_against_reference, make_inputs, torch_linear_act
 
 ACTS = list(fastnn.ACTIVATIONS)
@@ -17,7 +17,7 @@ def _marks(device):
     return [pytest.mark.gpu] if device == "cuda" else []
 
 
-BACKEND_PARAMS = [pytest.param(b, d, marks=_marks(d), id=b) for b, d in BACKENDS]
+BACKEND_PARAMS = [pytest.param(b, d, marks=_marks(d), id=backend_id(b, d)) for b, d in BACKENDS]
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_PARAMS)
