@@ -219,24 +219,26 @@ def test_compile_fullgraph_cuda_backend():
 
 def kernel_math(act, z):
     """act(z) and act'(z) (dY = 1) from the CUDA backend's epilogue and act_backward kernels, called
-    directly on a CUDA z [rows, cols]; act' None for the identity (its backward writes nothing)."""
+    directly on a CUDA z [rows, cols] with any row stride; act' None for the identity (its backward
+    writes nothing)."""
     from fastnn import _native
     from fastnn.backends.cuda import relu_aux_ld
 
     C = _native.cuda_module()
     m, n = z.shape
+    ld = z.stride(0)
     device, stream = z.device.index, torch.cuda.current_stream(z.device).cuda_stream
     code = _native.DTYPE_CODES[z.dtype]
-    y = torch.empty_like(z)
+    y = torch.empty((m, n), dtype=z.dtype, device=z.device)
     mask = torch.zeros(m, relu_aux_ld(n) // 8, dtype=torch.uint8, device=z.device) if act.saves == "mask" else None
-    C.bias_act_forward(device, stream, code, act.code, m, n, z.data_ptr(), n, 0, y.data_ptr(), n,
+    C.bias_act_forward(device, stream, code, act.code, m, n, z.data_ptr(), ld, 0, y.data_ptr(), n,
                        0 if mask is None else mask.data_ptr(), relu_aux_ld(n))
     if act.saves == "nothing":
         return y, None
-    ones, dz = torch.ones_like(z), torch.empty_like(z)
+    ones, dz = torch.ones_like(y), torch.empty_like(y)
     preact = act.saves == "preact"
     C.act_backward(device, stream, code, act.code, m, n, ones.data_ptr(), n, z.data_ptr() if preact else 0,
-                   n if preact else 0, 0 if mask is None else mask.data_ptr(), relu_aux_ld(n), dz.data_ptr(), n, 0, 0)
+                   ld if preact else 0, 0 if mask is None else mask.data_ptr(), relu_aux_ld(n), dz.data_ptr(), n, 0, 0)
     return y, dz
 
 
@@ -261,11 +263,14 @@ def test_kernel_math_point_by_point(act, dtype, cols):
     approximate reciprocal there, the others CUDA's math library), by the host functors' rules
     (numerics: float32_math_problems, rounded_16bit_problems) on every bfloat16 or float16 value up
     to 2^16 in magnitude, or float32's grid, and at NaN, +-inf and +-0 as the reference gives them;
-    in rows of 512 (16-byte accesses) and of 511 (one element at a time)."""
+    in rows of 512 (16-byte accesses: the forward's pass over a whole buffer) and of 511 elements
+    512 apart (one element at a time: its pass over rows with gaps, and act' per element)."""
     z = every_value(dtype)
     padded = torch.zeros(-(-z.numel() // cols) * cols, dtype=dtype)
     padded[:z.numel()] = z
-    y, dz = (None if t is None else t.flatten()[:z.numel()].cpu() for t in kernel_math(act, padded.view(-1, cols).cuda()))
+    # rows 512 elements apart (moved first: .cuda() of the view would close its gaps)
+    rows = torch.nn.functional.pad(padded.view(-1, cols), (0, 512 - cols)).cuda()[:, :cols]
+    y, dz = (None if t is None else t.flatten()[:z.numel()].cpu() for t in kernel_math(act, rows))
     finite = torch.isfinite(z)
     if dtype == torch.float32:
         problems = float32_math_problems(act, z[finite], y[finite], None if dz is None else dz[finite])

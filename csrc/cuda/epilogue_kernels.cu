@@ -1,5 +1,6 @@
 // CUDA kernels around the cuBLASLt GEMMs: see epilogue.h. Each thread handles VEC consecutive
-// columns of a row (16-byte accesses when the rows allow it), all arithmetic in float with the
+// columns of a row (16-byte accesses when the rows allow it; the forward's pass over a whole buffer
+// as one run of elements, with no row arithmetic), all arithmetic in float with the
 // activation functors of fastnn/activations.h, one rounding at each store: for 16-bit outputs with
 // the float math made for them (Accuracy::kHalf), as the CPU kernels.
 #include <cuda_bf16.h>
@@ -57,24 +58,34 @@ __device__ __forceinline__ float act_f(float z) {
 }
 
 // ---- forward epilogue --------------------------------------------------------------------------
+// y[i] = act(acc[i]) over n elements laid out without gaps: the forward's pass over the GEMM's
+// output, whose bias the GEMM added. VEC elements per step (16-byte accesses; acc and y aligned),
+// no row arithmetic; the last n % VEC one at a time.
 template <typename T, Act A, int VEC>
-__global__ void bias_act_kernel(const T* acc, int64_t ld_acc, const T* bias, T* y, int64_t ld_y, int64_t rows,
-                                int64_t cols) {
-  const int64_t vecs_per_row = cols / VEC;
-  const int64_t total = rows * vecs_per_row;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
+__global__ void act_flat_kernel(const T* acc, T* y, int64_t n) {
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, step = int64_t(gridDim.x) * blockDim.x;
+  const int64_t vecs = n / VEC;
+  for (int64_t i = first; i < vecs; i += step) {
     float v[VEC];
-    load_f<T, VEC>(acc + r * ld_acc + c, v);
-    if (bias) {
-      float b[VEC];
-      load_f<T, VEC>(bias + c, b);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] += b[k];
-    }
+    load_f<T, VEC>(acc + i * VEC, v);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) v[k] = act_f<A, T>(v[k]);
-    store_f<T, VEC>(y + r * ld_y + c, v);
+    store_f<T, VEC>(y + i * VEC, v);
+  }
+  for (int64_t i = vecs * VEC + first; i < n; i += step) y[i] = from_f<T>(act_f<A, T>(to_f<T>(acc[i])));
+}
+
+// y = act(acc + bias) for any row strides, one element per step: the rest (a bias to add, rows
+// with gaps such as gelu_tanh's padded kept z, unaligned memory).
+template <typename T, Act A>
+__global__ void bias_act_kernel(const T* acc, int64_t ld_acc, const T* bias, T* y, int64_t ld_y, int64_t rows,
+                                int64_t cols) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    float v = to_f<T>(acc[r * ld_acc + c]);
+    if (bias) v += to_f<T>(bias[c]);
+    y[r * ld_y + c] = from_f<T>(act_f<A, T>(v));
   }
 }
 
@@ -321,8 +332,8 @@ void reduce_bias_grad(cudaStream_t stream, const float* partial, int64_t rows, i
   FASTNN_CUDA_CHECK_LAUNCH("column_sum_kernel");
 }
 
-// The bias gradient of `rows` rows: zeros without rows; one row block writes it from the backward
-// kernel itself (no scratch, no second launch); more need partial scratch.
+// A bias gradient over more than one row block is summed through partial scratch (one row block:
+// the backward kernel writes it itself, no scratch, no second launch): refuse a missing one.
 void check_bias_grad_scratch(int64_t rows, const void* bias_grad, const float* partial) {
   if (bias_grad && grad_row_blocks(rows) > 1 && !partial)
     throw std::invalid_argument("fastnn CUDA kernels: a bias gradient over more than 16 rows needs partial scratch");
@@ -359,13 +370,15 @@ void bias_act_forward(cudaStream_t stream, DType dtype, Act act, int64_t rows, i
           throw std::invalid_argument("fastnn CUDA kernels: a sign mask is kept for relu and leaky_relu only");
         }
       }
-      if (vec_width<T>(cols, {ld_acc, ld_y}, {acc, bias, y}) > 1) {
+      if (!bias && ld_acc == cols && ld_y == cols && aligned16(acc) && aligned16(y)) {
         constexpr int V = 16 / sizeof(T);
-        bias_act_kernel<T, A, V><<<grid_for(rows * cols / V), kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols);
+        const int64_t n = rows * cols;
+        act_flat_kernel<T, A, V><<<grid_for((n + V - 1) / V), kThreads, 0, stream>>>(a, out, n);
+        FASTNN_CUDA_CHECK_LAUNCH("act_flat_kernel");
       } else {
-        bias_act_kernel<T, A, 1><<<grid_for(rows * cols), kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols);
+        bias_act_kernel<T, A><<<grid_for(rows * cols), kThreads, 0, stream>>>(a, ld_acc, b, out, ld_y, rows, cols);
+        FASTNN_CUDA_CHECK_LAUNCH("bias_act_kernel");
       }
-      FASTNN_CUDA_CHECK_LAUNCH("bias_act_kernel");
     });
   });
 }
