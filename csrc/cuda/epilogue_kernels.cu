@@ -312,11 +312,15 @@ unsigned grid_for(int64_t work) {
   return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
 }
 
-// Threads per block of the backward kernels, one per VEC-column group of a row: a whole number of
-// warps, at most kThreads (N = 768 in bf16 is 96 groups: 96 threads, not 256 with 160 idle).
+// Threads per block of the backward kernels, one per VEC-column group of a row: the row's warps
+// split evenly over the fewest blocks of at most kThreads, so that no block is mostly idle (bf16:
+// N = 768 is 96 groups, one block of 96 threads, not 256 with 160 idle; N = 3072 is 384 groups, two
+// blocks of 192, not 256 and a half-idle 256; N = 6400, 800 groups: 4 x 224, not 4 x 256).
 unsigned threads_for_columns(int64_t col_groups) {
+  constexpr int64_t kMaxWarps = kThreads / 32;
   const int64_t warps = (col_groups + 31) / 32;
-  return static_cast<unsigned>(warps * 32 < kThreads ? warps * 32 : kThreads);
+  const int64_t blocks = (warps + kMaxWarps - 1) / kMaxWarps;
+  return static_cast<unsigned>((warps + blocks - 1) / blocks * 32);
 }
 
 // Grid of the backward kernels: (column-group blocks, row blocks).
