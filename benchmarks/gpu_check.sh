@@ -76,13 +76,14 @@ stage info 60 "$out/info.txt" "$python" -m fastnn.info || failed+=(info)
 
 # Tier 4 (and the rest of the suite, which the GPU machine runs too). Triton autotuning is off in
 # tests: one config per kernel keeps compilation to a few minutes. Each worker appends which path
-# served its cuda-backend calls to paths.txt.
+# served its cuda-backend calls to paths.txt. The "cuda-standin" cases run the cuda backend's Python
+# on CPU tensors (tests/cuda_standin.py), as CI does: not here.
 workers="${CHECK_JOBS:-8}"
 xdist=""
 "$python" -c "import xdist" 2>/dev/null && xdist="-n $workers"
 : >"$out/paths.txt"
 stage tests 180 "$out/tests.log" env FASTNN_TRITON_AUTOTUNE=0 FASTNN_PATHS_LOG="$out/paths.txt" \
-  "$python" -m pytest -q $xdist -p no:cacheprovider -rsxX --durations=15 \
+  "$python" -m pytest -q $xdist -p no:cacheprovider -rsxX --durations=15 -k "not standin" \
   "$repo"/tests/test_{cuda,triton,linear_act,linear_glu,compile,errors,mlp,nonfinite_grads}.py || failed+=(tests)
 echo "cuda backend paths (tests): $(sort -u "$out/paths.txt" | grep -c .) lines in paths.txt" | tee -a "$summary"
 sed -E 's/^\[[^]]*\] //' "$out/paths.txt" | sort | uniq | grep probe | tee -a "$summary"
