@@ -14,7 +14,6 @@ that for some layouts), `wrong` makes the activation epilogues in it compute rel
 (what the trust probes must catch)."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import torch
@@ -233,7 +232,8 @@ def install(monkeypatch, module=None) -> CudaStandIn:
     module = module or CudaStandIn()
     monkeypatch.setitem(_native._cuda_state, "module", module)
     monkeypatch.setitem(_native._cuda_state, "error", None)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cb, "_exchange_device", lambda index: 0)
+    monkeypatch.setattr(cb, "_maybe_exchange_device", lambda index: 0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -122,8 +122,16 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+# The current device during an op call: the two calls torch.cuda.device(...) makes (building that
+# object per call cost more than they do: 1.6 us on the Zen 4 EPYC, against a few hundred ns).
+_exchange_device = torch.cuda._exchange_device
+_maybe_exchange_device = torch.cuda._maybe_exchange_device
+
+
 class _Call:
-    """Device, stream, dtype and workspace of one op call."""
+    """Device, stream, dtype and workspace of one op call; `with _Call(x) as call:` makes x's device
+    the current one for the call, as torch.cuda.device(x.device) does (the epilogue probes ask
+    whether its stream is capturing a graph), and restores the previous one."""
 
     def __init__(self, like: torch.Tensor):
         self.C = _native.cuda_module()
@@ -133,6 +141,14 @@ class _Call:
         self.dtype = _native.DTYPE_CODES[like.dtype]
         self.tf32 = like.dtype == torch.float32 and tf32_allowed()
         self.ws = _workspace(device, self.device)
+
+    def __enter__(self):
+        self.previous_device = _exchange_device(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        _maybe_exchange_device(self.previous_device)
+        return False
 
     def gemm(self, m, n, k, a, lda, trans_a, b, ldb, trans_b, d, ldd, accumulate=False, epilogue=NONE, bias=None,
              bias_grad=None, aux=None, aux_ld=0):
@@ -361,8 +377,7 @@ class CudaBackend(Backend):
         saved = torch.empty(shape, dtype=dtype, device=x.device) if saves != "nothing" else empty_like_nothing(x)
         if m == 0 or n == 0:
             return y, saved
-        with torch.cuda.device(x.device):
-            call = _Call(x)
+        with _Call(x) as call:
             if act.name in ("relu", "gelu_tanh", "identity"):
                 epilogue = self._lt_epilogue_forward(call, x, weight, bias, act, saves, y, saved)
                 if epilogue is not None:
@@ -404,8 +419,7 @@ class CudaBackend(Backend):
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
         dy = dy.contiguous()
         m, n = dy.shape
-        with torch.cuda.device(dy.device):
-            call = _Call(dy)
+        with _Call(dy) as call:
             db = None
             if act.saves == "nothing":
                 dz = dy
@@ -439,8 +453,7 @@ class CudaBackend(Backend):
         if epilogue is None or m == 0 or h == 0 or n == 0:
             return None
         dy, w2 = dy.contiguous(), _row_major(w2)
-        with torch.cuda.device(dy.device):
-            call = _Call(dy)
+        with _Call(dy) as call:
             if not _trusted(call, act, epilogue, dy.dtype, dy.device):
                 return None
             dz = torch.empty((m, h), dtype=dy.dtype, device=dy.device)
@@ -463,8 +476,8 @@ class CudaBackend(Backend):
         h = torch.empty((m, n), dtype=saved.dtype, device=saved.device)
         if m and n:
             _record("act_hidden", saved.dtype, act.name, "fastnn epilogue kernel")
-            with torch.cuda.device(saved.device):
-                _Call(saved).act_from_z(act, saved, saved.stride(0), h)
+            with _Call(saved) as call:
+                call.act_from_z(act, saved, saved.stride(0), h)
         return h
 
     def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act):
@@ -472,8 +485,8 @@ class CudaBackend(Backend):
         h = torch.empty((m, n), dtype=z_gate.dtype, device=z_gate.device)
         if m and n:
             _record("glu_hidden", z_gate.dtype, gate_act.name, "fastnn glu kernel")
-            with torch.cuda.device(z_gate.device):
-                _Call(z_gate).glu_from_z(gate_act, z_gate, z_up, h)
+            with _Call(z_gate) as call:
+                call.glu_from_z(gate_act, z_gate, z_up, h)
         return h
 
     @staticmethod
@@ -528,8 +541,7 @@ class CudaBackend(Backend):
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m and n:
             _record("linear_glu_fwd", x.dtype, gate_act.name, "cuBLASLt GEMMs + fastnn glu kernel")
-            with torch.cuda.device(x.device):
-                call = _Call(x)
+            with _Call(x) as call:
                 call.linear(x, gate_weight, z_gate, n, bias=gate_bias)
                 call.linear(x, up_weight, z_up, n, bias=up_bias)
                 call.glu_from_z(gate_act, z_gate, z_up, y)
@@ -542,8 +554,7 @@ class CudaBackend(Backend):
         dy = dy.contiguous()
         m, n = dy.shape
         _record("linear_glu_bwd", dy.dtype, gate_act.name, "fastnn glu backward kernel + cuBLASLt GEMMs")
-        with torch.cuda.device(dy.device):
-            call = _Call(dy)
+        with _Call(dy) as call:
             dz_gate, dz_up = torch.empty_like(dy), torch.empty_like(dy)
             bgg = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_dbg else None
             bgu = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_dbu else None
