@@ -56,11 +56,15 @@ def mask_bits(addr, rows, cols, mask_ld_bits):
     return bits.bool(), data
 
 
-def write_mask(addr, rows, cols, mask_ld_bits, on):
+def write_mask(addr, rows, cols, mask_ld_bits, on, whole_rows=True):
+    """The sign bits of [rows, cols]; whole_rows: every byte of each row (fastnn's kernel: zeros past
+    the columns), else only the bytes that hold columns (what cuBLASLt's epilogue may leave)."""
     _, data = mask_bits(addr, rows, cols, mask_ld_bits)
     padded = torch.zeros(rows, mask_ld_bits, dtype=torch.uint8)
     padded[:, :cols] = on.to(torch.uint8)
-    data.copy_((padded.reshape(rows, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8))
+    packed = (padded.reshape(rows, -1, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+    width = packed.shape[1] if whole_rows else (cols + 7) // 8
+    data[:, :width].copy_(packed[:, :width])
 
 
 def mask_bit(act, z):
@@ -109,8 +113,8 @@ class CudaStandIn:
         if name.endswith("_BIAS") or name == "BIAS":
             acc = acc + at(bias, t, 1, n, n).double()
         if name in ("RELU_BIAS", "RELU", "RELU_AUX_BIAS", "RELU_AUX"):
-            if "AUX" in name:
-                write_mask(aux, m, n, aux_ld, mask_bit(RELU, acc.to(t)))
+            if "AUX" in name:  # (the padding of its rows left as it was, as cuBLASLt may)
+                write_mask(aux, m, n, aux_ld, mask_bit(RELU, acc.to(t)), whole_rows=False)
             out = RELU.fn(acc)
         elif name in ("GELU_BIAS", "GELU", "GELU_AUX_BIAS", "GELU_AUX"):
             if "AUX" in name:

@@ -6,30 +6,37 @@ import fastnn
 from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
 
 
-@pytest.mark.parametrize("activation", ["identity", "relu", "gelu", "leaky_relu"])
+# the ops on the cpu backend, and on the cuda backend's Python with the CPU stand-in for fastnn._cuda
+# (conftest.py): its fake kernels' saved layouts (the mask's and gelu_tanh's padded rows) against its own
+BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda", "cpu", id="cuda-standin")]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu", "leaky_relu", "gelu_tanh"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_linear_act(activation, bias):
-    x, w, b = make_inputs((7, 10), 9, torch.float32, "cpu", bias=bias)
+def test_opcheck_linear_act(activation, bias, backend, device):
+    x, w, b = make_inputs((7, 10), 9, torch.float32, device, bias=bias)
     for save in (True, False):
-        torch.library.opcheck(torch.ops.fastnn.linear_act_fwd.default, (x, w, b, activation, "cpu", save))
+        torch.library.opcheck(torch.ops.fastnn.linear_act_fwd.default, (x, w, b, activation, backend, save))
     y, saved = torch.ops.fastnn.linear_act_fwd(x.detach(), w.detach(), None if b is None else b.detach(),
-                                               activation, "cpu", True)
+                                               activation, backend, True)
     dy = torch.randn_like(y)
     for needs in [(True, True, True), (True, False, False), (False, True, bias)]:
         torch.library.opcheck(torch.ops.fastnn.linear_act_bwd.default,
                               (dy, x.detach(), w.detach(), None if b is None else b.detach(), saved, activation,
-                               "cpu", *needs))
+                               backend, *needs))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("activation", ["swiglu", "reglu"])
-def test_opcheck_linear_glu(activation):
-    x, wg, wu, bg, bu = make_inputs((6, 8), 5, torch.float32, "cpu", glu=True)
-    torch.library.opcheck(torch.ops.fastnn.linear_glu_fwd.default, (x, wg, wu, bg, None, activation, "cpu", True))
+def test_opcheck_linear_glu(activation, backend, device):
+    x, wg, wu, bg, bu = make_inputs((6, 8), 5, torch.float32, device, glu=True)
+    torch.library.opcheck(torch.ops.fastnn.linear_glu_fwd.default, (x, wg, wu, bg, None, activation, backend, True))
     y, zg, zu = torch.ops.fastnn.linear_glu_fwd(x.detach(), wg.detach(), wu.detach(), bg.detach(), bu.detach(),
-                                                activation, "cpu", True)
+                                                activation, backend, True)
     torch.library.opcheck(torch.ops.fastnn.linear_glu_bwd.default,
                           (torch.randn_like(y), x.detach(), wg.detach(), wu.detach(), bg.detach(), bu.detach(), zg,
-                           zu, activation, "cpu", True, True, True, True, False))
+                           zu, activation, backend, True, True, True, True, False))
 
 
 def test_compile_fullgraph_linear_act():

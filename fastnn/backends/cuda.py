@@ -374,7 +374,15 @@ class CudaBackend(Backend):
         saves = act.saves if save else "nothing"
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         shape, dtype = self.saved_spec(act, m, n, x.dtype)
-        saved = torch.empty(shape, dtype=dtype, device=x.device) if saves != "nothing" else empty_like_nothing(x)
+        if saves == "nothing":
+            saved = empty_like_nothing(x)
+        else:
+            # rows padded for cuBLASLt (gelu_tanh's z past n columns, the mask's bytes past n bits),
+            # which its epilogues need but do not write: zeroed, so that the op's output holds no
+            # uninitialised bytes (torch.compile, saved-tensor hooks and opcheck see it); model
+            # widths, multiples of 128, have none
+            padded = shape[1] != (n if saves == "preact" else (n + 7) // 8)
+            saved = (torch.zeros if padded else torch.empty)(shape, dtype=dtype, device=x.device)
         if m == 0 or n == 0:
             return y, saved
         with _Call(x) as call:
