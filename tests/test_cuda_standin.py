@@ -141,3 +141,20 @@ def test_bias_grad_scratch(standin, monkeypatch, rows, count, fits):
     for i, a in enumerate(addresses):
         assert a == addresses[0] + i * elems * 4
         assert start <= a and a + elems * 4 <= end
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "gelu", "swiglu"])
+def test_compile_fullgraph(standin, activation):
+    """torch.compile(fullgraph=True) of the cuda backend's ops (their fake kernels' saved layouts, the
+    autograd rules around the torch.library ops), forward and gradients against PyTorch's composite."""
+    torch._dynamo.reset()
+    if activation in fastnn.GATED:
+        inputs = list(make_inputs((2, 9, 16), 13, torch.float32, "cpu", glu=True))
+        f = torch.compile(lambda *t: fastnn.linear_glu(*t, activation, backend="cuda") * 2, fullgraph=True)
+        ref = lambda *t: torch_linear_glu(*t, activation) * 2  # noqa: E731
+    else:
+        inputs = list(make_inputs((2, 9, 16), 13, torch.float32, "cpu"))
+        f = torch.compile(lambda *t: fastnn.linear_act(*t, activation, backend="cuda") * 2, fullgraph=True)
+        ref = lambda *t: torch_linear_act(*t, activation) * 2  # noqa: E731
+    check_against_reference(f, ref, inputs, what=f"compiled cuda stand-in {activation}")
+    assert standin.calls, "the compiled graph did not run the cuda backend"
