@@ -22,6 +22,7 @@ if fastnn._native._C is None:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (tier 4)")
+    config.addinivalue_line("markers", "cuda_standin: the cuda backend on CPU tensors, through tests/cuda_standin.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,10 +41,9 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _cuda_standin(request, monkeypatch):
-    """The shared matrices' ("cuda", "cpu") cases run the cuda backend on CPU tensors, with the CPU
+    """Cases marked cuda_standin (cases.STANDIN) run the cuda backend on CPU tensors, with the CPU
     stand-in for fastnn._cuda (tests/cuda_standin.py)."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend") == "cuda" and callspec.params.get("device") == "cpu":
+    if request.node.get_closest_marker("cuda_standin") is not None:
         import cuda_standin
 
         cuda_standin.install(monkeypatch)

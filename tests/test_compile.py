@@ -3,12 +3,13 @@ import pytest
 import torch
 
 import fastnn
+from cases import STANDIN
 from numerics import check_against_reference, make_inputs, torch_linear_act, torch_linear_glu
 
 
 # the ops on the cpu backend, and on the cuda backend's Python with the CPU stand-in for fastnn._cuda
 # (conftest.py): its fake kernels' saved layouts (the mask's and gelu_tanh's padded rows) against its own
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda", "cpu", id="cuda-standin")]
+BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda", "cpu", marks=STANDIN, id="cuda-standin")]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

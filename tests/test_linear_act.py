@@ -6,18 +6,11 @@ import torch
 
 import fastnn
 from fastnn.backends import cpu as cpu_backend
-from cases import DTYPES, SHAPES, backend_id, native_backends
+from cases import DTYPES, SHAPES, native_backend_params
 from numerics import check_against_reference, make_inputs, torch_linear_act
 
 ACTS = list(fastnn.ACTIVATIONS)
-BACKENDS = native_backends()
-
-
-def _marks(device):
-    return [pytest.mark.gpu] if device == "cuda" else []
-
-
-BACKEND_PARAMS = [pytest.param(b, d, marks=_marks(d), id=backend_id(b, d)) for b, d in BACKENDS]
+BACKEND_PARAMS = native_backend_params()
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_PARAMS)

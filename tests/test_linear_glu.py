@@ -4,12 +4,11 @@ import pytest
 import torch
 
 import fastnn
-from cases import DTYPES, SHAPES, backend_id, native_backends
+from cases import DTYPES, SHAPES, native_backend_params
 from numerics import check_against_reference, make_inputs, torch_linear_glu
 
 GATED = list(fastnn.GATED)
-BACKEND_PARAMS = [pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=backend_id(b, d))
-                  for b, d in native_backends()]
+BACKEND_PARAMS = native_backend_params()
 
 
 def _fn(activation, backend):

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 import fastnn
 from fastnn import activations
+from cases import STANDIN
 from numerics import check_against_reference
 
-BACKENDS = ["cpu", "torch"]
+# (the cuda backend on CPU tensors through the stand-in for fastnn._cuda: tests/cuda_standin.py)
+BACKENDS = ["cpu", "torch", pytest.param("cuda", marks=STANDIN, id="cuda-standin")]
 LEVELS = list(fastnn.functional.RECOMPUTE_LEVELS)
 
 
@@ -115,7 +117,7 @@ def test_memory_levels(backend, activation):
            for level in LEVELS}
     x_bytes = m * k * 4
     hidden_bytes = m * hidden * 4
-    mask = m * hidden // 8 if backend == "cpu" else hidden_bytes  # the torch backend keeps z itself
+    mask = m * hidden // 8 if backend != "torch" else hidden_bytes  # the torch backend keeps z itself
     fc1_saved = {"gelu": hidden_bytes, "relu": mask, "swiglu": 2 * hidden_bytes}[activation]
     # and a copy of fc1's biases where the backend's saved product lacks them (fastnn/autograd.py, keep_bias)
     act = activations.get_gated(activation) if gated else activations.get(activation)
@@ -127,15 +129,15 @@ def test_memory_levels(backend, activation):
     assert run["fc1"] == x_bytes + hidden * 4 * (1 + gated), run
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend,device", [("cpu", "cpu"), pytest.param("cuda", "cpu", marks=STANDIN, id="cuda-standin"),
+                                            pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda")])
 @pytest.mark.parametrize("activation", ["gelu", "silu", "swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_levels_give_the_same_bits(backend, activation, dtype):
+def test_levels_give_the_same_bits(backend, device, activation, dtype):
     """On the cpu and cuda backends the "activation" level rebuilds h with the forward's own pass
     over the kept pre-activation (not PyTorch ops on a plain GEMM's output), and the "fc1" level
     runs fc1 again by the forward's own call: every gradient is bit for bit the "none" level's."""
     gated = activation in fastnn.GATED
-    device = "cuda" if backend == "cuda" else "cpu"
     x = torch.randn(70, 24).to(dtype).to(device).requires_grad_()
     w1, b1, w2, b2, wu, bu = (None if t is None else t.detach().to(device).requires_grad_()
                               for t in _weights(24, 96, 20, dtype, gated))
