@@ -334,3 +334,47 @@ def test_plain_cuda_call_same_bits_as_the_general_path(grad, activation):
         FN._plain_call = original
     for a, c in zip(screened, general):
         assert (a is None and c is None) or torch.equal(a, c)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_tanh", "swiglu"])
+def test_cuda_graphs(activation):
+    """The cuda backend under CUDA graphs, the remedy where the host is the bound (decode-sized calls):
+    torch.cuda.make_graphed_callables of a FusedMLP (its forward and backward captured, the block as
+    one fastnn.mlp op), replayed on new inputs, gives the outputs and gradients of the same module run
+    eagerly; torch.cuda.graph captures a no-gradient forward the same way."""
+    import copy
+
+    torch.manual_seed(0)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    model = fastnn.FusedMLP(64, 256, activation=activation, backend="cuda", **kw)
+    eager = copy.deepcopy(model)
+    graphed = torch.cuda.make_graphed_callables(model, (torch.randn(16, 64, **kw, requires_grad=True),))
+    for _ in range(2):
+        x, g = torch.randn(16, 64, **kw), torch.randn(16, 64, **kw)
+        xg, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = graphed(xg)
+        y.backward(g)
+        ye = eager(xe)
+        ye.backward(g)
+        torch.testing.assert_close(y, ye)
+        torch.testing.assert_close(xg.grad, xe.grad)
+        for (name, p), pe in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, pe.grad, msg=lambda m, name=name: f"{name}: {m}")
+        model.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+
+    static_x = torch.randn(16, 64, **kw)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                eager(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = eager(static_x)
+        for _ in range(2):
+            static_x.copy_(torch.randn(16, 64, **kw))
+            graph.replay()
+            torch.testing.assert_close(static_y, eager(static_x))
