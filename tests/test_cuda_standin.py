@@ -4,10 +4,11 @@ gets which pointers, leading dimensions and saved layouts, the bias gradients' s
 fallbacks where cuBLASLt declines or an epilogue is not trusted, and the MLP block's paths, all
 through fastnn's public functions with backend="cuda", against PyTorch's composite.
 
-The shared matrices of test_linear_act.py and test_linear_glu.py run through the stand-in too (their
-"cuda-standin" cases, conftest.py). On a machine without a GPU these are the only runs of
-fastnn/backends/cuda.py; the CUDA kernels and cuBLASLt themselves are tested by tests/test_cuda.py
-on a GPU."""
+The shared matrices of test_linear_act.py and test_linear_glu.py, test_mlp.py and test_compile.py's
+opchecks run through the stand-in too (their "cuda-standin" cases, marked cases.STANDIN). On a
+machine without a GPU these are the only runs of fastnn/backends/cuda.py; the CUDA kernels and
+cuBLASLt themselves are tested by tests/test_cuda.py on a GPU, and the stand-in against the built
+module where no GPU is needed by tests/test_cuda_build.py."""
 import pytest
 import torch
 
