@@ -39,11 +39,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+# FASTNN_TEST_AUTO_ON_CUDA_STANDIN=1: backend "auto" sends every CPU call of the cuda backend's dtypes
+# to the cuda backend's Python on the stand-in, so that whole suites (modules, fuse, transformers'
+# own model tests) run it (test_cuda_standin.py::test_suites_with_auto_on_the_standin)
+AUTO_ON_CUDA_STANDIN = os.environ.get("FASTNN_TEST_AUTO_ON_CUDA_STANDIN") == "1"
+
+
 @pytest.fixture(autouse=True)
 def _cuda_standin(request, monkeypatch):
     """Cases marked cuda_standin (cases.STANDIN) run the cuda backend on CPU tensors, with the CPU
-    stand-in for fastnn._cuda (tests/cuda_standin.py)."""
-    if request.node.get_closest_marker("cuda_standin") is not None:
+    stand-in for fastnn._cuda (tests/cuda_standin.py); with AUTO_ON_CUDA_STANDIN every case does,
+    wherever backend "auto" serves a CPU call."""
+    if AUTO_ON_CUDA_STANDIN:
+        import cuda_standin
+
+        cuda_standin.install(monkeypatch)
+        cuda_standin.route_auto(monkeypatch)
+    elif request.node.get_closest_marker("cuda_standin") is not None:
         import cuda_standin
 
         cuda_standin.install(monkeypatch)

@@ -265,3 +265,18 @@ def install(monkeypatch, module=None) -> CudaStandIn:
     monkeypatch.setattr(cb, "_WORKSPACE_BYTES", {})
     monkeypatch.setattr(cb, "_PATHS", {})
     return module
+
+
+def route_auto(monkeypatch):
+    """Backend "auto" on CPU tensors of float32, bfloat16 or float16 picks the cuda backend (on the
+    stand-in install() put in place), and the screen of plain calls, which would send them to the
+    cpu backend straight away, lets the general path decide."""
+    from fastnn import backends, functional
+
+    def order(device_type, act, dtype=None, _auto_order=backends.auto_order):
+        if device_type == "cpu" and dtype in (None, *DTYPES.values()):
+            return ["cuda", "torch"]
+        return _auto_order(device_type, act, dtype)
+
+    monkeypatch.setattr(backends, "auto_order", order)
+    monkeypatch.setattr(functional, "_plain_call", lambda backend, x, weights, biases: None)

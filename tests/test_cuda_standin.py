@@ -159,3 +159,30 @@ def test_compile_fullgraph(standin, activation):
         ref = lambda *t: torch_linear_act(*t, activation) * 2  # noqa: E731
     check_against_reference(f, ref, inputs, what=f"compiled cuda stand-in {activation}")
     assert standin.calls, "the compiled graph did not run the cuda backend"
+
+
+# Suites whose every fastnn call then runs the cuda backend's Python (test_errors.py and the cpu
+# backend's own tests ask for the cpu backend or for a refusal the routing takes away)
+SUITES = ["test_modules.py", "test_fuse.py", "test_fuse_vision.py", "test_nonfinite_grads.py", "test_saved_memory.py",
+          "test_bias_changed_in_place.py", "test_double_backward.py", "test_func.py", "test_fuzz.py",
+          "test_tracing.py", "test_export.py", "test_tensor_subclasses.py", "test_transformers_model_tests.py"]
+
+
+def test_suites_with_auto_on_the_standin():
+    """The drop-in suites (modules, fuse, hooks and wrappers, torch.func, export, saved memory,
+    non-finite gradients, Hugging Face transformers' own model tests) with backend "auto" sending
+    their CPU calls to the cuda backend's Python on the stand-in (conftest.AUTO_ON_CUDA_STANDIN), in
+    a pytest of their own: they pass as they do on the cpu backend."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, FASTNN_TEST_AUTO_ON_CUDA_STANDIN="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                          *(str(here / name) for name in SUITES)],
+                         cwd=here.parent, env=env, capture_output=True, text=True, timeout=1200)
+    tail = run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.returncode == 0, tail
+    assert " passed" in run.stdout and " failed" not in run.stdout, tail
