@@ -180,9 +180,11 @@ def test_suites_with_auto_on_the_standin():
 
     here = Path(__file__).resolve().parent
     env = dict(os.environ, FASTNN_TEST_AUTO_ON_CUDA_STANDIN="1")
+    # (from tests/: `python -m pytest` puts its working folder first on sys.path, and the repository
+    # root's fastnn is the unbuilt source tree)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
                           *(str(here / name) for name in SUITES)],
-                         cwd=here.parent, env=env, capture_output=True, text=True, timeout=1200)
+                         cwd=here, env=env, capture_output=True, text=True, timeout=1200)
     tail = run.stdout[-3000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
     assert " passed" in run.stdout and " failed" not in run.stdout, tail
