@@ -4,9 +4,9 @@ without a GPU. Each function takes the arguments fastnn._cuda takes (csrc/cuda/b
 reads and writes the memory at the raw addresses as the header comments of lt_gemm.h and epilogue.h
 say, and computes in float64 with the reference of each activation (tests/numerics.py's
 stable_reference: fastnn's Python reference, but for gelu's forms accurate in the far tail), rounding
-once. It
-checks what the C++ checks (an epilogue without its aux, a multi-block bias gradient without
-scratch) and raises there as the C++ does.
+once. It checks what the C++ checks (codes, sizes, an epilogue without its aux, a multi-block bias
+gradient without scratch) and raises there as the C++ does (tests/test_cuda_build.py compares the
+two where no GPU is needed).
 
 It is not a model of the CUDA kernels' numerics or speed: tests/test_cuda.py runs the real module on
 a GPU. `decline` makes lt_gemm answer "no algorithm" for the epilogue codes in it (cuBLASLt does
@@ -50,7 +50,7 @@ def at(addr: int, dtype: torch.dtype, rows: int, cols: int, ld: int) -> torch.Te
 
 
 def mask_bits(addr, rows, cols, mask_ld_bits):
-    """The sign mask's bits [rows, cols] as a bool tensor view-free copy, and its bytes."""
+    """The sign mask's bits [rows, cols] (a bool copy) and its bytes (a view of the memory)."""
     data = at(addr, torch.uint8, rows, mask_ld_bits // 8, mask_ld_bits // 8)
     bits = ((data.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(rows, -1)[:, :cols]
     return bits.bool(), data
