@@ -343,8 +343,6 @@ void check_bias_grad_scratch(int64_t rows, const void* bias_grad, const float* p
     throw std::invalid_argument("fastnn CUDA kernels: a bias gradient over more than 16 rows needs partial scratch");
 }
 
-size_t elem_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-
 }  // namespace
 
 void bias_act_forward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64_t cols, const void* acc,
@@ -392,7 +390,7 @@ void act_backward(cudaStream_t stream, DType dtype, Act act, int64_t rows, int64
                   int64_t ld_dz, void* bias_grad, float* partial) {
   if (cols == 0) return;
   if (rows == 0) {
-    if (bias_grad) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad, 0, cols * elem_bytes(dtype), stream));
+    if (bias_grad) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad, 0, cols * dtype_size(dtype), stream));
     return;
   }
   const Saved kind = saved_for(act);
@@ -458,8 +456,8 @@ void glu_backward(cudaStream_t stream, DType dtype, Act gate_act, int64_t rows, 
                   void* bias_grad_up, float* partial_gate, float* partial_up) {
   if (cols == 0) return;
   if (rows == 0) {
-    if (bias_grad_gate) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_gate, 0, cols * elem_bytes(dtype), stream));
-    if (bias_grad_up) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_up, 0, cols * elem_bytes(dtype), stream));
+    if (bias_grad_gate) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_gate, 0, cols * dtype_size(dtype), stream));
+    if (bias_grad_up) FASTNN_CUDA_CHECK(cudaMemsetAsync(bias_grad_up, 0, cols * dtype_size(dtype), stream));
     return;
   }
   check_bias_grad_scratch(rows, bias_grad_gate, partial_gate);

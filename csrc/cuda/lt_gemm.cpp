@@ -23,8 +23,6 @@ cudaDataType_t cuda_type(DType d) {
   }
 }
 
-size_t elem_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
-
 cublasLtEpilogue_t lt_epilogue(Epilogue e) {
   switch (e) {
     case Epilogue::kNone: return CUBLASLT_EPILOGUE_DEFAULT;
@@ -235,7 +233,7 @@ bool lt_gemm(const GemmArgs& g) {
 
   FASTNN_CUDA_CHECK(cudaSetDevice(g.device));
   cublasLtHandle_t handle = handle_for(g.device);
-  const size_t es = elem_size(g.dtype);
+  const size_t es = dtype_size(g.dtype);
   PlanKey key;
   key.device = g.device;
   key.dtype = static_cast<int>(g.dtype);

@@ -3,6 +3,7 @@
 // vectorise on any x86-64 or Arm CPU (no F16C or AVX512-BF16 needed); rounding is to nearest even.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -21,6 +22,17 @@ inline const char* dtype_name(DType d) {
     case DType::kFloat64: return "float64";
   }
   return "unknown";
+}
+
+// Bytes per element.
+inline size_t dtype_size(DType d) {
+  switch (d) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat16: return 2;
+    case DType::kBFloat16: return 2;
+    case DType::kFloat64: return 8;
+  }
+  return 0;
 }
 
 // Host storage types for the 16-bit floats: just the bits.
