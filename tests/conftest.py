@@ -50,15 +50,12 @@ def _cuda_standin(request, monkeypatch):
     """Cases marked cuda_standin (cases.STANDIN) run the cuda backend on CPU tensors, with the CPU
     stand-in for fastnn._cuda (tests/cuda_standin.py); with AUTO_ON_CUDA_STANDIN every case does,
     wherever backend "auto" serves a CPU call."""
-    if AUTO_ON_CUDA_STANDIN:
+    if AUTO_ON_CUDA_STANDIN or request.node.get_closest_marker("cuda_standin") is not None:
         import cuda_standin
 
         cuda_standin.install(monkeypatch)
-        cuda_standin.route_auto(monkeypatch)
-    elif request.node.get_closest_marker("cuda_standin") is not None:
-        import cuda_standin
-
-        cuda_standin.install(monkeypatch)
+        if AUTO_ON_CUDA_STANDIN:
+            cuda_standin.route_auto(monkeypatch)
 
 
 def pytest_sessionfinish(session):
