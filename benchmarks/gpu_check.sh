@@ -106,9 +106,12 @@ stage bench_mlp 130 "$out/bench_mlp.log" env PY="$python" REPO="$repo" OUT_DIR="
       --activation "$1" --shapes "${@:2}" --out "$OUT_DIR/gpu_mlp_$1.json" || rc=1
   done
   exit $rc' || failed+=(bench_mlp)
-# Where the time goes: host time per call and each call's kernels, fastnn beside eager
-stage profile 60 "$out/profile.log" "$python" "$repo/benchmarks/profile_calls.py" --device cuda \
-  --shapes bert-base 16x4096x11008 --dtype bfloat16 --activation gelu || failed+=(profile)
+# Where the time goes: host time per call, each call's kernels and CUDA API calls, wall time beside
+# the device's busy time, fastnn beside eager; the MLP block at each memory level too (on the
+# H200 its "fc1" level took more than the extra GEMM and pass explain)
+stage profile 90 "$out/profile.log" "$python" "$repo/benchmarks/profile_calls.py" --device cuda \
+  --shapes 8192x768x3072 16x4096x11008 --dtype bfloat16 --activation gelu --mode fwd fwd+bwd mlp \
+  || failed+=(profile)
 # (last: the benchmarks' numbers matter more to a short lease than the memcheck)
 # One compute-sanitizer memcheck pass over the CUDA backend's kernels and cuBLASLt calls, with
 # torch's caching allocator off: inside its pooled segments an overrun is invisible to memcheck.

@@ -10,15 +10,20 @@ long each), so that a short lease says which to attack.
 
 Host time per call: the wall time of a burst of calls on a tiny problem (16 x 64 -> 64), where the
 device keeps up with whatever the host queues, so that the host side is what is timed; then
-cProfile's split of it into the functions that spend it (own time per call). Device
-time: torch.profiler over a few calls at each shape, each kernel's total over the calls, per call
-(on a CPU, the top operators' own CPU time instead).
+cProfile's split of it into the functions that spend it (own time per call). At each shape: the
+wall time per call of calls back to back beside the device's busy time per call (torch.profiler,
+each kernel's total over a few calls), so that a gap between them shows the device waiting on the
+host; and on CUDA the runtime and driver API calls per call with their host time, where a
+cudaMalloc, cudaFree or synchronize that should not be there shows itself (on a CPU, the top
+operators' own CPU time instead of kernels). The mode "mlp" profiles the MLP block, fastnn.mlp at
+each memory level beside eager.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import pstats
+import re
 import sys
 import time
 from pathlib import Path
@@ -79,8 +84,26 @@ def host_functions(run, device, calls=200, top=10):
     return rows[:top], ours[:top]
 
 
+# CUDA runtime (cudaLaunchKernel, cudaMalloc, ...) and driver (cuLaunchKernelEx, ...) API calls, as
+# torch.profiler records them on the host
+_API_CALL = re.compile(r"^cu(da)?[A-Z]")
+
+
+def wall_us_per_call(run, device, calls=5):
+    """Wall time per call of `calls` calls back to back, the device drained before and after."""
+    for _ in range(3):
+        run()
+    bench.sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    bench.sync(device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def device_kernels(run, device, calls=5, top=8):
-    """(total device microseconds per call, [(kernel, launches per call, microseconds per call)])."""
+    """(total device microseconds per call, [(kernel, launches per call, microseconds per call)],
+    [(CUDA API call, calls per call, host microseconds per call)], the latter empty on a CPU)."""
     for _ in range(3):
         run()
     bench.sync(device)
@@ -90,16 +113,21 @@ def device_kernels(run, device, calls=5, top=8):
         for _ in range(calls):
             run()
         bench.sync(device)
-    rows = []
+    rows, api = [], []
     for e in prof.key_averages():
+        on_host = getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU
+        if cuda and on_host and _API_CALL.match(e.key):
+            api.append((e.key, e.count / calls, e.self_cpu_time_total / calls))
+            continue
         own = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
         if cuda and own is None:
             own = getattr(e, "self_cuda_time_total", 0)
-        if own and own > 0 and (not cuda or getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU):
+        if own and own > 0 and (not cuda or not on_host):
             rows.append((e.key, e.count / calls, own / calls))
     rows.sort(key=lambda r: -r[2])
+    api.sort(key=lambda r: -r[2])
     total = sum(r[2] for r in rows) if cuda else None
-    return total, rows[:top]
+    return total, rows[:top], api[:top]
 
 
 def main(argv=None):
@@ -138,14 +166,19 @@ def main(argv=None):
             print(f"\n{'device kernels' if cuda else 'operators (own CPU time)'} per call, {case.label()}:")
             for cfg in _configs(case, device, backends):
                 try:
-                    total, rows = device_kernels(cfg.run, device)
+                    wall = wall_us_per_call(cfg.run, device)
+                    total, rows, api = device_kernels(cfg.run, device)
                 except Exception as exc:  # noqa: BLE001 -- one configuration's failure is reported, not fatal
                     print(f"  {cfg.name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                     continue
-                head = f"{total:.1f} us on the device" if total is not None else ""
-                print(f"  {cfg.name}: {head}")
+                busy = f"; {total:.1f} us on the device ({total / wall:.0%} busy)" if total is not None else ""
+                print(f"  {cfg.name}: {wall:.1f} us per call back to back{busy}")
                 for name, count, us in rows:
                     print(f"      {us:9.1f} us  x{count:<4.3g} {name[:90]}")
+                if api:
+                    print("    CUDA API calls per call (host time):")
+                    for name, count, us in api:
+                        print(f"      {us:9.1f} us  x{count:<4.3g} {name[:90]}")
     return 0
 
 

@@ -70,14 +70,17 @@ def test_paired_ratio_cancels_drift(bench):
 
 def test_profile_calls_runs(tmp_path):
     """benchmarks/profile_calls.py (the GPU check's profile stage) on this machine's backend: host
-    time per call, the functions that spend it, and each configuration's operators."""
+    time per call, the functions that spend it, and each configuration's wall time and operators,
+    the MLP block's memory levels among them."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_calls.py"), "--shapes", "64x96x80",
-                           "--mode", "fwd", "fwd+bwd"], capture_output=True, text=True, timeout=300, env=ENV,
+                           "--mode", "fwd", "fwd+bwd", "mlp"], capture_output=True, text=True, timeout=300, env=ENV,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "host time per call" in proc.stdout and "failed" not in proc.stdout
-    assert proc.stdout.count("eager") >= 4 and "aten::" in proc.stdout
+    assert proc.stdout.count("eager") >= 6 and "aten::" in proc.stdout
     assert "where fastnn[cpu]'s host time goes" in proc.stdout and "functional.py:" in proc.stdout
+    assert proc.stdout.count("us per call back to back") >= 6
+    assert "fastnn.mlp[cpu] fc1: " in proc.stdout and "MlpFunctionBackward" in proc.stdout
 
 
 def _compile_rows(bench, shapes):
