@@ -124,7 +124,7 @@ class MlpFunction(torch.autograd.Function):
         dx = dw1 = db1 = dwu = dbu = None
         dz = None
         if any(need) and not (gated or ctx.rebuild):
-            dz = be.hidden_grad(dy, w2, saved[0], act)
+            dz = be.hidden_grad(dy, w2, saved[0], act, reuse=h_free)
         if dz is not None:  # fc2's dgrad with act' as its epilogue: fc1's backward is its plain GEMMs
             dx, dw1, db1 = be.linear_act_bwd(dz, x, w1, b1, nothing, IDENTITY, need[0], need[1], need[2])
         elif any(need):

@@ -8,6 +8,10 @@ once. It checks what the C++ checks (codes, sizes, an epilogue without its aux, 
 gradient without scratch) and raises there as the C++ does (tests/test_cuda_build.py compares the
 two where no GPU is needed).
 
+Memory a call writes must not overlap memory it reads (OverlapError), as a GEMM's result or a
+kernel's would be undefined there, except where the element-wise kernels write an output exactly over
+an input of the same layout: each element is read before its own element is written.
+
 It is not a model of the CUDA kernels' numerics or speed: tests/test_cuda.py runs the real module on
 a GPU. `decline` makes lt_gemm answer "no algorithm" for the epilogue codes in it (cuBLASLt does
 that for some layouts), `wrong` makes the activation epilogues in it compute relu / gelu_tanh wrongly
@@ -47,6 +51,39 @@ def at(addr: int, dtype: torch.dtype, rows: int, cols: int, ld: int) -> torch.Te
     size = torch.empty((), dtype=dtype).element_size()
     flat = torch.frombuffer((ctypes.c_char * (count * size)).from_address(addr), dtype=dtype, count=count)
     return flat.as_strided((rows, cols), (ld, 1))
+
+
+class OverlapError(AssertionError):
+    """A call writes memory it also reads (other than element by element in place), or two of its
+    outputs share memory: the real call's result would be undefined."""
+
+
+def span(addr, dtype, rows, cols, ld):
+    """(first byte, end, row stride) of a [rows, cols] matrix at addr; None when it holds nothing."""
+    if not addr or rows == 0 or cols == 0:
+        return None
+    size = torch.empty((), dtype=dtype).element_size()
+    return addr, addr + ((rows - 1) * ld + cols) * size, ld * size
+
+
+def check_overlap(call, writes, reads, in_place=False):
+    """writes, reads: {name: span}. Raises OverlapError where an output overlaps an input (unless
+    in_place and the two are the same matrix: same first byte, end and row stride) or another output."""
+    def overlap(a, b):
+        return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
+
+    outs = list(writes.items())
+    for i, (wn, w) in enumerate(outs):
+        for rn, r in reads.items():
+            if overlap(w, r) and not (in_place and w == r):
+                raise OverlapError(f"fastnn._cuda stand-in: {call} writes {wn} over its input {rn}")
+        for on, o in outs[i + 1:]:
+            if overlap(w, o):
+                raise OverlapError(f"fastnn._cuda stand-in: {call} writes {wn} and {on} to shared memory")
+
+
+def mask_span(addr, rows, mask_ld_bits):
+    return span(addr, torch.uint8, rows, mask_ld_bits // 8, mask_ld_bits // 8)
 
 
 def mask_bits(addr, rows, cols, mask_ld_bits):
@@ -122,6 +159,15 @@ class CudaStandIn:
         if not workspace or workspace_bytes <= 0:
             raise ValueError("fastnn._cuda stand-in: no workspace")
         self.calls.append(f"lt_gemm {name}")
+        aux_written = name in ("RELU_AUX_BIAS", "RELU_AUX", "GELU_AUX_BIAS", "GELU_AUX")
+        aux_span = (mask_span(aux, m, aux_ld) if "RELU" in name else span(aux, t, m, n, aux_ld)) if aux else None
+        reads = {"A": span(a, t, k, m, lda) if trans_a else span(a, t, m, k, lda),
+                 "B": span(b, t, n, k, ldb) if trans_b else span(b, t, k, n, ldb),
+                 "bias": span(bias, t, 1, n, n) if name.endswith("_BIAS") or name == "BIAS" else None,
+                 "aux": None if aux_written else aux_span}
+        writes = {"D": span(d, t, m, n, ldd), "aux": aux_span if aux_written else None,
+                  "bias_grad": span(bias_grad, t, 1, m if name == "BGRADB" else n, 1) if "BGRAD" in name else None}
+        check_overlap("lt_gemm", writes, reads)
         A = at(a, t, k, m, lda).t() if trans_a else at(a, t, m, k, lda)
         B = at(b, t, n, k, ldb).t() if trans_b else at(b, t, k, n, ldb)
         D = at(d, t, m, n, ldd)
@@ -161,6 +207,8 @@ class CudaStandIn:
         if rows == 0 or cols == 0:
             return
         self.calls.append("bias_act_forward")
+        check_overlap("bias_act_forward", {"y": span(y, t, rows, cols, ld_y), "mask": mask_span(mask, rows, mask_ld_bits)},
+                      {"acc": span(acc, t, rows, cols, ld_acc), "bias": span(bias, t, 1, cols, cols)}, in_place=True)
         z = at(acc, t, rows, cols, ld_acc).double()
         if bias:
             z = z + at(bias, t, 1, cols, cols).double()
@@ -197,6 +245,14 @@ class CudaStandIn:
         if a.saves == "nothing" and not bias_grad:
             return
         self.calls.append("act_backward")
+        blocks = grad_row_blocks(rows) if bias_grad and partial else 0
+        check_overlap("act_backward",
+                      {"dz": span(dz, t, rows, cols, ld_dz) if a.saves != "nothing" else None,
+                       "bias_grad": span(bias_grad, t, 1, cols, cols),
+                       "partial": span(partial, torch.float32, blocks, cols, cols)},
+                      {"dy": span(dy, t, rows, cols, ld_dy),
+                       "z": span(z, t, rows, cols, ld_z) if a.saves == "preact" else None,
+                       "mask": mask_span(mask, rows, mask_ld_bits) if a.saves == "mask" else None}, in_place=True)
         g = at(dy, t, rows, cols, ld_dy).double()
         if a.saves == "preact":
             g = a.grad_times(g, at(z, t, rows, cols, ld_z).double())
@@ -213,6 +269,8 @@ class CudaStandIn:
         if rows * cols == 0:
             return
         self.calls.append("glu_forward")
+        check_overlap("glu_forward", {"y": span(y, t, rows, cols, cols)},
+                      {"z_gate": span(zg, t, rows, cols, cols), "z_up": span(zu, t, rows, cols, cols)}, in_place=True)
         out = stable_reference(a)(at(zg, t, rows, cols, cols).double()) * at(zu, t, rows, cols, cols).double()
         at(y, t, rows, cols, cols).copy_(out.to(t))
 
@@ -226,6 +284,14 @@ class CudaStandIn:
                     at(bg, t, 1, cols, cols).zero_()
             return
         self.calls.append("glu_backward")
+        blocks = grad_row_blocks(rows)
+        check_overlap("glu_backward",
+                      {"dz_gate": span(dzg, t, rows, cols, cols), "dz_up": span(dzu, t, rows, cols, cols),
+                       "bias_grad_gate": span(bgg, t, 1, cols, cols), "bias_grad_up": span(bgu, t, 1, cols, cols),
+                       "partial_gate": span(pg, torch.float32, blocks, cols, cols),
+                       "partial_up": span(pu, torch.float32, blocks, cols, cols)},
+                      {"dy": span(dy, t, rows, cols, cols), "z_gate": span(zg, t, rows, cols, cols),
+                       "z_up": span(zu, t, rows, cols, cols)}, in_place=True)
         g = at(dy, t, rows, cols, cols).double()
         zgv, zuv = at(zg, t, rows, cols, cols).double(), at(zu, t, rows, cols, cols).double()
         d_gate, d_up = a.grad_times(g * zuv, zgv), g * stable_reference(a)(zgv)

@@ -50,8 +50,9 @@ class Backend:
         reuse: tensors whose memory this call may take for its outputs (dZ, dX): ones nobody reads
         after it, such as a saved tensor autograd is about to free. dY and saved may be among them
         (dZ is formed element by element, each read before its own element is written). A backend
-        may ignore them; the CPU backend writes into them where shape and dtype fit, which spares
-        a fresh allocation and its page faults (see fastnn/autograd.py for when this is safe)."""
+        may ignore them; the cpu and cuda backends write into them where shape and dtype fit (cpu:
+        no fresh allocation and its page faults; cuda: a lower peak of memory), see
+        fastnn/autograd.py for when this is safe."""
         raise NotImplementedError
 
     def backward_reads_bias(self, dtype: torch.dtype, act: Optional[Activation]) -> bool:
@@ -79,10 +80,11 @@ class Backend:
 
 
     # -- the MLP block (fastnn/block.py) --------------------------------------------------------
-    def hidden_grad(self, dy, w2, saved, act: Activation):
+    def hidden_grad(self, dy, w2, saved, act: Activation, reuse=()):
         """fc1's pre-activation gradient dZ1 = (dY @ W2) * act'(z1) in one pass (fc2's dgrad GEMM
         with fc1's act' as its epilogue), from linear_act_fwd's saved tensor; None where the
-        backend has no such kernel: the block then runs fc2's dgrad and fc1's fused backward."""
+        backend has no such kernel: the block then runs fc2's dgrad and fc1's fused backward.
+        reuse: as for linear_act_bwd (the hidden activation h, once fc2's weight gradient has read it)."""
         return None
 
     def rebuilds_hidden(self, act: Activation, gated: bool) -> bool:
@@ -97,6 +99,32 @@ class Backend:
     def glu_hidden(self, z_gate, z_up, gate_bias, up_bias, gate_act: Activation):
         """h = act(z_gate) * z_up again from linear_glu_fwd's saved tensors, bit for bit."""
         raise NotImplementedError
+
+
+class Reusable:
+    """The tensors a backward may write its outputs into (Backend.linear_act_bwd's `reuse`), handed
+    out by shape and dtype, each at most once; `empty(shape, dtype, device)` makes a tensor where
+    none fits. Only contiguous ones are kept (the outputs are row-major)."""
+
+    def __init__(self, tensors, empty):
+        self.free = [t for t in tensors if t is not None and t.numel() > 0 and t.is_contiguous()]
+        self.empty = empty
+
+    def discard(self, t):
+        """t is still to be read: none of its memory may be handed out."""
+        self.free = [f for f in self.free if f.data_ptr() != t.data_ptr()]
+
+    def find(self, shape, like):
+        """A free tensor of this shape and like's dtype (no longer free), else None."""
+        for i, t in enumerate(self.free):
+            if tuple(t.shape) == tuple(shape) and t.dtype == like.dtype and t.device == like.device:
+                return self.free.pop(i)
+        return None
+
+    def take(self, shape, like):
+        """A free tensor of this shape and like's dtype, else a new one."""
+        t = self.find(shape, like)
+        return self.empty(shape, like.dtype, like.device) if t is None else t
 
 
 def empty_like_nothing(x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ import threading
 import torch
 
 from .. import _native
-from .base import Backend, empty_like_nothing
+from .base import Backend, Reusable, empty_like_nothing
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -537,32 +537,6 @@ def _mm(pairs, bias=None, out=None):
     return _rounded(result, dtype)
 
 
-class _Reusable:
-    """The tensors a backward may write its outputs into (Backend.linear_act_bwd's `reuse`). Their
-    memory is already mapped; a fresh tensor of tens of MB takes a page fault per 4 KiB page on its
-    first write (8192x1024 float32 on a 2-core AMD EPYC VM: the act' pass took 15.5 ms into a fresh
-    dZ, 7.5 ms into a used one)."""
-
-    def __init__(self, tensors):
-        self.free = [t for t in tensors if t is not None and t.numel() > 0 and t.is_contiguous()]
-
-    def discard(self, t):
-        """t is still to be read: none of its memory may be handed out."""
-        self.free = [f for f in self.free if f.data_ptr() != t.data_ptr()]
-
-    def find(self, shape, like):
-        """A free tensor of this shape and like's dtype (no longer free), else None."""
-        for i, t in enumerate(self.free):
-            if tuple(t.shape) == tuple(shape) and t.dtype == like.dtype and t.device == like.device:
-                return self.free.pop(i)
-        return None
-
-    def take(self, shape, like):
-        """A free tensor of this shape and like's dtype, else a new one."""
-        t = self.find(shape, like)
-        return _empty(shape, like.dtype, like.device) if t is None else t
-
-
 @functools.lru_cache(maxsize=None)
 def _onednn_linear_exact(dtype) -> bool:
     """Whether oneDNN's linear serves `dtype` here and gives addmm's (F.linear's) bits: checked once
@@ -794,7 +768,7 @@ class CpuBackend(Backend):
         dbias = _bias_grad_buffer(dy.dtype, cols, dy.device) if need_db else None
         # the bias the forward left out of the saved product (see the module docstring)
         bias = _bias_to_add(bias, dy.dtype, act)
-        reusable = _Reusable(reuse)
+        reusable = Reusable(reuse, _empty)
         if act.saves == "nothing":
             dz = dy
             reusable.discard(dy)
@@ -802,7 +776,9 @@ class CpuBackend(Backend):
                 C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), 0, 0, 0, dbias.data_ptr(),
                                    _native.num_threads())
         else:
-            # (the pass reads each element of dY and saved before it writes that element of dZ)
+            # (the pass reads each element of dY and saved before it writes that element of dZ; memory
+            # already mapped spares a fresh dZ's page faults: 8192x1024 float32 on a 2-core AMD EPYC
+            # VM, the act' pass took 15.5 ms into a fresh dZ, 7.5 ms into a used one)
             dz = reusable.take(dy.shape, dy)
             C.cpu_act_backward(code, act.code, rows, cols, dy.data_ptr(), saved.data_ptr(), _ptr(bias),
                                dz.data_ptr(), _ptr(dbias), _native.num_threads())
@@ -895,7 +871,7 @@ class CpuBackend(Backend):
         dy = dy.contiguous()
         rows, cols = dy.shape
         gate_bias, up_bias = _bias_to_add(gate_bias, dy.dtype, gate_act), _bias_to_add(up_bias, dy.dtype, None)
-        reusable = _Reusable(reuse)
+        reusable = Reusable(reuse, _empty)
         # (the pass reads a chunk of dY, z_gate and z_up before it writes that chunk of either dZ)
         dz_gate = reusable.take(dy.shape, dy)
         dz_up = reusable.take(dy.shape, dy)

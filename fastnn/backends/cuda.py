@@ -15,7 +15,9 @@ Backward
   summed in float32 and rounded once to the dtype: by the kernel itself up to 16 rows, else from
   its per-row-block partial sums, kept in the cuBLASLt workspace, by a second kernel), then
   dX = dZ @ W and dW = dZ^T @ X on cuBLASLt. identity has no dZ pass: its bias gradient is the
-  same column sum of dY.
+  same column sum of dY. dZ and dX go into the memory of what autograd is about to free where it
+  fits (`reuse`: the saved z, the MLP block's h and dH; fastnn/autograd.py says when), which lowers
+  the peak of a training step by those tensors.
   In the MLP block (fastnn.mlp), relu and gelu_tanh take fc1's act' into fc2's dgrad GEMM
   (DRELU_BGRAD, DGELU_BGRAD epilogues): dH is never stored (hidden_grad).
 Saved layouts: the sign mask is cuBLASLt's (rows of relu_aux_ld(N) bits); gelu_tanh's z has rows
@@ -39,7 +41,7 @@ import collections
 import torch
 
 from .. import _native
-from .base import Backend, empty_like_nothing, tf32_allowed
+from .base import Backend, Reusable, empty_like_nothing, tf32_allowed
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -108,6 +110,10 @@ def _workspace(device, index: int) -> torch.Tensor:
     if size is None:
         size = _WORKSPACE_BYTES[index] = (32 if torch.cuda.get_device_capability(index)[0] >= 9 else 4) << 20
     return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -427,10 +433,12 @@ class CudaBackend(Backend):
     def linear_act_bwd(self, dy, x, weight, bias, saved, act, need_dx, need_dw, need_db, reuse=()):
         dy = dy.contiguous()
         m, n = dy.shape
+        reusable = Reusable(reuse, _empty)
         with _Call(dy) as call:
             db = None
             if act.saves == "nothing":
                 dz = dy
+                reusable.discard(dy)
                 # the bias gradient is fastnn's deterministic float32 column sum, never BGRADB: on an
                 # H200 its float16 sums over 1000 rows came out 8% off (2026-12-04)
                 dw = self._wgrad(call, dz, x) if need_dw else None
@@ -439,17 +447,18 @@ class CudaBackend(Backend):
                     _record("linear_act_bwd", dy.dtype, act.name, "fastnn column sum (db)")
             else:
                 _record("linear_act_bwd", dy.dtype, act.name, "fastnn act_backward kernel (dZ and db)")
-                dz = torch.empty_like(dy)
+                # (the kernel reads each element of dY and z before it writes that element of dZ)
+                dz = reusable.take(dy.shape, dy)
                 db = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_db else None
                 (partial,), held = call.bias_grad_scratch(m, n, 1) if need_db else ((0,), None)
                 z, ld_z, mask = (saved, saved.shape[1], None) if act.saves == "preact" else (None, 0, saved)
                 call.C.act_backward(call.device, call.stream, call.dtype, act.code, m, n, dy.data_ptr(), n, _ptr(z), ld_z,
                                     _ptr(mask), relu_aux_ld(n), dz.data_ptr(), n, _ptr(db), partial)
                 dw = self._wgrad(call, dz, x) if need_dw else None
-            dx = self._dgrad(call, dz, weight) if need_dx else None
+            dx = self._dgrad(call, dz, weight, out=reusable.find((m, weight.shape[1]), dz)) if need_dx else None
         return dx, dw, db
 
-    def hidden_grad(self, dy, w2, saved, act):
+    def hidden_grad(self, dy, w2, saved, act, reuse=()):
         """The MLP block's dZ1 = (dY @ W2) * act'(z1) in one cuBLASLt call, with the DRELU_BGRAD
         (relu: the forward's sign mask) or DGELU_BGRAD (gelu_tanh: the kept z) epilogue, where
         trusted and available; None otherwise (the block then runs the GEMM and fastnn's
@@ -464,7 +473,10 @@ class CudaBackend(Backend):
         with _Call(dy) as call:
             if not _trusted(call, act, epilogue, dy.dtype, dy.device):
                 return None
-            dz = torch.empty((m, h), dtype=dy.dtype, device=dy.device)
+            # (into h's memory where offered: the GEMM reads dY, W2 and z1 or the mask, not h)
+            reusable = Reusable(reuse, _empty)
+            reusable.discard(saved)
+            dz = reusable.take((m, h), dy)
             db = torch.empty(h, dtype=dy.dtype, device=dy.device)
             ld = relu_aux_ld(h) if act.name == "relu" else gelu_aux_ld(h)
             if not call.gemm(m, h, n, dy, n, False, w2, w2.stride(0), False, dz, h, epilogue=epilogue, bias_grad=db,
@@ -507,12 +519,16 @@ class CudaBackend(Backend):
         return db
 
     @staticmethod
-    def _dgrad(call, dz, weight, accumulate_into=None):
-        """dX[M, K] = dZ[M, N] @ W[N, K] (+ accumulate_into)."""
+    def _dgrad(call, dz, weight, accumulate_into=None, out=None):
+        """dX[M, K] = dZ[M, N] @ W[N, K] (+ accumulate_into), into `out` where given (row-major,
+        sharing no memory with dZ or W: cuBLASLt's output must not overlap its inputs)."""
         weight = _row_major(weight)
         m, n = dz.shape
         k = weight.shape[1]
-        dx = accumulate_into if accumulate_into is not None else torch.empty((m, k), dtype=dz.dtype, device=dz.device)
+        if accumulate_into is not None:
+            dx = accumulate_into
+        else:
+            dx = out if out is not None else torch.empty((m, k), dtype=dz.dtype, device=dz.device)
         if m == 0 or k == 0:
             return dx
         if n == 0:
@@ -562,8 +578,11 @@ class CudaBackend(Backend):
         dy = dy.contiguous()
         m, n = dy.shape
         _record("linear_glu_bwd", dy.dtype, gate_act.name, "fastnn glu backward kernel + cuBLASLt GEMMs")
+        reusable = Reusable(reuse, _empty)
         with _Call(dy) as call:
-            dz_gate, dz_up = torch.empty_like(dy), torch.empty_like(dy)
+            # (the kernel reads each element of dY, z_gate and z_up before it writes that element of
+            # either dZ)
+            dz_gate, dz_up = reusable.take(dy.shape, dy), reusable.take(dy.shape, dy)
             bgg = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_dbg else None
             bgu = torch.empty(n, dtype=dy.dtype, device=dy.device) if need_dbu else None
             (pg, pu), held = call.bias_grad_scratch(m, n, 2) if need_dbg or need_dbu else ((0, 0), None)
@@ -572,7 +591,7 @@ class CudaBackend(Backend):
                                 _ptr(bgu), pg, pu)
             dx = None
             if need_dx:
-                dx = self._dgrad(call, dz_gate, gate_weight)
+                dx = self._dgrad(call, dz_gate, gate_weight, out=reusable.find((m, gate_weight.shape[1]), dy))
                 dx = self._dgrad(call, dz_up, up_weight, accumulate_into=dx)
             dwg = self._wgrad(call, dz_gate, x) if need_dwg else None
             dwu = self._wgrad(call, dz_up, x) if need_dwu else None

@@ -109,7 +109,7 @@ class TritonBackend(Backend):
             return K_glu.backward(dy.contiguous(), x, gate_weight, up_weight, a, b, need_dx, need_dwg, need_dwu,
                                   need_dbg, need_dbu, gate_threshold=gate_act.threshold)
 
-    def hidden_grad(self, dy, w2, saved, act):
+    def hidden_grad(self, dy, w2, saved, act, reuse=()):
         # fc2's dgrad kernel, fc1's saved act' factor (or sign mask) multiplied in as the tile is stored
         with _device_of(dy):
             return K_act.dgrad(dy.contiguous(), dy, 0, act.name == "leaky_relu", w2, epilogue=saved,
