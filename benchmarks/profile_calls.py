@@ -45,16 +45,21 @@ def _configs(case, device, backends):
     return [c for c in cfgs if c.run is not None and not c.name.startswith("bare GEMM")]
 
 
-def host_us_per_call(run, device, calls=200):
-    for _ in range(20):
+def us_per_call(run, device, calls=200, warmup=20, drained=False):
+    """Microseconds per call of `calls` calls back to back after `warmup` ones: until the last call
+    returns (the host's time, where the device keeps up), or with drained until the device has
+    finished them too (the wall time)."""
+    for _ in range(warmup):
         run()
     bench.sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         run()
-    host = time.perf_counter() - start
+    if drained:
+        bench.sync(device)
+    elapsed = time.perf_counter() - start
     bench.sync(device)
-    return host / calls * 1e6
+    return elapsed / calls * 1e6
 
 
 def host_functions(run, device, calls=200, top=10):
@@ -87,18 +92,6 @@ def host_functions(run, device, calls=200, top=10):
 # CUDA runtime (cudaLaunchKernel, cudaMalloc, ...) and driver (cuLaunchKernelEx, ...) API calls, as
 # torch.profiler records them on the host
 _API_CALL = re.compile(r"^cu(da)?[A-Z]")
-
-
-def wall_us_per_call(run, device, calls=5):
-    """Wall time per call of `calls` calls back to back, the device drained before and after."""
-    for _ in range(3):
-        run()
-    bench.sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        run()
-    bench.sync(device)
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def device_kernels(run, device, calls=5, top=8):
@@ -151,7 +144,7 @@ def main(argv=None):
         print(f"\nhost time per call, {tiny.label()} (device work negligible):")
         tiny_cfgs = _configs(tiny, device, backends)
         for cfg in tiny_cfgs:
-            print(f"  {cfg.name:<28} {host_us_per_call(cfg.run, device):8.1f} us")
+            print(f"  {cfg.name:<28} {us_per_call(cfg.run, device):8.1f} us")
         for cfg in tiny_cfgs:
             print(f"\nwhere {cfg.name}'s host time goes, {tiny.label()} (cProfile, own time per call):")
             by_own, ours = host_functions(cfg.run, device)
@@ -166,7 +159,7 @@ def main(argv=None):
             print(f"\n{'device kernels' if cuda else 'operators (own CPU time)'} per call, {case.label()}:")
             for cfg in _configs(case, device, backends):
                 try:
-                    wall = wall_us_per_call(cfg.run, device)
+                    wall = us_per_call(cfg.run, device, calls=5, warmup=3, drained=True)
                     total, rows, api = device_kernels(cfg.run, device)
                 except Exception as exc:  # noqa: BLE001 -- one configuration's failure is reported, not fatal
                     print(f"  {cfg.name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
