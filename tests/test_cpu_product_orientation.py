@@ -118,10 +118,13 @@ def test_orientation_choice(monkeypatch):
     for intel in (True, False):  # float32 GEMMs on CPUs other than Intel's
         monkeypatch.setattr(cpu_backend, "_intel_cpu", lambda intel=intel: intel)
         assert cpu_backend.product_transposed(limit, torch.float32, fold_bias=True) is not intel
+        assert cpu_backend.product_transposed(2, torch.float32, fold_bias=True) is not intel
         assert not cpu_backend.product_transposed(limit + 1, torch.float32, fold_bias=True)
+        assert not cpu_backend.product_transposed(1, torch.float32, fold_bias=True)  # (one row: the same GEMV)
         for dtype in (torch.bfloat16, torch.float16):  # 16-bit inputs multiplied in float32 too
             expect = cpu_backend.gemm_in_float32(dtype) and not intel
             assert cpu_backend.product_transposed(16, dtype, fold_bias=True) == expect
+            assert not cpu_backend.product_transposed(1, dtype, fold_bias=True)
     monkeypatch.setattr(cpu_backend, "GEMM16_OVERRIDE", "native")
     for amx in (True, False):
         monkeypatch.setattr(cpu_backend, "_has_amx", lambda amx=amx: amx)

@@ -32,7 +32,7 @@ numerics rule), and it folds the bias into that GEMM, as float32 does where addm
 FASTNN_CPU_GEMM16=native|float32, read at import, overrides the choice (tests run both).
 
 What this backend does for speed that eager PyTorch does not:
-- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs on AMD CPUs, 16-bit ones on oneDNN's AMX kernels;
+- up to TRANSPOSED_PRODUCT_MAX_ROWS rows (float32 GEMMs on AMD CPUs from 2 rows, 16-bit ones on oneDNN's AMX kernels;
   bfloat16 without AMX at 16-64 rows, see _bf16_transposed_without_amx), the forward GEMMs compute
   Z^T = W x^T, which MKL and oneDNN run faster at few rows, and the pass after them reads Z^T and
   writes y row-major;
@@ -162,7 +162,11 @@ def product_transposed(rows, dtype, fold_bias, weights=()) -> bool:
     if rows > TRANSPOSED_PRODUCT_MAX_ROWS or any(_column_major(w) for w in weights):
         return False
     if dtype == torch.float32 or gemm_in_float32(dtype):
-        return not _intel_cpu()
+        # (not one row: W x^T is then the same GEMV as x W^T and Z^T the same memory as Z, so the
+        # pass from Z^T and the general path only cost more: float32 gelu forward on the Zen 4 EPYC,
+        # 2 threads, the benchmark's paired rounds, 0.67x eager at 1 x 64 -> 256, 0.92x at
+        # 1 x 768 -> 3072 and 0.90x at 1 x 3072 -> 768 transposed, 1.09x, 1.04x and 1.00x direct)
+        return not _intel_cpu() and rows > 1
     if dtype not in _HALF or fold_bias:
         return False
     return _has_amx() or (dtype == torch.bfloat16 and _bf16_transposed_without_amx(rows, weights))
