@@ -519,24 +519,20 @@ class CudaBackend(Backend):
         return db
 
     @staticmethod
-    def _dgrad(call, dz, weight, accumulate_into=None, out=None):
-        """dX[M, K] = dZ[M, N] @ W[N, K] (+ accumulate_into), into `out` where given (row-major,
-        sharing no memory with dZ or W: cuBLASLt's output must not overlap its inputs)."""
+    def _dgrad(call, dz, weight, out=None, accumulate=False):
+        """dX[M, K] = dZ[M, N] @ W[N, K], into `out` where given (row-major, sharing no memory with dZ
+        or W: cuBLASLt's output must not overlap its inputs), added to what it holds with accumulate."""
         weight = _row_major(weight)
         m, n = dz.shape
         k = weight.shape[1]
-        if accumulate_into is not None:
-            dx = accumulate_into
-        else:
-            dx = out if out is not None else torch.empty((m, k), dtype=dz.dtype, device=dz.device)
+        dx = out if out is not None else torch.empty((m, k), dtype=dz.dtype, device=dz.device)
         if m == 0 or k == 0:
             return dx
         if n == 0:
-            return dx if accumulate_into is not None else dx.zero_()
-        if not call.gemm(m, k, n, dz, n, False, weight, weight.stride(0), False, dx, k,
-                         accumulate=accumulate_into is not None):
+            return dx if accumulate else dx.zero_()
+        if not call.gemm(m, k, n, dz, n, False, weight, weight.stride(0), False, dx, k, accumulate=accumulate):
             res = torch.mm(dz, weight)
-            dx = dx.add_(res) if accumulate_into is not None else dx.copy_(res)
+            dx = dx.add_(res) if accumulate else dx.copy_(res)
         return dx
 
     @staticmethod
@@ -592,7 +588,7 @@ class CudaBackend(Backend):
             dx = None
             if need_dx:
                 dx = self._dgrad(call, dz_gate, gate_weight, out=reusable.find((m, gate_weight.shape[1]), dy))
-                dx = self._dgrad(call, dz_up, up_weight, accumulate_into=dx)
+                dx = self._dgrad(call, dz_up, up_weight, out=dx, accumulate=True)
             dwg = self._wgrad(call, dz_gate, x) if need_dwg else None
             dwu = self._wgrad(call, dz_up, x) if need_dwu else None
         return dx, dwg, dwu, bgg, bgu
